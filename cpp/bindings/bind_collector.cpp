@@ -1,0 +1,71 @@
+// Collector bindings: drains the result ring into Python tuples in batches; the wait for
+// the first result happens without the GIL.
+#include "bindings.hpp"
+#include "mpop/collector.hpp"
+#include "py_codec.hpp"
+
+namespace mpop::bindings {
+
+namespace {
+
+class PyCollector {
+ public:
+  explicit PyCollector(SegmentPtr seg) : seg_(std::move(seg)), col_(*seg_) {}
+
+  // [(seq, tsk_id, fn_id, worker_id, attempts, status, value, enqueue_ns, start_ns, end_ns,
+  //   route)]
+  // status: 0 ok, 1 error (value: bytes of the pickled error, or the exception raised while
+  // decoding), 2 crashed, 3 timeout, 4 cancelled.
+  py::list drain(size_t max, const py::object& timeout) {
+    int64_t deadline = deadline_from_timeout(timeout);
+    uint32_t epoch = interrupts_.load();
+    auto stop = [&] { return interrupts_.load() != epoch; };
+    if (deadline != 0 && !seg_->results().has_published()) {
+      py::gil_scoped_release nogil;
+      seg_->results().wait_published(deadline, stop);
+    }
+    py::list out;
+    col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {
+      py::object v = py::none();
+      auto status = static_cast<uint8_t>(h.status);
+      if (len) {
+        try {
+          v = py_codec::decode_value(value, len);
+        } catch (py::error_already_set& e) {
+          v = e.value();
+          status = static_cast<uint8_t>(ResultStatus::kError);
+        }
+      }
+      out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
+                                h.enqueue_ns, h.start_ns, h.end_ns, h.route));
+    }, stop);
+    return out;
+  }
+
+  // Wakes a drain() that is waiting, from any thread.
+  void interrupt() {
+    interrupts_.fetch_add(1);
+    seg_->results().wake_consumers();
+  }
+
+  Collector& native() { return col_; }
+
+ private:
+  SegmentPtr seg_;
+  Collector col_;
+  std::atomic<uint32_t> interrupts_{0};
+};
+
+}  // namespace
+
+Collector& native_collector(py::handle h) { return h.cast<PyCollector&>().native(); }
+
+void register_collector(py::module_& m) {
+  py::class_<PyCollector>(m, "Collector")
+      .def(py::init<SegmentPtr>())
+      .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none())
+      .def("interrupt", &PyCollector::interrupt)
+      .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); });
+}
+
+}  // namespace mpop::bindings

@@ -1,0 +1,163 @@
+// Producer bindings: turns (fn_id, tsk_id, args, kwargs, c_args) into a slot plus, when
+// needed, a codec stream, and hands it to the native Producer. The GIL is dropped only when
+// the call has to wait for room.
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "bindings.hpp"
+#include "mpop/producer.hpp"
+#include "py_codec.hpp"
+
+namespace mpop::bindings {
+
+namespace {
+
+class PyProducer {
+ public:
+  explicit PyProducer(SegmentPtr seg) : seg_(std::move(seg)), prod_(*seg_) {}
+
+  // Returns the task's seq; 0 when there was no room (non-blocking, or the timeout
+  // passed); raises RuntimeError once closed and ValueError for an oversized argument.
+  uint64_t enqueue(uint32_t fn_id, uint32_t tsk_id, const py::tuple& args, const py::object& kwargs,
+                   const py::object& c_args, bool slot_mode, bool blocking, const py::object& timeout,
+                   uint32_t route) {
+    const SlotLayout& L = seg_->config().slot;
+    thread_local std::vector<uint8_t> slot;
+    thread_local std::vector<uint8_t> stream;
+    slot.assign(L.size, 0);
+    write_uint(slot.data() + L.fn_id_off, L.fn_id_size, fn_id);
+    write_uint(slot.data() + L.tsk_id_off, L.tsk_id_size, tsk_id);
+    uint32_t used = std::max(L.fn_id_off + L.fn_id_size, L.tsk_id_off + L.tsk_id_size);
+
+    TaskDraft d;
+    d.header.route = route;
+    d.header.enqueue_ns = seg_->config().max_performance ? 0 : monotonic_ns();
+    Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
+    bool has_kw = !kwargs.is_none() && PyDict_GET_SIZE(kwargs.ptr()) > 0;
+    bool ints = !has_kw && npos <= static_cast<Py_ssize_t>(L.args_count);
+    for (Py_ssize_t i = 0; ints && i < npos; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(args.ptr(), i);
+      if (!PyLong_CheckExact(o)) {
+        ints = false;
+        break;
+      }
+      int overflow = 0;
+      long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+      if (overflow) {
+        ints = false;
+        break;
+      }
+      int64_t v64 = v;
+      std::memcpy(slot.data() + L.args_off + 8 * i, &v64, 8);
+    }
+    if (ints) {
+      d.header.encoding = ArgEncoding::kSlotInts;
+      d.header.nargs = static_cast<uint8_t>(npos);
+      used = std::max(used, L.args_off + 8 * static_cast<uint32_t>(npos));
+    } else if (slot_mode) {
+      throw py::type_error("mpop: a slot-mode handler receives int64 arguments in slot.args only (at most " +
+                           std::to_string(L.args_count) + ", no keywords)");
+    } else {
+      std::memset(slot.data() + L.args_off, 0, 8 * L.args_count);
+      StreamWriter w(stream);
+      py_codec::encode_call(args, kwargs, w);
+      if (stream.size() <= L.arg_area_len()) {
+        d.header.encoding = ArgEncoding::kPacked;
+        std::memcpy(slot.data() + L.arg_area_off(), stream.data(), stream.size());
+        used = std::max(used, L.arg_area_off() + static_cast<uint32_t>(stream.size()));
+      } else {
+        d.header.encoding = ArgEncoding::kPooled;
+        d.stream = stream.data();
+        d.stream_len = static_cast<uint32_t>(stream.size());
+        if (stream.size() > UINT32_MAX) throw py::value_error("mpop: arguments larger than 4 GiB");
+      }
+      d.header.stream_len = static_cast<uint32_t>(stream.size());
+    }
+    if (!c_args.is_none()) {
+      if (L.cargs_len == 0) throw py::value_error("mpop: this slot class has no c_args field");
+      if (d.header.encoding != ArgEncoding::kSlotInts)
+        throw py::type_error("mpop: c_args can only be combined with int arguments that fit slot.args");
+      std::string_view b = c_args.cast<py::bytes>();
+      if (b.size() > L.cargs_len)
+        throw py::value_error("mpop: c_args is " + std::to_string(b.size()) +
+                              " bytes; this slot class holds at most " + std::to_string(L.cargs_len));
+      std::memcpy(slot.data() + L.cargs_off, b.data(), b.size());
+      used = std::max(used, L.cargs_off + static_cast<uint32_t>(b.size()));
+    }
+    d.slot = slot.data();
+    d.slot_used = std::max(used, L.size < used ? L.size : used);
+
+    PushOutcome out = prod_.submit(d, false, 0);
+    if (out == PushOutcome::kFull && blocking) {
+      int64_t deadline = deadline_from_timeout(timeout);
+      if (deadline != 0) {
+        py::gil_scoped_release nogil;
+        out = prod_.submit(d, true, deadline);
+      }
+    }
+    switch (out) {
+      case PushOutcome::kRing:
+      case PushOutcome::kBacklog:
+        return d.header.seq;
+      case PushOutcome::kFull:
+        return 0;
+      case PushOutcome::kTooLarge:
+        throw py::value_error("mpop: the task's arguments take " + std::to_string(d.stream_len) +
+                              " bytes encoded, more than the whole argument pool (" +
+                              std::to_string(seg_->pool().capacity_bytes()) +
+                              " bytes); pass a larger pool_bytes to MpopApi");
+      case PushOutcome::kClosed:
+        break;
+    }
+    throw std::runtime_error("mpop: the queue is closed");
+  }
+
+  // Removes every task not yet claimed by a worker (backlog and ring); returns
+  // [(seq, tsk_id, fn_id, route)] so the caller can cancel their futures.
+  py::list cancel_queued() {
+    const SlotLayout& L = seg_->config().slot;
+    py::list out;
+    auto note = [&](const TaskHeader& h, const uint8_t* slot) {
+      out.append(py::make_tuple(h.seq, read_uint(slot + L.tsk_id_off, L.tsk_id_size),
+                                read_uint(slot + L.fn_id_off, L.fn_id_size), h.route));
+    };
+    prod_.drop_backlog(note);
+    for (;;) {
+      uint32_t k = seg_->tasks().claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
+        TaskHeader h;
+        std::memcpy(&h, body, sizeof h);
+        note(h, body + sizeof h);
+        if (h.encoding == ArgEncoding::kPooled) seg_->pool().free(h.pool_ref, h.stream_len);
+      });
+      if (k == 0) break;
+    }
+    return out;
+  }
+
+  Producer& native() { return prod_; }
+
+ private:
+  SegmentPtr seg_;
+  Producer prod_;
+};
+
+}  // namespace
+
+void register_producer(py::module_& m) {
+  py::class_<PyProducer>(m, "Producer")
+      .def(py::init<SegmentPtr>(), py::keep_alive<1, 2>())
+      .def("enqueue", &PyProducer::enqueue, py::arg("fn_id"), py::arg("tsk_id"), py::arg("args"),
+           py::arg("kwargs") = py::none(), py::arg("c_args") = py::none(),
+           py::arg("slot_mode") = false, py::arg("blocking") = true, py::arg("timeout") = py::none(),
+           py::arg("route") = 0)
+      .def("start_feeding", [](PyProducer& p) { p.native().start_feeding(); })
+      .def("pause_feeding", [](PyProducer& p) { return p.native().pause_feeding(); })
+      .def("close", [](PyProducer& p) { p.native().close(); })
+      .def_property_readonly("closed", [](PyProducer& p) { return p.native().closed(); })
+      .def_property_readonly("backlog", [](PyProducer& p) { return p.native().backlog_size(); })
+      .def_property_readonly("submitted", [](PyProducer& p) { return p.native().submitted(); })
+      .def("cancel_queued", &PyProducer::cancel_queued);
+}
+
+}  // namespace mpop::bindings

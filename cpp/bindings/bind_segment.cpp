@@ -1,0 +1,179 @@
+// Segment bindings: create/attach/remove, the registry log, shutdown flag and a status
+// snapshot of the rings, pool and worker records.
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "bindings.hpp"
+
+namespace mpop::bindings {
+
+namespace {
+
+SlotLayout layout_from(const py::dict& d) {
+  SlotLayout l;
+  l.size = d["size"].cast<uint32_t>();
+  l.tsk_id_off = d["tsk_id_off"].cast<uint32_t>();
+  l.tsk_id_size = d["tsk_id_size"].cast<uint32_t>();
+  l.fn_id_off = d["fn_id_off"].cast<uint32_t>();
+  l.fn_id_size = d["fn_id_size"].cast<uint32_t>();
+  l.args_off = d["args_off"].cast<uint32_t>();
+  l.args_count = d["args_count"].cast<uint32_t>();
+  l.cargs_off = d["cargs_off"].cast<uint32_t>();
+  l.cargs_len = d["cargs_len"].cast<uint32_t>();
+  l.meta_off = d["meta_off"].cast<uint32_t>();
+  l.meta_len = d["meta_len"].cast<uint32_t>();
+  return l;
+}
+
+const char* state_name(uint32_t s) {
+  switch (static_cast<WorkerState>(s)) {
+    case WorkerState::kEmpty: return "new";
+    case WorkerState::kStarting: return "starting";
+    case WorkerState::kIdle: return "idle";
+    case WorkerState::kBusy: return "busy";
+    case WorkerState::kExiting: return "exiting";
+    case WorkerState::kExited: return "stopped";
+    case WorkerState::kDead: return "dead";
+  }
+  return "?";
+}
+
+// Registry log entries: [u32 fn_id | u32 len | len bytes], appended by the owner only.
+void write_registry(Segment& s, uint32_t fn_id, const py::bytes& blob) {
+  std::string_view b = blob;
+  SegmentHeader& h = s.header();
+  uint64_t at = h.registry_len.load(std::memory_order_relaxed);
+  uint64_t need = 8 + b.size();
+  if (at + need > h.config.registry_bytes)
+    throw py::value_error("mpop: the handler registry area is full (" +
+                          std::to_string(h.config.registry_bytes) +
+                          " bytes); pass a larger registry_bytes to MpopApi");
+  uint8_t* p = s.registry() + at;
+  uint32_t len = static_cast<uint32_t>(b.size());
+  std::memcpy(p, &fn_id, 4);
+  std::memcpy(p + 4, &len, 4);
+  std::memcpy(p + 8, b.data(), b.size());
+  h.registry_len.store(at + need, std::memory_order_release);
+}
+
+py::tuple read_registry(Segment& s, uint64_t from) {
+  uint64_t end = s.header().registry_len.load(std::memory_order_acquire);
+  py::list out;
+  uint64_t at = from;
+  while (at + 8 <= end) {
+    uint32_t fn_id, len;
+    std::memcpy(&fn_id, s.registry() + at, 4);
+    std::memcpy(&len, s.registry() + at + 4, 4);
+    out.append(py::make_tuple(fn_id, py::bytes(reinterpret_cast<const char*>(s.registry() + at + 8), len)));
+    at += 8 + len;
+  }
+  return py::make_tuple(out, at);
+}
+
+py::dict worker_status(Segment& s, uint32_t i) {
+  WorkerRecord& r = s.workers().record(i);
+  py::dict d;
+  d["id"] = i;
+  d["pid"] = r.pid.load();
+  d["state"] = state_name(r.state.load());
+  d["completed"] = r.completed.load();
+  d["failed"] = r.failed.load();
+  d["restarts"] = r.restarts.load();
+  d["busy_s"] = static_cast<double>(r.busy_ns.load()) / 1e9;
+  d["idle_s"] = static_cast<double>(r.idle_ns.load()) / 1e9;
+  d["claims"] = r.claims.load();
+  int64_t since = r.running_since_ns.load();
+  d["running_seq"] = since ? py::object(py::int_(r.running_seq.load())) : py::object(py::none());
+  d["running_fn_id"] = since ? py::object(py::int_(r.running_fn.load())) : py::object(py::none());
+  d["running_tsk_id"] = since ? py::object(py::int_(r.running_tsk.load())) : py::object(py::none());
+  d["running_for_s"] = since > 1 ? py::float_(static_cast<double>(monotonic_ns() - since) / 1e9)
+                                 : py::object(py::none());
+  d["local_queue"] = r.local_count.load() > r.local_next.load() ? r.local_count.load() - r.local_next.load() : 0u;
+  d["generation"] = r.generation.load();
+  return d;
+}
+
+}  // namespace
+
+void register_segment(py::module_& m) {
+  py::register_exception<LayoutMismatch>(m, "LayoutMismatch", PyExc_RuntimeError);
+
+  py::class_<Segment, SegmentPtr>(m, "Segment")
+      .def_static(
+          "create",
+          [](const std::string& prefix, const py::dict& slot, uint32_t queue_slots,
+             uint32_t result_slots, uint32_t max_workers, uint32_t batch_size, uint64_t pool_bytes,
+             uint64_t registry_bytes, bool debug, double debug_delay, bool max_performance,
+             uint64_t max_tasks_per_worker) {
+            SegmentConfig c;
+            c.slot = layout_from(slot);
+            c.queue_slots = queue_slots;
+            c.result_slots = result_slots;
+            c.max_workers = max_workers;
+            c.batch_size = batch_size;
+            c.pool_bytes = pool_bytes;
+            c.registry_bytes = registry_bytes;
+            c.debug = debug;
+            c.debug_delay_ns = static_cast<int64_t>(debug_delay * 1e9);
+            c.max_performance = max_performance;
+            c.max_tasks_per_worker = max_tasks_per_worker;
+            return SegmentPtr(Segment::create(prefix, c));
+          },
+          py::arg("prefix"), py::arg("slot"), py::arg("queue_slots"), py::arg("result_slots"),
+          py::arg("max_workers"), py::arg("batch_size"), py::arg("pool_bytes"),
+          py::arg("registry_bytes"), py::arg("debug") = false, py::arg("debug_delay") = 0.0,
+          py::arg("max_performance") = false, py::arg("max_tasks_per_worker") = 0)
+      .def_static("attach", [](const std::string& name) { return SegmentPtr(Segment::attach(name)); })
+      .def_static("remove", &Segment::remove)
+      .def_static("process_start_time", &Segment::process_start_time)
+      .def_property_readonly("name", &Segment::name)
+      .def_property_readonly("size", &Segment::size)
+      .def_property_readonly("owner_pid", [](Segment& s) { return s.header().owner_pid; })
+      .def_property_readonly("owner_start_time", [](Segment& s) { return s.header().owner_start_time; })
+      .def_property_readonly("max_workers", [](Segment& s) { return s.config().max_workers; })
+      .def_property_readonly("queue_slots", [](Segment& s) { return s.config().queue_slots; })
+      .def_property_readonly("task_stride", [](Segment& s) { return s.header().task_stride; })
+      .def_property_readonly("debug", [](Segment& s) { return s.config().debug != 0; })
+      .def_property_readonly("attached", [](Segment& s) { return s.header().attached.load(); })
+      .def("leave", &Segment::leave, py::arg("owner_dead") = false)
+      .def("set_shutdown",
+           [](Segment& s) {
+             s.header().shutdown.store(1, std::memory_order_release);
+             s.tasks().wake_consumers();
+             s.tasks().wake_producers();
+           })
+      .def_property_readonly("shutdown", [](Segment& s) { return s.header().shutdown.load() != 0; })
+      .def("write_registry", &write_registry)
+      .def("read_registry", &read_registry, py::arg("offset") = 0)
+      .def("set_start_error",
+           [](Segment& s, uint32_t id, const std::string& text) {
+             if (id >= s.workers().count) return;
+             auto& rec = s.workers().record(id);
+             std::snprintf(rec.start_error, sizeof rec.start_error, "%s", text.c_str());
+           })
+      .def("queue_status",
+           [](Segment& s) {
+             py::dict d;
+             d["capacity"] = s.config().queue_slots;
+             d["queued"] = s.tasks().size();
+             d["enqueued_total"] = s.tasks().enqueue_pos();
+             d["claimed_total"] = s.tasks().dequeue_pos();
+             d["results_pending"] = s.results().size();
+             d["pool_bytes"] = s.pool().capacity_bytes();
+             d["pool_used_bytes"] = s.pool().used_bytes();
+             d["slot_stride"] = s.header().task_stride;
+             return d;
+           })
+      .def("worker_status", &worker_status)
+      .def("workers_status", [](Segment& s) {
+        py::list out;
+        for (uint32_t i = 0; i < s.workers().count; ++i) {
+          if (s.workers().record(i).state.load() == static_cast<uint32_t>(WorkerState::kEmpty)) continue;
+          out.append(worker_status(s, i));
+        }
+        return out;
+      });
+}
+
+}  // namespace mpop::bindings

@@ -1,0 +1,162 @@
+// Supervisor bindings and the three ways to start a worker: "spawn" (fork + exec of a fresh
+// interpreter, done natively), "fork" (a fork of this interpreter that runs the worker
+// entry), "forkserver" (through multiprocessing's forkserver, from a Python callable).
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <pybind11/stl.h>
+
+#include "bindings.hpp"
+#include "mpop/supervisor.hpp"
+
+namespace mpop::bindings {
+
+Collector& native_collector(py::handle h);
+
+namespace {
+
+// fork + exec with the parent-death signal set in between (only async-signal-safe calls
+// after fork). The argv gets the worker id and generation appended.
+pid_t spawn_exec(const std::vector<std::string>& argv_base, const std::vector<std::string>& env,
+                 uint32_t id, uint32_t gen) {
+  std::vector<std::string> argv = argv_base;
+  argv.push_back(std::to_string(id));
+  argv.push_back(std::to_string(gen));
+  std::vector<char*> av, ev;
+  for (auto& a : argv) av.push_back(const_cast<char*>(a.c_str()));
+  av.push_back(nullptr);
+  for (auto& e : env) ev.push_back(const_cast<char*>(e.c_str()));
+  ev.push_back(nullptr);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);  // the owner died before prctl took effect
+    sigset_t all;
+    sigemptyset(&all);
+    sigprocmask(SIG_SETMASK, &all, nullptr);
+    execve(av[0], av.data(), ev.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// Forks this interpreter from the supervisor thread (which holds the GIL for the fork) and
+// runs `entry(id, gen)` in the child, which never returns into the parent's code.
+pid_t spawn_fork(const py::object& entry, uint32_t id, uint32_t gen) {
+  py::gil_scoped_acquire gil;
+  pid_t parent = getpid();
+  PyOS_BeforeFork();
+  pid_t pid = fork();
+  if (pid == 0) {
+    PyOS_AfterFork_Child();
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(1);
+    int code = 0;
+    try {
+      code = entry(id, gen).cast<int>();
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("mpop worker");
+      code = 1;
+    }
+    _exit(code);
+  }
+  PyOS_AfterFork_Parent();
+  return pid;
+}
+
+class PySupervisor {
+ public:
+  PySupervisor(SegmentPtr seg, py::object collector, uint32_t workers, uint32_t max_retries,
+               double task_timeout, const std::string& method, std::vector<std::string> argv,
+               std::vector<std::string> env, py::object entry)
+      : seg_(std::move(seg)), collector_(std::move(collector)), entry_(std::move(entry)) {
+    SupervisorOptions o;
+    o.workers = workers;
+    o.max_retries = max_retries;
+    o.task_timeout_ns = static_cast<int64_t>(task_timeout * 1e9);
+    if (method == "spawn") {
+      o.spawn = [argv = std::move(argv), env = std::move(env)](uint32_t id, uint32_t gen) {
+        return spawn_exec(argv, env, id, gen);
+      };
+    } else if (method == "fork") {
+      o.spawn = [this](uint32_t id, uint32_t gen) { return spawn_fork(entry_, id, gen); };
+    } else if (method == "forkserver") {
+      o.children_are_ours = false;
+      o.spawn = [this](uint32_t id, uint32_t gen) -> pid_t {
+        py::gil_scoped_acquire gil;
+        try {
+          return entry_(id, gen).cast<pid_t>();
+        } catch (py::error_already_set& e) {
+          e.discard_as_unraisable("mpop forkserver spawn");
+          return -1;
+        }
+      };
+    } else {
+      throw py::value_error("unknown start method " + method);
+    }
+    sup_ = std::make_unique<Supervisor>(*seg_, native_collector(collector_), std::move(o));
+  }
+
+  ~PySupervisor() {
+    py::gil_scoped_release nogil;  // the thread may need the GIL to finish a fork
+    sup_.reset();
+  }
+
+  Supervisor& native() { return *sup_; }
+  SegmentPtr seg_;
+
+ private:
+  py::object collector_;
+  py::object entry_;
+  std::unique_ptr<Supervisor> sup_;
+};
+
+}  // namespace
+
+void register_supervisor(py::module_& m) {
+  py::class_<PySupervisor>(m, "Supervisor")
+      .def(py::init<SegmentPtr, py::object, uint32_t, uint32_t, double, const std::string&,
+                    std::vector<std::string>, std::vector<std::string>, py::object>(),
+           py::arg("segment"), py::arg("collector"), py::arg("workers"), py::arg("max_retries"),
+           py::arg("task_timeout"), py::arg("start_method"), py::arg("argv"), py::arg("env"),
+           py::arg("entry") = py::none())
+      .def("start",
+           [](PySupervisor& s) {
+             py::gil_scoped_release nogil;
+             s.native().start();
+           })
+      .def("stop",
+           [](PySupervisor& s, bool graceful, double timeout) {
+             py::gil_scoped_release nogil;
+             s.native().stop(graceful, static_cast<int64_t>(timeout * 1e9));
+           },
+           py::arg("graceful") = true, py::arg("timeout") = 10.0)
+      .def("wait_ready",
+           [](PySupervisor& s, const py::object& timeout) {
+             int64_t d = deadline_from_timeout(timeout);
+             py::gil_scoped_release nogil;
+             return s.native().wait_ready(d);
+           },
+           py::arg("timeout") = py::none())
+      .def("scale", [](PySupervisor& s, uint32_t n) { s.native().scale(n); })
+      .def("kill_worker", [](PySupervisor& s, uint32_t id) { return s.native().kill_worker(id); })
+      .def_property_readonly("running", [](PySupervisor& s) { return s.native().running(); })
+      .def_property_readonly("target", [](PySupervisor& s) { return s.native().target(); })
+      .def_property_readonly("live_workers", [](PySupervisor& s) { return s.native().live_workers(); })
+      .def_property_readonly("last_error", [](PySupervisor& s) { return s.native().last_error(); })
+      .def("counters", [](PySupervisor& s) {
+        const auto& c = s.native().counters();
+        py::dict d;
+        d["crashes"] = c.crashes.load();
+        d["retries"] = c.retries.load();
+        d["timeouts"] = c.timeouts.load();
+        d["crashed_tasks"] = c.crashed_tasks.load();
+        d["recovered_from_ring"] = c.recovered_from_ring.load();
+        d["spawn_failures"] = c.spawn_failures.load();
+        return d;
+      });
+}
+
+}  // namespace mpop::bindings

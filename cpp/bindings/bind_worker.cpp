@@ -1,0 +1,180 @@
+// The worker entry: runs the native worker loop with a Runner that calls Python handlers
+// (argument mode or slot mode) under the GIL and encodes their results.
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+
+#include <cstring>
+#include <unordered_map>
+
+#include "bindings.hpp"
+#include "mpop/worker_loop.hpp"
+#include "py_codec.hpp"
+
+namespace mpop::bindings {
+
+namespace {
+
+// State for the SIGTERM handler (the parent-death signal): it leaves the segment (removing
+// it if this is the last process out and the owner is gone) and exits at once.
+SegmentHeader* g_header = nullptr;
+char g_shm_path[200];
+int g_owner_pidfd = -1;
+
+void on_sigterm(int) {
+  if (g_header) {
+    bool owner_dead = true;
+    if (g_owner_pidfd >= 0) {
+      pollfd p{g_owner_pidfd, POLLIN, 0};
+      owner_dead = poll(&p, 1, 0) > 0;
+    }
+    if (owner_dead && g_header->owner_released.exchange(1) == 0)
+      g_header->attached.fetch_sub(1);
+    if (g_header->attached.fetch_sub(1) == 1) shm_unlink(g_shm_path);
+  }
+  _exit(0);
+}
+
+struct Handler {
+  py::object fn;
+  py::object slot_cls;  // set for slot-mode handlers
+};
+
+class PyRunner {
+ public:
+  PyRunner(Segment& seg, py::object resolve, py::object pack_error, py::object task_result,
+           py::object on_task)
+      : seg_(seg),
+        resolve_(std::move(resolve)),
+        pack_error_(std::move(pack_error)),
+        task_result_(std::move(task_result)),
+        on_task_(std::move(on_task)) {}
+
+  ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
+    ResultStatus status = run_handler(t, value);
+    if (!on_task_.is_none()) {
+      try {
+        on_task_(t.fn_id, t.tsk_id, static_cast<int>(status));
+      } catch (py::error_already_set&) {
+      }
+    }
+    return status;
+  }
+  void before_sleep() { saved_ = PyEval_SaveThread(); }
+  void after_sleep() {
+    PyEval_RestoreThread(saved_);
+    saved_ = nullptr;
+  }
+  bool interrupted() { return PyErr_CheckSignals() != 0; }
+
+ private:
+  Handler* lookup(uint32_t fn_id) {
+    auto it = handlers_.find(fn_id);
+    if (it != handlers_.end()) return &it->second;
+    py::object r = resolve_(fn_id);  // reads new registry entries; None if still unknown
+    if (r.is_none()) return nullptr;
+    auto pair = r.cast<py::tuple>();
+    Handler h{pair[0], pair[1]};
+    return &handlers_.emplace(fn_id, std::move(h)).first->second;
+  }
+
+  ResultStatus error(py::handle exc, std::vector<uint8_t>& value) {
+    py::bytes blob = pack_error_(exc);
+    StreamWriter w(value);
+    std::string_view b = blob;
+    w.blob(Tag::kBytes, b.data(), b.size());
+    return ResultStatus::kError;
+  }
+
+  ResultStatus run_handler(const TaskRun& t, std::vector<uint8_t>& value) {
+    const SlotLayout& L = seg_.config().slot;
+    try {
+      Handler* h = lookup(t.fn_id);
+      if (!h) {
+        py::object err = py::module_::import("mpop._errors").attr("RegistryError")(
+            "no handler is registered under fn_id " + std::to_string(t.fn_id) + " in worker");
+        return error(err, value);
+      }
+      py::object ret;
+      if (!h->slot_cls.is_none()) {
+        py::object mv = py::reinterpret_steal<py::object>(
+            PyMemoryView_FromMemory(reinterpret_cast<char*>(t.slot), L.size, PyBUF_READ));
+        ret = h->fn(h->slot_cls.attr("from_buffer_copy")(mv));
+      } else if (t.header->encoding == ArgEncoding::kSlotInts) {
+        uint8_t n = t.header->nargs;
+        PyObject* tuple = PyTuple_New(n);
+        for (uint8_t i = 0; i < n; ++i) {
+          int64_t v;
+          std::memcpy(&v, t.slot + L.args_off + 8 * i, 8);
+          PyTuple_SET_ITEM(tuple, i, PyLong_FromLongLong(v));
+        }
+        PyObject* r = PyObject_Call(h->fn.ptr(), tuple, nullptr);
+        Py_DECREF(tuple);
+        if (!r) throw py::error_already_set();
+        ret = py::reinterpret_steal<py::object>(r);
+      } else {
+        auto [args, kwargs] = py_codec::decode_call(t.stream, t.stream_len);
+        PyObject* r = PyObject_Call(h->fn.ptr(), args.ptr(), kwargs.is_none() ? nullptr : kwargs.ptr());
+        if (!r) throw py::error_already_set();
+        ret = py::reinterpret_steal<py::object>(r);
+      }
+      if (PyObject_TypeCheck(ret.ptr(), reinterpret_cast<PyTypeObject*>(task_result_.ptr()))) {
+        if (!ret.attr("success").cast<bool>()) {
+          py::object err = ret.attr("error");
+          if (err.is_none())
+            err = py::module_::import("mpop._errors").attr("MpopError")(
+                "handler returned TaskResult(success=False) with value " +
+                py::repr(ret.attr("value")).cast<std::string>());
+          return error(err, value);
+        }
+        ret = ret.attr("value");
+      }
+      StreamWriter w(value);
+      py_codec::encode_value(ret, w);
+      return ResultStatus::kOk;
+    } catch (py::error_already_set& e) {
+      if (e.matches(PyExc_SystemExit) || e.matches(PyExc_KeyboardInterrupt)) {
+        // A handler asking the worker to exit: report it as this task's error.
+      }
+      py::object exc = e.value();
+      return error(exc, value);
+    }
+  }
+
+  Segment& seg_;
+  py::object resolve_, pack_error_, task_result_, on_task_;
+  std::unordered_map<uint32_t, Handler> handlers_;
+  PyThreadState* saved_ = nullptr;
+};
+
+}  // namespace
+
+void register_worker(py::module_& m) {
+  m.def(
+      "worker_loop",
+      [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
+         py::object task_result, py::object on_task) {
+        if (id >= seg->workers().count) throw py::value_error("worker id out of range");
+        g_header = &seg->header();
+        std::snprintf(g_shm_path, sizeof g_shm_path, "%s", seg->name().c_str());
+        g_owner_pidfd = static_cast<int>(syscall(SYS_pidfd_open, seg->header().owner_pid, 0));
+        struct sigaction sa{};
+        sa.sa_handler = on_sigterm;
+        sigaction(SIGTERM, &sa, nullptr);
+        PyRunner runner(*seg, std::move(resolve), std::move(pack_error), std::move(task_result),
+                        std::move(on_task));
+        WorkerExit e = run_worker(*seg, id, runner);
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return std::string(to_string(e));
+      },
+      py::arg("segment"), py::arg("worker_id"), py::arg("resolve"), py::arg("pack_error"),
+      py::arg("task_result"), py::arg("on_task") = py::none());
+
+  m.def("owner_alive", [](SegmentPtr seg) {
+    OwnerWatch w(seg->header());
+    return w.alive();
+  });
+  m.def("leave_segment", [](SegmentPtr seg, bool owner_dead) { return seg->leave(owner_dead); });
+}
+
+}  // namespace mpop::bindings

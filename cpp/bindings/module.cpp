@@ -1,0 +1,12 @@
+// mpop._core: the private native module. Each area registers itself from its own file.
+#include "bindings.hpp"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "mpop's native core (private: use the mpop package)";
+  m.attr("LAYOUT_VERSION") = mpop::kLayoutVersion;
+  mpop::bindings::register_segment(m);
+  mpop::bindings::register_producer(m);
+  mpop::bindings::register_collector(m);
+  mpop::bindings::register_worker(m);
+  mpop::bindings::register_supervisor(m);
+}

@@ -1,0 +1,49 @@
+// ResultRing: where workers (and the supervisor, for tasks it ends) publish one record per
+// finished task; the owner's collector drains it. It is a TaskRing with ResultHeader bodies.
+#pragma once
+
+#include <cstdint>
+
+#include "mpop/task_ring.hpp"
+
+namespace mpop {
+
+enum class ResultStatus : uint8_t {
+  kOk = 0,         // value is the handler's return value
+  kError = 1,      // value is a pickled (exception, traceback text) pair
+  kCrashed = 2,    // the worker died running it too often: WorkerCrashedError
+  kTimeout = 3,    // it ran past task_timeout: TaskTimeoutError
+  kCancelled = 4,  // shutdown(cancel_pending=True) removed it before it ran
+  kVoid = 5,       // filler for a publication a dead worker reserved but never wrote
+};
+
+enum class ValueEncoding : uint8_t {
+  kInline = 0,  // a codec stream of `inline_len` bytes right after the header
+  kPooled = 1,  // a codec stream of `value_len` bytes in the argument pool at `value_ref`
+};
+
+struct ResultHeader {
+  uint64_t seq = 0;
+  uint64_t arg_ref = 0;    // the task's pooled arguments, freed by the collector
+  uint64_t value_ref = 0;  // pooled value, freed by the collector after decoding
+  uint32_t value_len = 0;
+  uint32_t tsk_id = 0;
+  uint32_t fn_id = 0;
+  uint16_t worker_id = 0;
+  ResultStatus status = ResultStatus::kOk;
+  ValueEncoding value_encoding = ValueEncoding::kInline;
+  uint16_t attempts = 0;
+  uint16_t inline_len = 0;
+  uint32_t arg_len = 0;
+  int64_t enqueue_ns = 0;
+  int64_t start_ns = 0;
+  int64_t end_ns = 0;
+  uint32_t route = 0;  // copied from the task: which owner-side consumer gets it
+  uint32_t reserved = 0;
+};
+static_assert(sizeof(ResultHeader) == 80);
+
+constexpr uint32_t kResultStride = 256;
+constexpr uint32_t kResultInlineBytes = kResultStride - TaskRing::kSeqBytes - sizeof(ResultHeader);
+
+}  // namespace mpop

@@ -1,0 +1,121 @@
+// Supervisor: a native thread in the owner process that spawns the workers (so that their
+// parent-death signal is tied to a thread that lives as long as the app), watches them with
+// pidfds, recovers exactly what a dead worker held, enforces task_timeout, respawns, and
+// applies scale() and stop().
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mpop/collector.hpp"
+#include "mpop/segment.hpp"
+
+namespace mpop {
+
+struct SupervisorOptions {
+  uint32_t workers = 1;
+  uint32_t max_retries = 1;
+  int64_t task_timeout_ns = 0;  // 0 = none
+  // How to start worker `id` (generation `gen`); returns its pid or -1. Runs on the
+  // supervisor thread. Set by the bindings per start method.
+  std::function<pid_t(uint32_t id, uint32_t gen)> spawn;
+  bool children_are_ours = true;  // false when another process (a forkserver) reaps them
+};
+
+struct SupervisorCounters {
+  std::atomic<uint64_t> crashes{0};
+  std::atomic<uint64_t> retries{0};
+  std::atomic<uint64_t> timeouts{0};
+  std::atomic<uint64_t> crashed_tasks{0};
+  std::atomic<uint64_t> recovered_from_ring{0};
+  std::atomic<uint64_t> spawn_failures{0};
+};
+
+class Supervisor {
+ public:
+  Supervisor(Segment& seg, Collector& collector, SupervisorOptions opts);
+  ~Supervisor();
+  Supervisor(const Supervisor&) = delete;
+  Supervisor& operator=(const Supervisor&) = delete;
+
+  // Starts the thread and spawns the workers from it; returns once they are spawned
+  // (not necessarily ready). Throws if a worker could not be spawned.
+  void start();
+  // Asks every worker to leave after its local queue (graceful) or kills them; waits up to
+  // timeout_ns for them to exit, kills stragglers, and ends the thread.
+  void stop(bool graceful, int64_t timeout_ns);
+  void scale(uint32_t n);
+  bool kill_worker(uint32_t id);
+  bool running() const { return thread_.joinable(); }
+  uint32_t target() const { return target_.load(); }
+  uint32_t live_workers() const;
+  const SupervisorCounters& counters() const { return counters_; }
+  std::string last_error() const;
+  // Blocks until every live worker has left kStarting (or the deadline).
+  bool wait_ready(int64_t deadline_ns) const;
+
+ private:
+  struct Child {
+    pid_t pid = -1;
+    int pidfd = -1;
+    bool active = false;      // part of the target set
+    bool stopping = false;    // asked to stop; its exit is not a crash
+    uint32_t gen = 0;
+    uint64_t timed_out_seq = 0;  // nonzero: killed for running this task past task_timeout
+  };
+  struct PendingRingRecovery {
+    uint64_t below;                                  // dequeue counter at the death
+    std::vector<std::pair<uint32_t, uint64_t>> wait;  // live workers and their claim epochs then
+    std::vector<uint64_t> local_seqs;                // recovered from the local queue already
+  };
+  struct PendingPublishRecovery {
+    uint64_t pos;
+    std::vector<std::pair<uint32_t, uint64_t>> wait;
+  };
+
+  void loop();
+  void spawn(uint32_t id);
+  void on_exit(uint32_t id, bool crashed);
+  void check_timeouts();
+  void run_recoveries();
+  void flush_requeue();
+  void post_result(const TaskHeader& h, const uint8_t* slot, ResultStatus status, uint32_t worker);
+  std::vector<std::pair<uint32_t, uint64_t>> claim_snapshot(uint32_t except, bool publish) const;
+  bool snapshot_passed(const std::vector<std::pair<uint32_t, uint64_t>>& snap, bool publish) const;
+  void wake();
+  void set_error(const std::string& e);
+
+  Segment& seg_;
+  Collector& collector_;
+  SupervisorOptions opts_;
+  SupervisorCounters counters_;
+  std::vector<Child> children_;
+  std::atomic<uint32_t> target_{0};
+  std::atomic<bool> quit_{false};
+  std::atomic<bool> graceful_{true};
+  std::atomic<int64_t> stop_deadline_ns_{0};
+  int event_fd_ = -1;
+  std::thread thread_;
+
+  mutable std::mutex mutex_;  // commands and errors from other threads
+  std::deque<uint32_t> kill_requests_;
+  bool scale_pending_ = false;
+  bool started_ = false;
+  std::string error_;
+  std::atomic<int> spawned_round_{0};
+
+  std::vector<std::vector<uint8_t>> requeue_;  // task bodies waiting for ring room
+  std::vector<std::vector<uint8_t>> results_pending_;  // result records waiting for room
+  std::vector<PendingRingRecovery> ring_recoveries_;
+  std::vector<PendingPublishRecovery> publish_recoveries_;
+};
+
+}  // namespace mpop

@@ -1,0 +1,283 @@
+// TaskRing: a bounded MPMC ring of fixed-stride cells in shared memory (Vyukov sequence
+// words), where a consumer claims a whole range of published cells with one CAS.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+
+#include "mpop/futex.hpp"
+
+namespace mpop {
+
+constexpr uint32_t kCacheLine = 64;
+
+constexpr uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
+constexpr bool is_power_of_two(uint64_t n) { return n >= 1 && (n & (n - 1)) == 0; }
+
+// What a consumer advertises while it holds claimed-but-unreleased cells. It lives in the
+// consumer's own record so that a supervisor can tell, after the consumer dies, which cells
+// it may have held (see DESIGN.md, "A crash-exact protocol").
+struct alignas(kCacheLine) ClaimState {
+  std::atomic<uint32_t> in_claim{0};
+  uint32_t count{0};             // cells in the claim being copied
+  std::atomic<uint64_t> epoch{0};  // bumped after each completed claim
+  uint64_t head{0};              // first position of the claim being copied
+};
+
+struct alignas(kCacheLine) RingControl {
+  alignas(kCacheLine) std::atomic<uint64_t> enqueue_pos;
+  alignas(kCacheLine) std::atomic<uint64_t> dequeue_pos;
+  alignas(kCacheLine) EventCount not_empty;  // consumers sleep here
+  alignas(kCacheLine) EventCount not_full;   // producers sleep here
+  alignas(kCacheLine) uint32_t capacity;
+  uint32_t stride;
+  uint64_t mask;
+};
+
+// A non-owning view over [RingControl | capacity cells of `stride` bytes]. Each cell starts
+// with its 64-bit sequence word; the body (stride - 8 bytes) is opaque to the ring.
+class TaskRing {
+ public:
+  static constexpr uint32_t kSeqBytes = 8;
+
+  static uint64_t bytes_needed(uint32_t capacity, uint32_t stride) {
+    return round_up(sizeof(RingControl), kCacheLine) + uint64_t{capacity} * stride;
+  }
+  static uint32_t stride_for_body(uint32_t body_bytes) {
+    return static_cast<uint32_t>(round_up(kSeqBytes + body_bytes, kCacheLine));
+  }
+
+  TaskRing() = default;
+
+  // Lays out a fresh ring in `mem` (zeroed or not). `initial_pos` lets tests start the
+  // counters anywhere, e.g. just below 2^32.
+  static TaskRing create(void* mem, uint32_t capacity, uint32_t stride, uint64_t initial_pos = 0) {
+    if (!is_power_of_two(capacity) || capacity < 2)
+      throw std::invalid_argument("TaskRing capacity must be a power of 2 and >= 2");
+    if (stride % kCacheLine != 0 || stride <= kSeqBytes)
+      throw std::invalid_argument("TaskRing stride must be a positive multiple of 64");
+    auto* ctl = new (mem) RingControl();
+    ctl->capacity = capacity;
+    ctl->stride = stride;
+    ctl->mask = capacity - 1;
+    TaskRing ring(mem);
+    for (uint64_t i = 0; i < capacity; ++i) {
+      uint64_t pos = initial_pos + i;
+      new (ring.cell(pos)) std::atomic<uint64_t>(pos);
+    }
+    ctl->enqueue_pos.store(initial_pos, std::memory_order_relaxed);
+    ctl->dequeue_pos.store(initial_pos, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+    return ring;
+  }
+  static TaskRing attach(void* mem) { return TaskRing(mem); }
+
+  uint32_t capacity() const { return ctl_->capacity; }
+  uint32_t stride() const { return ctl_->stride; }
+  uint32_t body_bytes() const { return ctl_->stride - kSeqBytes; }
+  RingControl& control() const { return *ctl_; }
+
+  // Tasks published and not yet claimed (a snapshot).
+  uint64_t size() const {
+    uint64_t d = ctl_->dequeue_pos.load(std::memory_order_acquire);
+    uint64_t e = ctl_->enqueue_pos.load(std::memory_order_acquire);
+    return static_cast<int64_t>(e - d) > 0 ? e - d : 0;  // wrap-safe, like the hot path
+  }
+
+  // ---- producer side -------------------------------------------------------------------
+
+  // Reserves up to `max` consecutive free cells with one CAS, calls fill(i, body) for each,
+  // publishes them and wakes sleeping consumers. Returns how many were pushed (0 = full).
+  // `window` (may be null) is raised from before the CAS until the cells are published, so
+  // that a producer that can die (a worker publishing a result) leaves a trace of what it
+  // reserved.
+  template <class Fill>
+  uint32_t try_push(uint32_t max, Fill&& fill, ClaimState* window = nullptr) {
+    if (max == 0) return 0;
+    if (max > ctl_->capacity) max = ctl_->capacity;
+    uint64_t pos = ctl_->enqueue_pos.load(std::memory_order_relaxed);
+    uint32_t k = 0;
+    for (;;) {
+      k = 0;
+      while (k < max) {
+        uint64_t s = seq(pos + k).load(std::memory_order_acquire);
+        if (s != pos + k) break;
+        ++k;
+      }
+      if (k == 0) {
+        uint64_t s = seq(pos).load(std::memory_order_acquire);
+        if (static_cast<int64_t>(s - pos) < 0) return 0;  // full: previous lap unreleased
+        pos = ctl_->enqueue_pos.load(std::memory_order_relaxed);
+        continue;
+      }
+      if (window) {
+        window->head = pos;
+        window->count = k;
+        window->in_claim.store(1, std::memory_order_seq_cst);
+      }
+      if (ctl_->enqueue_pos.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed))
+        break;
+      if (window) window->in_claim.store(0, std::memory_order_relaxed);
+    }
+    for (uint32_t i = 0; i < k; ++i) fill(i, body(pos + i));
+    for (uint32_t i = 0; i < k; ++i) seq(pos + i).store(pos + i + 1, std::memory_order_release);
+    if (window) {
+      window->epoch.fetch_add(1, std::memory_order_release);
+      window->in_claim.store(0, std::memory_order_release);
+    }
+    ctl_->not_empty.notify(static_cast<int>(k));
+    return k;
+  }
+
+  // Pushes exactly one cell, sleeping while the ring is full. Returns false when the
+  // deadline (monotonic ns, < 0 = none) passed or `cancelled()` became true.
+  template <class Fill, class Cancelled>
+  bool push(Fill&& fill, int64_t deadline_ns, Cancelled&& cancelled) {
+    for (;;) {
+      if (try_push(1, fill) == 1) return true;
+      if (cancelled()) return false;
+      bool room = wait_until(
+          ctl_->not_full, [&] { return has_room() || cancelled(); }, deadline_ns);
+      if (!room) return false;
+    }
+  }
+
+  bool has_room() const {
+    uint64_t pos = ctl_->enqueue_pos.load(std::memory_order_relaxed);
+    return seq(pos).load(std::memory_order_acquire) == pos;
+  }
+  bool has_published() const {
+    uint64_t pos = ctl_->dequeue_pos.load(std::memory_order_relaxed);
+    return seq(pos).load(std::memory_order_acquire) == pos + 1;
+  }
+
+  // ---- consumer side -------------------------------------------------------------------
+
+  // Claims up to `max` consecutive published cells with one CAS on the dequeue counter,
+  // hands each body to sink(i, body) (the copy into the consumer's local queue), then
+  // releases them to producers. `claim` (may be null) is raised around the claim window.
+  // Returns the number claimed (0 = nothing published).
+  template <class Sink>
+  uint32_t claim_range(uint32_t max, ClaimState* claim, Sink&& sink) {
+    if (max == 0) return 0;
+    if (max > ctl_->capacity) max = ctl_->capacity;
+    if (claim) claim->in_claim.store(1, std::memory_order_seq_cst);
+    uint64_t head = ctl_->dequeue_pos.load(std::memory_order_acquire);
+    uint32_t k = 0;
+    for (;;) {
+      k = 0;
+      while (k < max) {
+        uint64_t s = seq(head + k).load(std::memory_order_acquire);
+        if (s != head + k + 1) break;
+        ++k;
+      }
+      if (k == 0) {
+        uint64_t s = seq(head).load(std::memory_order_acquire);
+        if (static_cast<int64_t>(s - (head + 1)) < 0) {  // nothing published at head
+          if (claim) claim->in_claim.store(0, std::memory_order_release);
+          return 0;
+        }
+        head = ctl_->dequeue_pos.load(std::memory_order_acquire);
+        continue;
+      }
+      if (claim) {
+        claim->head = head;
+        claim->count = k;
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      }
+      if (ctl_->dequeue_pos.compare_exchange_weak(head, head + k, std::memory_order_acq_rel))
+        break;
+    }
+    for (uint32_t i = 0; i < k; ++i) sink(i, static_cast<const uint8_t*>(body(head + i)));
+    release(head, k);
+    if (claim) {
+      claim->epoch.fetch_add(1, std::memory_order_release);
+      claim->in_claim.store(0, std::memory_order_release);
+    }
+    return k;
+  }
+
+  // Returns claimed cells [head, head+k) to producers.
+  void release(uint64_t head, uint32_t k) {
+    for (uint32_t i = 0; i < k; ++i)
+      seq(head + i).store(head + i + ctl_->capacity, std::memory_order_release);
+    ctl_->not_full.notify(static_cast<int>(k));
+  }
+
+  // Sleeps until a cell is published or the deadline passes (monotonic ns, < 0 = none) or
+  // `stop()` holds. Spins `spin` rounds first.
+  template <class Stop>
+  bool wait_published(int64_t deadline_ns, Stop&& stop, int spin = 64) {
+    return wait_until(
+        ctl_->not_empty, [&] { return has_published() || stop(); }, deadline_ns, spin);
+  }
+  void wake_consumers() { ctl_->not_empty.notify_all(); }
+  void wake_producers() { ctl_->not_full.notify_all(); }
+
+  // ---- recovery (caller guarantees no live consumer is inside a claim window) ------------
+
+  // Visits every cell at a position below `below` that was claimed (behind the dequeue
+  // counter) but never released: only a consumer that died inside its claim window leaves
+  // one. Pass the dequeue counter read when the death was seen, so that claims made since
+  // by live consumers are never touched. sink(pos, body) must copy the body; the cell is
+  // then released.
+  template <class Sink>
+  uint32_t recover_unreleased(uint64_t below, Sink&& sink) {
+    uint32_t n = 0;
+    for (uint64_t i = 0; i < ctl_->capacity; ++i) {
+      auto* cell = cell_at_index(i);
+      uint64_t s = reinterpret_cast<std::atomic<uint64_t>*>(cell)->load(std::memory_order_acquire);
+      uint64_t pos = s - 1;
+      bool published_state = ((pos & ctl_->mask) == i);
+      if (published_state && pos < below &&
+          pos < ctl_->dequeue_pos.load(std::memory_order_acquire)) {
+        sink(pos, static_cast<const uint8_t*>(body(pos)));
+        seq(pos).store(pos + ctl_->capacity, std::memory_order_release);
+        ++n;
+      }
+    }
+    if (n) ctl_->not_full.notify_all();
+    return n;
+  }
+  uint64_t dequeue_pos() const { return ctl_->dequeue_pos.load(std::memory_order_acquire); }
+  uint64_t enqueue_pos() const { return ctl_->enqueue_pos.load(std::memory_order_acquire); }
+
+  // Whether the cell for `pos` was reserved by a producer that never published it.
+  bool is_reserved_unpublished(uint64_t pos) const {
+    return seq(pos).load(std::memory_order_acquire) == pos &&
+           pos < ctl_->enqueue_pos.load(std::memory_order_acquire);
+  }
+  // Publishes a reserved cell on behalf of a dead producer, with `fill` writing its body.
+  template <class Fill>
+  void publish_reserved(uint64_t pos, Fill&& fill) {
+    fill(body(pos));
+    seq(pos).store(pos + 1, std::memory_order_release);
+    ctl_->not_empty.notify_all();
+  }
+
+  // Whether the cell for `pos` still holds a published-but-unreleased task.
+  bool is_unreleased(uint64_t pos) const {
+    return seq(pos).load(std::memory_order_acquire) == pos + 1 &&
+           pos < ctl_->dequeue_pos.load(std::memory_order_acquire);
+  }
+
+ private:
+  explicit TaskRing(void* mem)
+      : ctl_(static_cast<RingControl*>(mem)),
+        cells_(static_cast<uint8_t*>(mem) + round_up(sizeof(RingControl), kCacheLine)) {}
+
+  uint8_t* cell_at_index(uint64_t i) const { return cells_ + i * ctl_->stride; }
+  uint8_t* cell(uint64_t pos) const { return cell_at_index(pos & ctl_->mask); }
+  std::atomic<uint64_t>& seq(uint64_t pos) const {
+    return *reinterpret_cast<std::atomic<uint64_t>*>(cell(pos));
+  }
+  void* body(uint64_t pos) const { return cell(pos) + kSeqBytes; }
+
+  RingControl* ctl_ = nullptr;
+  uint8_t* cells_ = nullptr;
+};
+
+}  // namespace mpop

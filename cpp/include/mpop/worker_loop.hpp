@@ -1,0 +1,237 @@
+// The worker loop: claim a range of tasks from the ring into this worker's local queue (its
+// record in shared memory), run each through the Runner, publish each result into the
+// result ring, and sleep on the ring's futex when idle. Generic over the Runner so that the
+// same loop runs Python handlers (bindings) and C++ ones (tests).
+#pragma once
+
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "mpop/segment.hpp"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+namespace mpop {
+
+// Whether the owner process is still alive, immune to pid reuse: a pidfd opened once and
+// checked against the start time recorded in the segment header.
+class OwnerWatch {
+ public:
+  explicit OwnerWatch(const SegmentHeader& h) {
+    fd_ = static_cast<int>(syscall(SYS_pidfd_open, h.owner_pid, 0));
+    if (fd_ < 0 || Segment::process_start_time(h.owner_pid) != h.owner_start_time) dead_ = true;
+  }
+  ~OwnerWatch() {
+    if (fd_ >= 0) close(fd_);
+  }
+  OwnerWatch(const OwnerWatch&) = delete;
+  OwnerWatch& operator=(const OwnerWatch&) = delete;
+
+  bool alive() {
+    if (dead_) return false;
+    pollfd p{fd_, POLLIN, 0};
+    if (poll(&p, 1, 0) > 0) dead_ = true;  // a pidfd turns readable when its process exits
+    return !dead_;
+  }
+
+ private:
+  int fd_ = -1;
+  bool dead_ = false;
+};
+
+// What a Runner is given for one task. `slot` is the worker's private copy (meta filled in).
+struct TaskRun {
+  uint32_t worker_id;
+  uint32_t fn_id;
+  uint32_t tsk_id;
+  const TaskHeader* header;
+  uint8_t* slot;
+  const uint8_t* stream;  // kPacked / kPooled argument stream, else null
+  uint32_t stream_len;
+};
+
+enum class WorkerExit { kShutdown, kStopRequested, kRecycled, kOwnerDied, kInterrupted };
+
+inline const char* to_string(WorkerExit e) {
+  switch (e) {
+    case WorkerExit::kShutdown: return "shutdown";
+    case WorkerExit::kStopRequested: return "stop requested";
+    case WorkerExit::kRecycled: return "recycled";
+    case WorkerExit::kOwnerDied: return "owner died";
+    case WorkerExit::kInterrupted: return "interrupted";
+  }
+  return "?";
+}
+
+// Runner requirements:
+//   ResultStatus run(const TaskRun&, std::vector<uint8_t>& value)  -- value: codec stream
+//   void before_sleep(); void after_sleep();   -- e.g. release / re-take the GIL
+//   bool interrupted();                         -- leave the loop now
+template <class Runner>
+WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
+  const SegmentConfig& cfg = seg.config();
+  SegmentHeader& hdr = seg.header();
+  TaskRing& tasks = seg.tasks();
+  TaskRing& results = seg.results();
+  ArgPool& pool = seg.pool();
+  const WorkerTable& table = seg.workers();
+  WorkerRecord& rec = table.record(id);
+  OwnerWatch owner(hdr);
+  const uint32_t body_bytes = task_body_bytes(cfg.slot);
+  const bool timing = cfg.max_performance == 0;
+  const bool has_meta = cfg.slot.meta_len >= sizeof(TaskMeta);
+  std::vector<uint8_t> value;
+  value.reserve(4096);
+
+  auto stop_now = [&] {
+    return hdr.shutdown.load(std::memory_order_acquire) != 0 ||
+           rec.stop_request.load(std::memory_order_acquire) != 0;
+  };
+  auto exit_with = [&](WorkerExit e) {
+    rec.state.store(static_cast<uint32_t>(e == WorkerExit::kOwnerDied ? WorkerState::kExited
+                                                                      : WorkerState::kExiting),
+                    std::memory_order_release);
+    return e;
+  };
+
+  rec.pid.store(static_cast<int32_t>(getpid()), std::memory_order_relaxed);
+  rec.tasks_this_life.store(0, std::memory_order_relaxed);
+  rec.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_release);
+  int64_t idle_since = monotonic_ns();
+
+  for (;;) {
+    if (hdr.shutdown.load(std::memory_order_acquire)) return exit_with(WorkerExit::kShutdown);
+    if (rec.stop_request.load(std::memory_order_acquire))
+      return exit_with(WorkerExit::kStopRequested);
+    if (runner.interrupted()) return exit_with(WorkerExit::kInterrupted);
+    uint32_t want = cfg.batch_size;
+    if (cfg.max_tasks_per_worker) {
+      uint64_t done = rec.tasks_this_life.load(std::memory_order_relaxed);
+      if (done >= cfg.max_tasks_per_worker) return exit_with(WorkerExit::kRecycled);
+      if (cfg.max_tasks_per_worker - done < want)
+        want = static_cast<uint32_t>(cfg.max_tasks_per_worker - done);
+    }
+
+    // Claim a range and copy it into the local queue. local_count is published with each
+    // copied entry, before the ring cells are released, so that every task is always in
+    // the ring, in the local queue, or both (recovery handles both).
+    uint32_t k = tasks.claim_range(want, &rec.claim, [&](uint32_t i, const uint8_t* body) {
+      LocalEntry& e = table.entry(id, i);
+      std::memcpy(table.entry_body(id, i), body, body_bytes);
+      e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
+      rec.local_next.store(0, std::memory_order_relaxed);
+      rec.local_count.store(i + 1, std::memory_order_release);
+    });
+
+    if (k == 0) {
+      rec.heartbeat_ns.store(monotonic_ns(), std::memory_order_relaxed);
+      if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
+      runner.before_sleep();
+      tasks.wait_published(monotonic_ns() + 250'000'000, stop_now, 256);
+      runner.after_sleep();
+      continue;
+    }
+    rec.claims.fetch_add(1, std::memory_order_relaxed);
+    int64_t now = timing ? monotonic_ns() : 0;
+    if (timing) rec.idle_ns.fetch_add(static_cast<uint64_t>(now - idle_since), std::memory_order_relaxed);
+    rec.state.store(static_cast<uint32_t>(WorkerState::kBusy), std::memory_order_relaxed);
+
+    for (uint32_t j = 0; j < k; ++j) {
+      LocalEntry& e = table.entry(id, j);
+      uint8_t* body = table.entry_body(id, j);
+      TaskHeader th;
+      std::memcpy(&th, body, sizeof th);
+      uint8_t* slot = body + sizeof th;
+      const SlotLayout& L = cfg.slot;
+      uint32_t fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
+      uint32_t tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
+
+      if (cfg.debug_delay_ns > 0) {
+        runner.before_sleep();
+        timespec ts{static_cast<time_t>(cfg.debug_delay_ns / 1000000000),
+                    static_cast<long>(cfg.debug_delay_ns % 1000000000)};
+        nanosleep(&ts, nullptr);
+        runner.after_sleep();
+      }
+      int64_t start = timing ? monotonic_ns() : 0;
+      rec.running_seq.store(th.seq, std::memory_order_relaxed);
+      rec.running_fn.store(fn_id, std::memory_order_relaxed);
+      rec.running_tsk.store(tsk_id, std::memory_order_relaxed);
+      rec.running_since_ns.store(start ? start : 1, std::memory_order_relaxed);
+      e.state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_release);
+      if (has_meta) {
+        TaskMeta m{th.enqueue_ns, start, 0, static_cast<uint16_t>(th.attempts + 1),
+                   static_cast<uint16_t>(id), 0};
+        std::memcpy(slot + L.meta_off, &m, sizeof m);
+      }
+
+      const uint8_t* stream = nullptr;
+      if (th.encoding == ArgEncoding::kPacked) stream = slot + L.arg_area_off();
+      if (th.encoding == ArgEncoding::kPooled) stream = pool.data(th.pool_ref);
+      TaskRun run{id, fn_id, tsk_id, &th, slot, stream, th.stream_len};
+      value.clear();
+      ResultStatus status = runner.run(run, value);
+      int64_t end = timing ? monotonic_ns() : 0;
+
+      ResultHeader r;
+      r.seq = th.seq;
+      r.arg_ref = th.encoding == ArgEncoding::kPooled ? th.pool_ref : 0;
+      r.arg_len = th.encoding == ArgEncoding::kPooled ? th.stream_len : 0;
+      r.tsk_id = tsk_id;
+      r.fn_id = fn_id;
+      r.worker_id = static_cast<uint16_t>(id);
+      r.status = status;
+      r.attempts = static_cast<uint16_t>(th.attempts + 1);
+      r.enqueue_ns = th.enqueue_ns;
+      r.route = th.route;
+      r.start_ns = start;
+      r.end_ns = end;
+      if (value.size() <= kResultInlineBytes) {
+        r.value_encoding = ValueEncoding::kInline;
+        r.inline_len = static_cast<uint16_t>(value.size());
+      } else {
+        uint64_t off = pool.alloc(value.size(), -1, [&] { return !owner.alive() || hdr.shutdown.load() != 0; });
+        if (!off) return exit_with(WorkerExit::kOwnerDied);
+        std::memcpy(pool.data(off), value.data(), value.size());
+        r.value_encoding = ValueEncoding::kPooled;
+        r.value_ref = off;
+        r.value_len = static_cast<uint32_t>(value.size());
+      }
+      auto fill = [&](uint32_t, void* out) {
+        auto* o = static_cast<uint8_t*>(out);
+        std::memcpy(o, &r, sizeof r);
+        if (r.inline_len) std::memcpy(o + sizeof r, value.data(), r.inline_len);
+      };
+      while (results.try_push(1, fill, &rec.publish) == 0) {
+        if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
+        runner.before_sleep();
+        wait_until(
+            results.control().not_full, [&] { return results.has_room(); },
+            monotonic_ns() + 250'000'000);
+        runner.after_sleep();
+      }
+
+      e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
+      rec.local_next.store(j + 1, std::memory_order_release);
+      rec.running_since_ns.store(0, std::memory_order_relaxed);
+      if (status == ResultStatus::kOk)
+        rec.completed.fetch_add(1, std::memory_order_relaxed);
+      else
+        rec.failed.fetch_add(1, std::memory_order_relaxed);
+      rec.tasks_this_life.fetch_add(1, std::memory_order_relaxed);
+      if (timing) rec.busy_ns.fetch_add(static_cast<uint64_t>(end - start), std::memory_order_relaxed);
+    }
+    rec.local_count.store(0, std::memory_order_release);
+    rec.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_relaxed);
+    idle_since = timing ? monotonic_ns() : 0;
+  }
+}
+
+}  // namespace mpop

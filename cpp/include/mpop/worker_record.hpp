@@ -1,0 +1,97 @@
+// WorkerRecord: one worker's page in the shared segment: who it is, what it claimed (its
+// local queue), what it is running and since when, and its counters. The supervisor reads
+// it to show status and to recover exactly what a dead worker held.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "mpop/slot_layout.hpp"
+#include "mpop/task_ring.hpp"
+
+namespace mpop {
+
+enum class WorkerState : uint32_t {
+  kEmpty = 0,     // never started
+  kStarting = 1,  // spawned, importing handlers
+  kIdle = 2,      // waiting for tasks
+  kBusy = 3,      // running a task
+  kExiting = 4,   // leaving on request (shutdown, scale down, recycling)
+  kExited = 5,    // left cleanly
+  kDead = 6,      // died; the supervisor recovered its tasks
+};
+
+enum class LocalState : uint32_t { kFree = 0, kPending = 1, kRunning = 2, kDone = 3 };
+
+// The part of a local-queue entry before the task body.
+struct alignas(8) LocalEntry {
+  std::atomic<uint32_t> state;
+  uint32_t reserved;
+};
+
+struct alignas(kCacheLine) WorkerRecord {
+  std::atomic<uint32_t> state{0};
+  std::atomic<int32_t> pid{0};
+  std::atomic<uint32_t> generation{0};  // bumped on every (re)spawn in this record
+  std::atomic<uint32_t> stop_request{0};  // 1 = finish the local queue, then exit
+  std::atomic<int64_t> heartbeat_ns{0};
+  std::atomic<uint32_t> restarts{0};
+  uint32_t id = 0;
+
+  ClaimState claim;  // the claim window on the task ring
+
+  // The local queue: `local_count` entries copied from the ring by the last claim; entries
+  // before `local_next` are done or running.
+  alignas(kCacheLine) std::atomic<uint32_t> local_count{0};
+  std::atomic<uint32_t> local_next{0};
+  std::atomic<uint64_t> running_seq{0};
+  std::atomic<int64_t> running_since_ns{0};  // 0 = not running a task
+  std::atomic<uint32_t> running_fn{0};
+  std::atomic<uint32_t> running_tsk{0};
+
+  // The publication window on the result ring (same idea as ClaimState).
+  ClaimState publish;
+
+  alignas(kCacheLine) std::atomic<uint64_t> completed{0};
+  std::atomic<uint64_t> failed{0};
+  std::atomic<uint64_t> busy_ns{0};
+  std::atomic<uint64_t> idle_ns{0};
+  std::atomic<uint64_t> tasks_this_life{0};
+  std::atomic<uint64_t> claims{0};
+
+  // Why the last process in this record could not start (set by the worker before it
+  // exits), so the owner can raise it instead of respawning forever.
+  alignas(kCacheLine) char start_error[1024] = {};
+};
+
+// Geometry of the records region: `count` records of `stride` bytes, each followed by its
+// local queue of `batch` entries of `entry_stride` bytes.
+struct WorkerTable {
+  uint8_t* base = nullptr;
+  uint32_t count = 0;
+  uint32_t stride = 0;
+  uint32_t batch = 0;
+  uint32_t entry_stride = 0;
+
+  static uint32_t entry_stride_for(const SlotLayout& l) {
+    return static_cast<uint32_t>(round_up(sizeof(LocalEntry) + task_body_bytes(l), 64));
+  }
+  static uint32_t stride_for(const SlotLayout& l, uint32_t batch) {
+    return static_cast<uint32_t>(round_up(sizeof(WorkerRecord), kCacheLine) +
+                                 uint64_t{batch} * entry_stride_for(l));
+  }
+
+  WorkerRecord& record(uint32_t i) const {
+    return *reinterpret_cast<WorkerRecord*>(base + uint64_t{i} * stride);
+  }
+  LocalEntry& entry(uint32_t worker, uint32_t j) const {
+    return *reinterpret_cast<LocalEntry*>(base + uint64_t{worker} * stride +
+                                          round_up(sizeof(WorkerRecord), kCacheLine) +
+                                          uint64_t{j} * entry_stride);
+  }
+  uint8_t* entry_body(uint32_t worker, uint32_t j) const {
+    return reinterpret_cast<uint8_t*>(&entry(worker, j)) + sizeof(LocalEntry);
+  }
+};
+
+}  // namespace mpop

@@ -1,0 +1,202 @@
+// Segment creation (exclusive, 0600, random name), attachment with layout checks, and
+// removal, over Boost.Interprocess shared_memory_object and mapped_region.
+#include "mpop/segment.hpp"
+
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace bip = boost::interprocess;
+
+namespace mpop {
+
+namespace {
+
+std::string random_hex64() {
+  uint64_t r = 0;
+  if (getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r))
+    throw std::runtime_error("mpop: getrandom() failed");
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(r));
+  return buf;
+}
+
+struct Geometry {
+  uint64_t registry_off, ring_off, workers_off, results_off, pool_off, total;
+  uint32_t task_stride, worker_stride, entry_stride;
+};
+
+Geometry geometry(const SegmentConfig& c) {
+  Geometry g{};
+  g.task_stride = TaskRing::stride_for_body(task_body_bytes(c.slot));
+  g.entry_stride = WorkerTable::entry_stride_for(c.slot);
+  g.worker_stride = WorkerTable::stride_for(c.slot, c.batch_size);
+  uint64_t off = round_up(sizeof(SegmentHeader), 4096);
+  g.registry_off = off;
+  off = round_up(off + c.registry_bytes, 4096);
+  g.ring_off = off;
+  off = round_up(off + TaskRing::bytes_needed(c.queue_slots, g.task_stride), 4096);
+  g.workers_off = off;
+  off = round_up(off + uint64_t{c.max_workers} * g.worker_stride, 4096);
+  g.results_off = off;
+  off = round_up(off + TaskRing::bytes_needed(c.result_slots, kResultStride), 4096);
+  g.pool_off = off;
+  off = round_up(off + ArgPool::bytes_needed(c.pool_bytes), 4096);
+  g.total = off;
+  return g;
+}
+
+}  // namespace
+
+uint64_t Segment::process_start_time(int pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  if (!f) return 0;
+  std::string line;
+  std::getline(f, line);
+  // Field 22 (starttime) follows the command name, which is in parentheses and may contain
+  // spaces: count fields from the last ')'.
+  auto close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(line.substr(close + 2));
+  std::string field;
+  for (int i = 3; i <= 22; ++i) {
+    if (!(rest >> field)) return 0;
+  }
+  return std::stoull(field);
+}
+
+std::unique_ptr<Segment> Segment::create(const std::string& prefix, const SegmentConfig& cfg) {
+  if (!is_power_of_two(cfg.queue_slots) || cfg.queue_slots < 2)
+    throw std::invalid_argument("queue_slots must be a power of 2 >= 2");
+  if (!is_power_of_two(cfg.result_slots) || cfg.result_slots < 2)
+    throw std::invalid_argument("result_slots must be a power of 2 >= 2");
+  if (cfg.max_workers < 1 || cfg.batch_size < 1)
+    throw std::invalid_argument("max_workers and batch_size must be >= 1");
+  Geometry g = geometry(cfg);
+
+  std::unique_ptr<Segment> seg(new Segment());
+  bip::permissions perm;
+  perm.set_permissions(0600);
+  std::unique_ptr<bip::shared_memory_object> shm;
+  for (int attempt = 0; attempt < 8 && !shm; ++attempt) {
+    std::string name = prefix + "_" + random_hex64();
+    try {
+      shm = std::make_unique<bip::shared_memory_object>(bip::create_only, name.c_str(),
+                                                         bip::read_write, perm);
+      seg->name_ = name;
+    } catch (const bip::interprocess_exception& e) {
+      if (e.get_error_code() != bip::already_exists_error) throw;
+    }
+  }
+  if (!shm) throw std::runtime_error("mpop: could not create a unique shared-memory segment");
+  try {
+    shm->truncate(static_cast<bip::offset_t>(g.total));
+    auto* region = new bip::mapped_region(*shm, bip::read_write);
+    seg->region_.reset(region, [](void* p) { delete static_cast<bip::mapped_region*>(p); });
+  } catch (...) {
+    bip::shared_memory_object::remove(seg->name_.c_str());
+    throw;
+  }
+  seg->base_ = static_cast<uint8_t*>(static_cast<bip::mapped_region*>(seg->region_.get())->get_address());
+  seg->size_ = g.total;
+
+  auto* h = new (seg->base_) SegmentHeader();
+  h->magic = kSegmentMagic;
+  h->layout_version = kLayoutVersion;
+  h->task_stride = g.task_stride;
+  h->config = cfg;
+  h->registry_off = g.registry_off;
+  h->ring_off = g.ring_off;
+  h->workers_off = g.workers_off;
+  h->results_off = g.results_off;
+  h->pool_off = g.pool_off;
+  h->total_bytes = g.total;
+  h->worker_stride = g.worker_stride;
+  h->entry_stride = g.entry_stride;
+  h->owner_pid = static_cast<int32_t>(getpid());
+  h->owner_start_time = process_start_time(getpid());
+  std::snprintf(h->name, sizeof h->name, "%s", seg->name_.c_str());
+  h->attached.store(1, std::memory_order_relaxed);
+  seg->header_ = h;
+
+  TaskRing::create(seg->base_ + g.ring_off, cfg.queue_slots, g.task_stride);
+  TaskRing::create(seg->base_ + g.results_off, cfg.result_slots, kResultStride);
+  ArgPool::create(seg->base_ + g.pool_off, cfg.pool_bytes);
+  for (uint32_t i = 0; i < cfg.max_workers; ++i) {
+    auto* rec = new (seg->base_ + g.workers_off + uint64_t{i} * g.worker_stride) WorkerRecord();
+    rec->id = i;
+  }
+  seg->bind_views();
+  seg->unlink_on_close_ = true;
+  std::atomic_thread_fence(std::memory_order_release);
+  return seg;
+}
+
+std::unique_ptr<Segment> Segment::attach(const std::string& name) {
+  std::unique_ptr<Segment> seg(new Segment());
+  seg->name_ = name;
+  bip::shared_memory_object shm(bip::open_only, name.c_str(), bip::read_write);
+  bip::offset_t size = 0;
+  shm.get_size(size);
+  if (size < static_cast<bip::offset_t>(sizeof(SegmentHeader)))
+    throw LayoutMismatch("mpop: segment '" + name + "' is too small to be an mpop segment");
+  auto* region = new bip::mapped_region(shm, bip::read_write);
+  seg->region_.reset(region, [](void* p) { delete static_cast<bip::mapped_region*>(p); });
+  seg->base_ = static_cast<uint8_t*>(region->get_address());
+  seg->size_ = static_cast<uint64_t>(size);
+  auto* h = reinterpret_cast<SegmentHeader*>(seg->base_);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (h->magic != kSegmentMagic)
+    throw LayoutMismatch("mpop: segment '" + name + "' has a bad magic number: not an mpop segment");
+  if (h->layout_version != kLayoutVersion)
+    throw LayoutMismatch("mpop: segment '" + name + "' has layout version " +
+                         std::to_string(h->layout_version) + ", this build expects " +
+                         std::to_string(kLayoutVersion));
+  Geometry g = geometry(h->config);
+  if (g.task_stride != h->task_stride || g.total != h->total_bytes || g.total > seg->size_ ||
+      g.worker_stride != h->worker_stride)
+    throw LayoutMismatch("mpop: segment '" + name + "' has slot stride " +
+                         std::to_string(h->task_stride) + " but its configuration implies " +
+                         std::to_string(g.task_stride) + ": refusing a mismatched layout");
+  seg->header_ = h;
+  h->attached.fetch_add(1, std::memory_order_acq_rel);
+  seg->bind_views();
+  return seg;
+}
+
+void Segment::bind_views() {
+  auto* h = header_;
+  tasks_ = TaskRing::attach(base_ + h->ring_off);
+  results_ = TaskRing::attach(base_ + h->results_off);
+  pool_ = ArgPool::attach(base_ + h->pool_off);
+  workers_.base = base_ + h->workers_off;
+  workers_.count = h->config.max_workers;
+  workers_.stride = h->worker_stride;
+  workers_.batch = h->config.batch_size;
+  workers_.entry_stride = h->entry_stride;
+}
+
+bool Segment::remove(const std::string& name) {
+  return bip::shared_memory_object::remove(name.c_str());
+}
+
+uint32_t Segment::leave(bool owner_dead) {
+  if (left_ || !header_) return 0;
+  left_ = true;
+  if ((unlink_on_close_ || owner_dead) && header_->owner_released.exchange(1) == 0 && owner_dead)
+    header_->attached.fetch_sub(1, std::memory_order_acq_rel);
+  uint32_t left = header_->attached.fetch_sub(1, std::memory_order_acq_rel) - 1;
+  if (unlink_on_close_ || left == 0) remove(name_);
+  return left;
+}
+
+Segment::~Segment() { leave(); }
+
+}  // namespace mpop

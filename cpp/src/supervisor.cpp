@@ -1,0 +1,452 @@
+// Supervisor thread: spawn, pidfd watch, crash recovery of local queues, claim windows and
+// publication windows, task_timeout, respawn, scale and stop.
+#include "mpop/supervisor.hpp"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <stdexcept>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+
+namespace mpop {
+
+namespace {
+std::condition_variable g_started_cv;  // start() waits on the first spawn round
+}  // namespace
+
+Supervisor::Supervisor(Segment& seg, Collector& collector, SupervisorOptions opts)
+    : seg_(seg), collector_(collector), opts_(std::move(opts)) {
+  children_.resize(seg_.workers().count);
+}
+
+Supervisor::~Supervisor() {
+  if (thread_.joinable()) stop(false, 0);
+  if (event_fd_ >= 0) close(event_fd_);
+}
+
+void Supervisor::wake() {
+  uint64_t one = 1;
+  if (event_fd_ >= 0) {
+    ssize_t rc = write(event_fd_, &one, sizeof one);
+    (void)rc;
+  }
+}
+
+void Supervisor::set_error(const std::string& e) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (error_.empty()) error_ = e;
+}
+
+std::string Supervisor::last_error() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return error_;
+}
+
+void Supervisor::start() {
+  if (thread_.joinable()) return;
+  if (opts_.workers < 1 || opts_.workers > children_.size())
+    throw std::invalid_argument("worker count out of range");
+  if (event_fd_ < 0) event_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error_.clear();
+    started_ = false;
+  }
+  quit_.store(false);
+  target_.store(opts_.workers);
+  for (auto& c : children_) c = Child{};
+  thread_ = std::thread([this] { loop(); });
+  std::unique_lock<std::mutex> lock(mutex_);
+  g_started_cv.wait(lock, [this] { return started_; });
+  if (!error_.empty()) {
+    std::string e = error_;
+    lock.unlock();
+    stop(false, 0);
+    throw std::runtime_error(e);
+  }
+}
+
+void Supervisor::stop(bool graceful, int64_t timeout_ns) {
+  if (!thread_.joinable()) return;
+  graceful_.store(graceful);
+  stop_deadline_ns_.store(monotonic_ns() + (timeout_ns > 0 ? timeout_ns : 0));
+  quit_.store(true, std::memory_order_release);
+  wake();
+  thread_.join();
+}
+
+void Supervisor::scale(uint32_t n) {
+  if (n < 1 || n > children_.size()) throw std::invalid_argument("worker count out of range");
+  target_.store(n);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    scale_pending_ = true;
+  }
+  wake();
+}
+
+bool Supervisor::kill_worker(uint32_t id) {
+  if (id >= children_.size()) return false;
+  auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
+  if (st != WorkerState::kIdle && st != WorkerState::kBusy && st != WorkerState::kStarting)
+    return false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    kill_requests_.push_back(id);
+  }
+  wake();
+  return true;
+}
+
+uint32_t Supervisor::live_workers() const {
+  uint32_t n = 0;
+  for (uint32_t i = 0; i < seg_.workers().count; ++i) {
+    auto st = static_cast<WorkerState>(seg_.workers().record(i).state.load());
+    if (st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy) ++n;
+  }
+  return n;
+}
+
+bool Supervisor::wait_ready(int64_t deadline_ns) const {
+  for (;;) {
+    bool starting = false;
+    for (uint32_t i = 0; i < seg_.workers().count; ++i)
+      if (seg_.workers().record(i).state.load() == static_cast<uint32_t>(WorkerState::kStarting))
+        starting = true;
+    if (!starting) return true;
+    if (!last_error().empty()) return false;
+    if (deadline_ns >= 0 && monotonic_ns() > deadline_ns) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+void Supervisor::spawn(uint32_t id) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
+  c.gen += 1;
+  c.stopping = false;
+  c.timed_out_seq = 0;
+  c.active = true;
+  rec.stop_request.store(0);
+  rec.local_count.store(0);
+  rec.local_next.store(0);
+  rec.running_since_ns.store(0);
+  rec.claim.in_claim.store(0);
+  rec.publish.in_claim.store(0);
+  rec.start_error[0] = '\0';
+  rec.generation.store(c.gen);
+  rec.state.store(static_cast<uint32_t>(WorkerState::kStarting), std::memory_order_release);
+  pid_t pid = opts_.spawn ? opts_.spawn(id, c.gen) : -1;
+  if (pid <= 0) {
+    counters_.spawn_failures.fetch_add(1);
+    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+    c.active = false;
+    set_error("mpop: could not start worker " + std::to_string(id) + ": " + std::strerror(errno));
+    return;
+  }
+  c.pid = pid;
+  c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+}
+
+std::vector<std::pair<uint32_t, uint64_t>> Supervisor::claim_snapshot(uint32_t except,
+                                                                      bool publish) const {
+  std::vector<std::pair<uint32_t, uint64_t>> snap;
+  for (uint32_t i = 0; i < children_.size(); ++i) {
+    if (i == except || children_[i].pid <= 0) continue;
+    const ClaimState& cs = publish ? seg_.workers().record(i).publish : seg_.workers().record(i).claim;
+    if (cs.in_claim.load(std::memory_order_seq_cst))
+      snap.emplace_back(i, cs.epoch.load(std::memory_order_seq_cst));
+  }
+  return snap;
+}
+
+bool Supervisor::snapshot_passed(const std::vector<std::pair<uint32_t, uint64_t>>& snap,
+                                 bool publish) const {
+  for (auto [i, epoch] : snap) {
+    if (children_[i].pid <= 0) continue;  // died since: its own recovery covers it
+    const ClaimState& cs = publish ? seg_.workers().record(i).publish : seg_.workers().record(i).claim;
+    if (cs.in_claim.load(std::memory_order_seq_cst) && cs.epoch.load(std::memory_order_seq_cst) == epoch)
+      return false;
+  }
+  return true;
+}
+
+void Supervisor::post_result(const TaskHeader& h, const uint8_t* slot, ResultStatus status,
+                             uint32_t worker) {
+  const SlotLayout& L = seg_.config().slot;
+  ResultHeader r;
+  r.seq = h.seq;
+  r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;
+  r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
+  r.tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
+  r.fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
+  r.worker_id = static_cast<uint16_t>(worker);
+  r.status = status;
+  r.attempts = h.attempts;
+  r.enqueue_ns = h.enqueue_ns;
+  r.route = h.route;
+  r.end_ns = monotonic_ns();
+  std::vector<uint8_t> rec(sizeof r);
+  std::memcpy(rec.data(), &r, sizeof r);
+  results_pending_.push_back(std::move(rec));
+}
+
+void Supervisor::on_exit(uint32_t id, bool crashed) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
+  const WorkerTable& table = seg_.workers();
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  if (c.pidfd >= 0) close(c.pidfd);
+  c.pidfd = -1;
+  c.pid = -1;
+  auto state = static_cast<WorkerState>(rec.state.load());
+
+  if (state == WorkerState::kStarting) {
+    // Died before it could take work: respawning would fail the same way.
+    std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
+    set_error("mpop: worker " + std::to_string(id) + " failed to start" +
+              (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
+    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+    c.active = false;
+    return;
+  }
+
+  if (crashed || c.timed_out_seq) {
+    counters_.crashes.fetch_add(1);
+    std::vector<uint64_t> local_seqs;
+    uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
+    for (uint32_t j = 0; j < n; ++j) {
+      auto st = static_cast<LocalState>(table.entry(id, j).state.load(std::memory_order_acquire));
+      uint8_t* body = table.entry_body(id, j);
+      TaskHeader th;
+      std::memcpy(&th, body, sizeof th);
+      if (st == LocalState::kPending) {
+        local_seqs.push_back(th.seq);
+        requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
+      } else if (st == LocalState::kRunning) {
+        local_seqs.push_back(th.seq);
+        th.attempts += 1;
+        if (c.timed_out_seq && c.timed_out_seq == th.seq) {
+          counters_.timeouts.fetch_add(1);
+          post_result(th, body + sizeof th, ResultStatus::kTimeout, id);
+        } else if (th.attempts > opts_.max_retries) {
+          counters_.crashed_tasks.fetch_add(1);
+          post_result(th, body + sizeof th, ResultStatus::kCrashed, id);
+        } else {
+          counters_.retries.fetch_add(1);
+          std::memcpy(body, &th, sizeof th);
+          requeue_.emplace_back(body, body + body_bytes);
+        }
+      }
+    }
+    if (rec.claim.in_claim.load(std::memory_order_seq_cst))
+      ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
+                                  std::move(local_seqs)});
+    if (rec.publish.in_claim.load(std::memory_order_seq_cst) &&
+        rec.publish.head < seg_.results().enqueue_pos())
+      publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true)});
+    rec.restarts.fetch_add(1);
+    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+    rec.local_count.store(0);
+    rec.running_since_ns.store(0);
+    rec.claim.in_claim.store(0);
+    rec.publish.in_claim.store(0);
+    if (c.active && !c.stopping && !quit_.load()) spawn(id);
+    else c.active = false;
+    return;
+  }
+
+  rec.state.store(static_cast<uint32_t>(WorkerState::kExited));
+  // A worker that left by itself while still wanted was recycled (max_tasks_per_worker).
+  if (c.active && !c.stopping && !quit_.load() && id < target_.load()) spawn(id);
+  else c.active = false;
+}
+
+void Supervisor::check_timeouts() {
+  if (opts_.task_timeout_ns <= 0) return;
+  int64_t now = monotonic_ns();
+  for (uint32_t i = 0; i < children_.size(); ++i) {
+    Child& c = children_[i];
+    if (c.pid <= 0 || c.timed_out_seq) continue;
+    WorkerRecord& rec = seg_.workers().record(i);
+    uint64_t seq = rec.running_seq.load(std::memory_order_acquire);
+    int64_t since = rec.running_since_ns.load(std::memory_order_acquire);
+    if (since > 1 && now - since > opts_.task_timeout_ns &&
+        rec.running_seq.load(std::memory_order_acquire) == seq &&
+        rec.running_since_ns.load(std::memory_order_acquire) == since) {
+      c.timed_out_seq = seq;
+      kill(c.pid, SIGKILL);
+    }
+  }
+}
+
+void Supervisor::run_recoveries() {
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  for (auto it = ring_recoveries_.begin(); it != ring_recoveries_.end();) {
+    if (!snapshot_passed(it->wait, false)) {
+      ++it;
+      continue;
+    }
+    auto& local = it->local_seqs;
+    uint32_t n = seg_.tasks().recover_unreleased(it->below, [&](uint64_t, const uint8_t* body) {
+      TaskHeader th;
+      std::memcpy(&th, body, sizeof th);
+      if (std::find(local.begin(), local.end(), th.seq) != local.end()) return;
+      requeue_.emplace_back(body, body + body_bytes);
+      counters_.recovered_from_ring.fetch_add(1);
+    });
+    (void)n;
+    it = ring_recoveries_.erase(it);
+  }
+  for (auto it = publish_recoveries_.begin(); it != publish_recoveries_.end();) {
+    if (!snapshot_passed(it->wait, true)) {
+      ++it;
+      continue;
+    }
+    if (seg_.results().is_reserved_unpublished(it->pos)) {
+      seg_.results().publish_reserved(it->pos, [](void* body) {
+        ResultHeader r;
+        r.status = ResultStatus::kVoid;
+        std::memcpy(body, &r, sizeof r);
+      });
+    }
+    it = publish_recoveries_.erase(it);
+  }
+}
+
+void Supervisor::flush_requeue() {
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  size_t done = 0;
+  for (; done < requeue_.size(); ++done) {
+    auto& b = requeue_[done];
+    if (seg_.tasks().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), body_bytes); }) == 0)
+      break;
+  }
+  requeue_.erase(requeue_.begin(), requeue_.begin() + static_cast<std::ptrdiff_t>(done));
+  done = 0;
+  for (; done < results_pending_.size(); ++done) {
+    auto& b = results_pending_[done];
+    if (seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), b.size()); }) == 0)
+      break;
+  }
+  results_pending_.erase(results_pending_.begin(),
+                         results_pending_.begin() + static_cast<std::ptrdiff_t>(done));
+}
+
+void Supervisor::loop() {
+  for (uint32_t i = 0; i < target_.load(); ++i) spawn(i);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    started_ = true;
+  }
+  g_started_cv.notify_all();
+
+  bool asked_to_stop = false;
+  std::vector<pollfd> fds;
+  std::vector<uint32_t> ids;
+  for (;;) {
+    bool quitting = quit_.load(std::memory_order_acquire);
+    if (quitting && !asked_to_stop) {
+      asked_to_stop = true;
+      for (uint32_t i = 0; i < children_.size(); ++i) {
+        if (children_[i].pid <= 0) continue;
+        children_[i].stopping = true;
+        seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
+        if (!graceful_.load()) kill(children_[i].pid, SIGKILL);
+      }
+      seg_.tasks().wake_consumers();
+    }
+    bool any_alive = false;
+    for (auto& c : children_) any_alive |= c.pid > 0;
+    if (quitting && !any_alive) break;
+    if (quitting && monotonic_ns() > stop_deadline_ns_.load()) {
+      for (auto& c : children_)
+        if (c.pid > 0) kill(c.pid, SIGKILL);
+    }
+
+    fds.clear();
+    ids.clear();
+    fds.push_back({event_fd_, POLLIN, 0});
+    for (uint32_t i = 0; i < children_.size(); ++i) {
+      if (children_[i].pid > 0 && children_[i].pidfd >= 0) {
+        fds.push_back({children_[i].pidfd, POLLIN, 0});
+        ids.push_back(i);
+      }
+    }
+    bool busy = quitting || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
+                !publish_recoveries_.empty() || !requeue_.empty() || !results_pending_.empty();
+    int timeout_ms = busy ? 10 : 250;
+    poll(fds.data(), fds.size(), timeout_ms);
+    if (fds[0].revents & POLLIN) {
+      uint64_t v;
+      ssize_t rc = read(event_fd_, &v, sizeof v);
+      (void)rc;
+    }
+
+    std::deque<uint32_t> kills;
+    bool rescale = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      kills.swap(kill_requests_);
+      rescale = scale_pending_;
+      scale_pending_ = false;
+    }
+    for (uint32_t id : kills)
+      if (children_[id].pid > 0) kill(children_[id].pid, SIGKILL);
+    if (rescale && !quitting) {
+      uint32_t n = target_.load();
+      for (uint32_t i = 0; i < children_.size(); ++i) {
+        Child& c = children_[i];
+        if (i < n && !c.active && c.pid <= 0) spawn(i);
+        if (i >= n && c.active && c.pid > 0) {
+          c.stopping = true;
+          seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
+        }
+      }
+      seg_.tasks().wake_consumers();
+    }
+
+    for (size_t k = 1; k < fds.size(); ++k) {
+      if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      uint32_t id = ids[k - 1];
+      Child& c = children_[id];
+      bool crashed = true;
+      if (opts_.children_are_ours) {
+        int status = 0;
+        pid_t r = waitpid(c.pid, &status, WNOHANG);
+        if (r == 0) continue;  // not yet reapable
+        crashed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+      }
+      auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
+      if (st == WorkerState::kExiting || st == WorkerState::kExited) crashed = crashed && false;
+      else if (st == WorkerState::kIdle || st == WorkerState::kBusy) crashed = true;
+      on_exit(id, crashed);
+    }
+    check_timeouts();
+    run_recoveries();
+    flush_requeue();
+  }
+  // Anything still waiting to be requeued can no longer run.
+  for (auto& b : requeue_) {
+    TaskHeader th;
+    std::memcpy(&th, b.data(), sizeof th);
+    post_result(th, b.data() + sizeof th, ResultStatus::kCancelled, 0);
+  }
+  requeue_.clear();
+  for (auto& b : results_pending_)
+    seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), b.size()); });
+  results_pending_.clear();
+}
+
+}  // namespace mpop

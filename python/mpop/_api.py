@@ -1,0 +1,784 @@
+"""MpopApi: the public entry point. Validates configuration, registers handlers, enqueues
+tasks through the native producer, runs the supervisor, and hands results back."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import itertools
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+import types
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Iterator
+
+from . import _core
+from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState
+from ._errors import ConfigError, MpopError, QueueFull, RegistryError, ShutdownError
+from ._registry import Handler, Registry
+from ._results import RunResult, TaskResult, _percentile
+from ._slots import TaskSlot196_cargs, is_slot_class, slot_layout
+from ._worker import BOOT_FN_ID
+
+__all__ = ["MpopApi", "Mpop"]
+
+log = logging.getLogger("mpop")
+
+_START_METHODS = ("spawn", "fork", "forkserver")
+_MAX_TSK_ID = 0xFFFFFFFF
+_UNSERIALISABLE = (pickle.PicklingError, TypeError, AttributeError)
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Runtime:
+    """The native objects of one app, owned apart from the app so that a finalizer can
+    release them at garbage collection or interpreter exit without keeping the app alive."""
+
+    def __init__(self, segment, producer, collector) -> None:
+        self.segment = segment
+        self.producer = producer
+        self.collector = collector
+        self.supervisor = None
+        self.closed = False
+
+    def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
+        sup, self.supervisor = self.supervisor, None
+        if sup is not None:
+            sup.stop(graceful, timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.producer.close()
+        self.segment.set_shutdown()
+        self.stop_workers(graceful=False, timeout=2.0)
+        self.segment.leave()
+
+
+def _finalize(runtime_ref: list) -> None:
+    if runtime_ref and runtime_ref[0] is not None:
+        runtime_ref[0].close()
+
+
+class MpopApi:
+    """Runs Python tasks across worker processes through a shared-memory task ring.
+
+    See the package documentation for every parameter; each bad value raises ConfigError
+    naming the parameter and the accepted range."""
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        queue_slots: int = 4096,
+        slot_class: type = TaskSlot196_cargs,
+        worker_batch_size: int = 16,
+        display: bool = False,
+        auto_terminate: bool = True,
+        debug: bool = False,
+        debug_delay: float = 0.0,
+        handler_module: str | types.ModuleType | None = None,
+        start_method: str = "spawn",
+        max_retries: int = 1,
+        task_timeout: float | None = None,
+        max_tasks_per_worker: int | None = None,
+        cpu_affinity: bool | list[int] = False,
+        name: str | None = None,
+        max_performance: bool = False,
+        *,
+        pool_bytes: int = 64 << 20,
+        registry_bytes: int = 4 << 20,
+        max_workers: int | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        problems = []
+
+        def bad(msg: str) -> None:
+            problems.append(msg)
+
+        if workers is None:
+            workers = _available_cpus()
+        elif not _is_int(workers) or workers < 1:
+            bad(f"workers must be an int >= 1 (or None for the CPUs this process may use), got {workers!r}")
+        if not _is_int(queue_slots) or queue_slots < 2 or queue_slots & (queue_slots - 1):
+            bad(f"queue_slots must be a power of 2 and >= 2, got {queue_slots!r}")
+        elif queue_slots > 1 << 24:
+            bad(f"queue_slots must be at most {1 << 24}, got {queue_slots!r}")
+        layout = None
+        if not is_slot_class(slot_class):
+            bad(f"slot_class must be a ctypes.Structure subclass with tsk_id, fn_id and args, got {slot_class!r}")
+        else:
+            try:
+                layout = slot_layout(slot_class)
+            except ValueError as e:
+                bad(str(e))
+        if not _is_int(worker_batch_size) or worker_batch_size < 1:
+            bad(f"worker_batch_size must be an int >= 1, got {worker_batch_size!r}")
+        elif worker_batch_size > 4096:
+            bad(f"worker_batch_size must be at most 4096, got {worker_batch_size!r}")
+        for pname, v in (("display", display), ("auto_terminate", auto_terminate), ("debug", debug),
+                         ("max_performance", max_performance)):
+            if not isinstance(v, bool):
+                bad(f"{pname} must be True or False, got {v!r}")
+        if not isinstance(debug_delay, (int, float)) or isinstance(debug_delay, bool) or debug_delay < 0:
+            bad(f"debug_delay must be a number of seconds >= 0, got {debug_delay!r}")
+        if start_method not in _START_METHODS:
+            bad(f"start_method must be one of {', '.join(map(repr, _START_METHODS))}, got {start_method!r}")
+        if not _is_int(max_retries) or max_retries < 0:
+            bad(f"max_retries must be an int >= 0, got {max_retries!r}")
+        elif max_retries > 1000:
+            bad(f"max_retries must be at most 1000, got {max_retries!r}")
+        if task_timeout is not None and (not isinstance(task_timeout, (int, float)) or isinstance(task_timeout, bool)
+                                         or task_timeout <= 0):
+            bad(f"task_timeout must be a number of seconds > 0 or None, got {task_timeout!r}")
+        if max_tasks_per_worker is not None and (not _is_int(max_tasks_per_worker) or max_tasks_per_worker < 1):
+            bad(f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}")
+        cpus: list[int] | None = None
+        if cpu_affinity is True:
+            cpus = sorted(os.sched_getaffinity(0))
+        elif isinstance(cpu_affinity, (list, tuple)):
+            allowed = os.sched_getaffinity(0)
+            if not cpu_affinity or not all(_is_int(c) and c in allowed for c in cpu_affinity):
+                bad(f"cpu_affinity must be True/False or a non-empty list of CPU ids from {sorted(allowed)}, "
+                    f"got {cpu_affinity!r}")
+            else:
+                cpus = list(cpu_affinity)
+        elif cpu_affinity is not False:
+            bad(f"cpu_affinity must be True, False or a list of CPU ids, got {cpu_affinity!r}")
+        if name is not None and (not isinstance(name, str) or not name or len(name) > 64
+                                 or not all(c.isalnum() or c in "_-." for c in name)):
+            bad(f"name must be 1-64 characters of letters, digits, '_', '-' or '.', got {name!r}")
+        if not _is_int(pool_bytes) or pool_bytes < 1 << 16:
+            bad(f"pool_bytes must be an int >= 65536, got {pool_bytes!r}")
+        if not _is_int(registry_bytes) or registry_bytes < 1 << 16:
+            bad(f"registry_bytes must be an int >= 65536, got {registry_bytes!r}")
+        if handler_module is not None and not isinstance(handler_module, (str, types.ModuleType)):
+            bad(f"handler_module must be a module name or module, got {handler_module!r}")
+        if max_workers is not None and (not _is_int(max_workers) or max_workers < 1 or max_workers > 1024):
+            bad(f"max_workers must be an int from 1 to 1024 or None, got {max_workers!r}")
+        if problems:
+            raise ConfigError("invalid MpopApi configuration:\n  - " + "\n  - ".join(problems))
+        if max_workers is not None and max_workers < workers:
+            raise ConfigError(f"max_workers ({max_workers}) must be >= workers ({workers})")
+
+        self._config = {
+            "workers": workers,
+            "queue_slots": queue_slots,
+            "slot_class": slot_class.__name__,
+            "worker_batch_size": worker_batch_size,
+            "display": display,
+            "auto_terminate": auto_terminate,
+            "debug": debug,
+            "debug_delay": float(debug_delay),
+            "handler_module": getattr(handler_module, "__name__", handler_module),
+            "start_method": start_method,
+            "max_retries": max_retries,
+            "task_timeout": task_timeout,
+            "max_tasks_per_worker": max_tasks_per_worker,
+            "cpu_affinity": cpus,
+            "name": name or "mpop",
+            "max_performance": max_performance,
+            "pool_bytes": pool_bytes,
+            "registry_bytes": registry_bytes,
+            "max_workers": max_workers or max(workers, 2 * _available_cpus(), 8),
+        }
+        self._slot_class = slot_class
+        self._layout = layout
+        self._start_timeout = start_timeout
+        self._lock = threading.RLock()
+        self._runtime: _Runtime | None = None
+        self._runtime_ref: list = [None]
+        self._dispatcher: Dispatcher | None = None
+        self._shutdown = False
+        self._tsk_ids = itertools.count(1)
+        self._routes = itertools.count(2)
+        self._run_started: float | None = None
+        self._written: set[int] = set()
+        if debug:
+            self._enable_debug_logging()
+        self._registry = Registry(slot_class, on_register=self._on_register)
+        self._finalizer = weakref.finalize(self, _finalize, self._runtime_ref)
+        if handler_module is not None:
+            self.register_handlers(module=handler_module)
+
+    # -- configuration helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _enable_debug_logging() -> None:
+        # debug=True promises a log line per task: make sure one reaches the user even when
+        # logging was never configured (the prototype dropped them when display was off).
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("[mpop] %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    @property
+    def segment_name(self) -> str | None:
+        return self._runtime.segment.name if self._runtime is not None else None
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else ("running" if self._running() else "idle")
+        return f"<MpopApi workers={self._config['workers']} {state} segment={self.segment_name}>"
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def task(self, fn: Callable | None = None, *, fn_id: int | None = None, name: str | None = None):
+        """Decorator registering a handler: ``@app.task`` or ``@app.task(fn_id=0xB000)``."""
+
+        def deco(f: Callable) -> Callable:
+            self.register(f, fn_id=fn_id, name=name)
+            return f
+
+        return deco(fn) if fn is not None else deco
+
+    def register(self, fn: Callable, fn_id: int | None = None, name: str | None = None) -> int:
+        """Registers `fn` under `fn_id` (auto-assigned from 0x1000 when None)."""
+        self._check_open()
+        return self._registry.register(fn, fn_id=fn_id, name=name)
+
+    def register_handlers(self, module: str | types.ModuleType | None = None,
+                          handlers_dict: dict | None = None) -> list[int]:
+        """Registers a module's ``HANDLERS`` dict and/or a dict ``{fn_id: fn}``."""
+        self._check_open()
+        if module is None and handlers_dict is None:
+            raise TypeError("register_handlers needs a module or a handlers_dict")
+        ids = []
+        if module is not None:
+            mod = importlib.import_module(module) if isinstance(module, str) else module
+            table = getattr(mod, "HANDLERS", None)
+            if not isinstance(table, dict):
+                raise RegistryError(f"module {mod.__name__!r} has no HANDLERS dict")
+            ids += [self.register(fn, fn_id=int(k)) for k, fn in table.items()]
+        if handlers_dict is not None:
+            if not isinstance(handlers_dict, dict):
+                raise TypeError(f"handlers_dict must be a dict of fn_id -> callable, got {handlers_dict!r}")
+            ids += [self.register(fn, fn_id=int(k)) for k, fn in handlers_dict.items()]
+        return ids
+
+    def list_functions(self) -> list[dict]:
+        return [h.describe() for h in self._registry.handlers()]
+
+    def validate(self) -> None:
+        """Checks every registered handler can travel to a worker; raises listing each problem."""
+        problems = []
+        for h in self._registry.handlers():
+            try:
+                pickle.loads(h.spec())
+            except Exception as e:
+                problems.append(f"handler {h.name!r} (fn_id {h.fn_id:#x}) cannot be sent to workers: {e!r}")
+        mod = self._config["handler_module"]
+        if mod:
+            try:
+                importlib.import_module(mod)
+            except Exception as e:
+                problems.append(f"handler_module {mod!r} cannot be imported: {e!r}")
+        if problems:
+            raise RegistryError("; ".join(problems))
+
+    def _on_register(self, h: Handler) -> None:
+        if self._runtime is not None:
+            self._write_handler(h)
+
+    def _write_handler(self, h: Handler) -> None:
+        if h.fn_id in self._written:
+            return
+        try:
+            blob = h.spec()
+        except Exception as e:
+            raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
+        self._runtime.segment.write_registry(h.fn_id, blob)
+        self._written.add(h.fn_id)
+
+    def _handler_name(self, fn_id: int) -> str:
+        h = self._registry.get(fn_id)
+        return h.name if h is not None else f"fn_id {fn_id:#x}"
+
+    # -- runtime ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise ShutdownError("this MpopApi was shut down; create a new one")
+
+    def _ensure_runtime(self) -> _Runtime:
+        rt = self._runtime
+        if rt is not None:
+            return rt
+        with self._lock:
+            if self._runtime is not None:
+                return self._runtime
+            self._check_open()
+            c = self._config
+            result_slots = max(c["queue_slots"], 1024)
+            seg = _core.Segment.create(
+                c["name"], self._layout, c["queue_slots"], result_slots, c["max_workers"],
+                c["worker_batch_size"], c["pool_bytes"], c["registry_bytes"], debug=c["debug"],
+                debug_delay=c["debug_delay"], max_performance=c["max_performance"],
+                max_tasks_per_worker=c["max_tasks_per_worker"] or 0)
+            rt = _Runtime(seg, _core.Producer(seg), _core.Collector(seg))
+            boot = {
+                "sys_path": [p for p in sys.path if p],
+                "handler_module": c["handler_module"],
+                "cpu_affinity": c["cpu_affinity"],
+                "debug": c["debug"],
+            }
+            seg.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
+            self._runtime = rt
+            self._runtime_ref[0] = rt
+            self._dispatcher = Dispatcher(rt.collector, self._handler_name, c)
+            for h in self._registry.handlers():
+                self._write_handler(h)
+            return rt
+
+    def _running(self) -> bool:
+        rt = self._runtime
+        return rt is not None and rt.supervisor is not None and rt.supervisor.running
+
+    def _worker_command(self) -> tuple[list[str], list[str]]:
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._worker import main; "
+                "sys.exit(main(sys.argv[2:]))")
+        argv = [sys.executable, "-c", code, pkg_parent, self._runtime.segment.name]
+        env = [f"{k}={v}" for k, v in os.environ.items()]
+        return argv, env
+
+    def start(self) -> None:
+        """Starts the workers (non-blocking, idempotent) and begins feeding the backlog."""
+        self._check_open()
+        rt = self._ensure_runtime()
+        with self._lock:
+            if self._running():
+                return
+            c = self._config
+            argv, env = self._worker_command()
+            from . import _worker
+
+            entry = None
+            if c["start_method"] == "fork":
+                entry = _worker.forked_main
+                entry = (lambda name: (lambda i, g: _worker.forked_main(name, i, g)))(rt.segment.name)
+            elif c["start_method"] == "forkserver":
+                entry = (lambda name: (lambda i, g: _worker.forkserver_spawn(name, i, g)))(rt.segment.name)
+            sup = _core.Supervisor(rt.segment, rt.collector, c["workers"], c["max_retries"],
+                                   float(c["task_timeout"] or 0.0), c["start_method"], argv, env, entry)
+            try:
+                sup.start()
+            except RuntimeError as e:
+                raise MpopError(str(e)) from None
+            rt.supervisor = sup
+            rt.producer.start_feeding()
+            if self._run_started is None:
+                self._run_started = time.monotonic()
+
+    def _check_workers(self) -> None:
+        rt = self._runtime
+        sup = rt.supervisor if rt is not None else None
+        if sup is not None and sup.last_error:
+            err = sup.last_error
+            self._stop_workers(graceful=False)
+            raise MpopError(err)
+
+    def _stop_workers(self, graceful: bool = True) -> None:
+        rt = self._runtime
+        if rt is None:
+            return
+        with self._lock:
+            rt.stop_workers(graceful)
+            rt.producer.pause_feeding()
+
+    # -- enqueue ----------------------------------------------------------------------------
+
+    def _push(self, h: Handler, tsk_id: int, args: tuple, kwargs: dict | None, c_args: Any,
+              blocking: bool, timeout: float | None, route: int) -> int:
+        rt = self._runtime or self._ensure_runtime()
+        if h.fn_id not in self._written:
+            self._write_handler(h)
+        try:
+            return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
+                                       timeout, route)
+        except _UNSERIALISABLE as e:
+            if isinstance(e, TypeError) and str(e).startswith("mpop:"):
+                raise TypeError(str(e)[6:]) from None
+            raise TypeError(f"an argument of task {tsk_id} for {h.name!r} cannot be serialised: {e}") from e
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg[6:] if msg.startswith("mpop: ") else msg) from None
+        except RuntimeError as e:
+            if self._shutdown:
+                raise ShutdownError("this MpopApi was shut down") from None
+            raise MpopError(str(e)) from None
+
+    def _label(self, tsk_id: Any) -> int:
+        if tsk_id is None:
+            return next(self._tsk_ids) & _MAX_TSK_ID
+        if not _is_int(tsk_id) or not 0 <= tsk_id <= _MAX_TSK_ID:
+            raise ValueError(f"tsk_id must be an int from 0 to {_MAX_TSK_ID}, got {tsk_id!r}")
+        return tsk_id
+
+    def enqueue(self, fn: Any = None, *, fn_id: int | None = None, args: Iterable = (),
+                kwargs: dict | None = None, tsk_id: int | None = None, c_args: bytes | None = None,
+                blocking: bool = True, timeout: float | None = None, **handler_kwargs: Any) -> bool:
+        """Queues one task. Returns True, or False when ``blocking=False`` and the ring is
+        full; raises QueueFull when a blocking enqueue times out."""
+        self._check_open()
+        h = self._registry.resolve(fn, fn_id)
+        if handler_kwargs:
+            kwargs = {**(kwargs or {}), **handler_kwargs}
+        args = tuple(args)
+        h.check_args(args, kwargs)
+        if c_args is not None and not isinstance(c_args, (bytes, bytearray)):
+            raise TypeError(f"c_args must be bytes, got {type(c_args).__name__}")
+        label = self._label(tsk_id)
+        seq = self._push(h, label, args, kwargs, c_args, blocking, timeout, ROUTE_PLAIN)
+        if seq:
+            return True
+        if not blocking:
+            return False
+        raise QueueFull(f"the task ring ({self._config['queue_slots']} slots) stayed full for {timeout}s")
+
+    def enqueue_many(self, tasks: Iterable) -> int:
+        """Queues tasks given as ``(fn_or_id, *args)`` tuples or dicts ``{"fn": ..}`` /
+        ``{"fn_id": .., "args": (..)}``. Returns how many were queued."""
+        n = 0
+        for t in tasks:
+            if isinstance(t, dict):
+                spec = dict(t)
+                fn = spec.pop("fn", None)
+                self.enqueue(fn, **spec)
+            elif isinstance(t, (tuple, list)) and t:
+                self.enqueue(t[0], args=tuple(t[1:]))
+            else:
+                raise TypeError(f"enqueue_many takes tuples (fn, *args) or dicts, got {t!r}")
+            n += 1
+        return n
+
+    # -- futures and map --------------------------------------------------------------------
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        """Queues ``fn(*args, **kwargs)`` and returns a concurrent.futures.Future."""
+        self._check_open()
+        h = self._registry.resolve(fn)
+        h.check_args(args, kwargs)
+        self.start()
+        fut: Future = Future()
+        seq = self._push(h, self._label(None), args, kwargs or None, None, True, None, ROUTE_FUTURE)
+        self._dispatcher.register_future(seq, fut)
+        self._dispatcher.start_background()
+        return fut
+
+    def map(self, fn: Any, *iterables: Iterable, ordered: bool = True, progress: bool = False,
+            timeout: float | None = None, max_in_flight: int | None = None) -> Iterator[Any]:
+        """Yields ``fn(*items)`` for items drawn from the iterables (in order unless
+        ``ordered=False``). Keeps at most `max_in_flight` tasks queued, so any input
+        length runs in flat memory."""
+        self._check_open()
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        h = self._registry.resolve(fn)
+        self.start()
+        return self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight)
+
+    def _map_iter(self, h: Handler, iterables: tuple, ordered: bool, progress: bool,
+                  timeout: float | None, max_in_flight: int | None) -> Iterator[Any]:
+        d = self._dispatcher
+        route = next(self._routes)
+        state = MapState()
+        d.maps[route] = state
+        limit = max_in_flight or max(2 * self._config["queue_slots"], 64)
+        source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+        single = len(iterables) == 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = self._progress_bar(progress, None)
+        sent = 0
+        done = 0
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and sent - done < limit:
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    args = (item,) if single else tuple(item)
+                    h.check_args(args, None)
+                    seq = self._push(h, sent & _MAX_TSK_ID, args, None, None, False, None, route)
+                    if not seq:  # ring full: collect some results, then retry the item
+                        self._wait_map(state, ordered, done, deadline)
+                        seq = self._push(h, sent & _MAX_TSK_ID, args, None, None, True, None, route)
+                    sent += 1
+                if done == sent and exhausted:
+                    return
+                self._wait_map(state, ordered, done, deadline)
+                while True:
+                    if ordered:
+                        key = done & _MAX_TSK_ID
+                        if key not in state.results:
+                            break
+                        status, value = state.results.pop(key)
+                    else:
+                        if not state.results:
+                            break
+                        _, (status, value) = state.results.popitem()
+                    done += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if status != 0:
+                        raise value
+                    yield value
+        finally:
+            state.closed = True
+            d.maps.pop(route, None)
+            if bar is not None:
+                bar.close()
+
+    def _wait_map(self, state: MapState, ordered: bool, done: int, deadline: float | None) -> None:
+        key = done & _MAX_TSK_ID
+        ready = (lambda: key in state.results) if ordered else (lambda: bool(state.results))
+        if not self._dispatcher.help_until(ready, deadline, self._check_workers):
+            raise TimeoutError("map() timed out waiting for results")
+
+    # -- waiting and results ----------------------------------------------------------------
+
+    def _outstanding(self) -> int:
+        rt = self._runtime
+        if rt is None or self._dispatcher is None:
+            return 0
+        return rt.producer.submitted - self._dispatcher.finished
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until every task enqueued so far has a result. Returns False on timeout."""
+        if self._runtime is None:
+            return True
+        if self._outstanding() and not self._running():
+            self.start()
+        target = self._runtime.producer.submitted
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._dispatcher.help_until(lambda: self._dispatcher.finished >= target, deadline,
+                                           self._check_workers)
+
+    def results(self, timeout: float | None = None) -> Iterator[TaskResult]:
+        """Yields the TaskResult of each enqueue()d task as it finishes, until every task
+        enqueued so far is done (or `timeout` passes: TimeoutError)."""
+        if self._runtime is None:
+            return
+        if self._outstanding() and not self._running():
+            self.start()
+        d = self._dispatcher
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while d.plain:
+                yield d.plain.popleft()
+            target = self._runtime.producer.submitted
+            if d.finished >= target and not d.plain:
+                return
+            if not d.help_until(lambda: bool(d.plain) or d.finished >= target, deadline, self._check_workers):
+                raise TimeoutError("results() timed out")
+
+    # -- run --------------------------------------------------------------------------------
+
+    def _progress_bar(self, progress: bool, total: int | None):
+        if not progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="task", desc="mpop")
+
+    def run(self, enqueue_callback: Callable[[], Any] | None = None, progress: bool = False,
+            timeout: float | None = None) -> RunResult:
+        """Starts the workers, feeds the backlog, calls `enqueue_callback` until it returns
+        False (or raises StopIteration), and returns once every task has a result."""
+        self._check_open()
+        rt = self._ensure_runtime()
+        d = self._dispatcher
+        started = time.monotonic()
+        first_finished = d.finished
+        self.start()
+        deadline = None if timeout is None else started + timeout
+        bar = self._progress_bar(progress, None)
+        view = None
+        if self._config["display"]:
+            from ._status import LiveView
+
+            view = LiveView(self)
+        interrupted = False
+        callback_active = enqueue_callback is not None
+        try:
+            while True:
+                if callback_active:
+                    try:
+                        if enqueue_callback() is False:
+                            callback_active = False
+                    except StopIteration:
+                        callback_active = False
+                if self._check_workers() is None and bar is not None:
+                    bar.total = rt.producer.submitted - first_finished
+                    bar.n = d.finished - first_finished
+                    bar.refresh()
+                if view is not None:
+                    view.update()
+                target = rt.producer.submitted
+                if not callback_active and d.finished >= target:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"run() timed out after {timeout}s with "
+                                       f"{target - d.finished} task(s) unfinished")
+                step_deadline = time.monotonic() + (0.0 if callback_active else 0.1)
+                d.help_until(lambda: d.finished >= target, step_deadline, None)
+        except KeyboardInterrupt:
+            interrupted = True
+            self._cancel_pending()
+            self._stop_workers(graceful=False)
+        finally:
+            if bar is not None:
+                bar.close()
+            if view is not None:
+                view.close()
+        results = sorted(self._take_plain(), key=lambda r: r.seq)
+        stats = self._stats(results, time.monotonic() - started)
+        if self._config["auto_terminate"] and not interrupted:
+            self._stop_workers(graceful=True)
+        return RunResult(results=results, stats=stats, interrupted=interrupted)
+
+    def _take_plain(self) -> list[TaskResult]:
+        d = self._dispatcher
+        out = []
+        while d.plain:
+            out.append(d.plain.popleft())
+        return out
+
+    def _stats(self, results: list[TaskResult], elapsed: float) -> dict:
+        per_worker: dict[int, int] = {}
+        for r in results:
+            per_worker[r.worker_id] = per_worker.get(r.worker_id, 0) + 1
+        sup_counters = self._runtime.supervisor.counters() if self._runtime.supervisor else {}
+        stats = {
+            "tasks": len(results),
+            "failed": sum(1 for r in results if not r.success),
+            "elapsed_s": elapsed,
+            "tasks_per_s": len(results) / elapsed if elapsed > 0 else 0.0,
+            "per_worker": per_worker,
+            "retries": sum(max(0, r.attempts - 1) for r in results),
+            "crashes": sup_counters.get("crashes", 0),
+        }
+        timings, self._dispatcher.timings = self._dispatcher.timings, []
+        if timings:
+            waits = sorted(t[0] for t in timings)
+            runs = sorted(t[1] for t in timings)
+            stats.update(queue_wait_p50_s=_percentile(waits, 0.5), queue_wait_p99_s=_percentile(waits, 0.99),
+                         run_time_p50_s=_percentile(runs, 0.5), run_time_p99_s=_percentile(runs, 0.99))
+        return stats
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def _cancel_pending(self) -> int:
+        rt = self._runtime
+        if rt is None:
+            return 0
+        cancelled = rt.producer.cancel_queued()
+        for seq, tsk_id, fn_id, route in cancelled:
+            self._dispatcher.cancel(seq, tsk_id, fn_id, route)
+        return len(cancelled)
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stops the app: finishes queued work (wait=True), or cancels what has not started
+        (cancel_pending=True), then stops the workers and releases the shared memory."""
+        if self._shutdown:
+            return
+        rt = self._runtime
+        try:
+            if rt is not None:
+                if cancel_pending:
+                    self._cancel_pending()
+                if wait and self._outstanding() > 0:
+                    self.wait()
+        finally:
+            self._shutdown = True
+            if rt is not None:
+                self._dispatcher.stop_background()
+                rt.stop_workers(graceful=wait, timeout=10.0 if wait else 2.0)
+                self._dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
+                rt.close()
+                self._runtime = None
+                self._runtime_ref[0] = None
+
+    close = shutdown
+
+    def __enter__(self) -> MpopApi:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=exc[0] is None, cancel_pending=exc[0] is not None)
+
+    # -- status and administration ----------------------------------------------------------
+
+    def status(self) -> dict:
+        """A snapshot: {"config": .., "queue": .., "workers": [..]}."""
+        rt = self._runtime
+        queue: dict = {"capacity": self._config["queue_slots"], "queued": 0, "backlog": 0,
+                       "submitted": 0, "finished": 0, "in_flight": 0}
+        workers: list = []
+        if rt is not None:
+            queue.update(rt.segment.queue_status())
+            queue["backlog"] = rt.producer.backlog
+            queue["submitted"] = rt.producer.submitted
+            queue["finished"] = self._dispatcher.finished
+            queue["in_flight"] = queue["submitted"] - queue["finished"]
+            workers = rt.segment.workers_status()
+            if rt.supervisor is not None:
+                queue.update(rt.supervisor.counters())
+            timings = self._dispatcher.timings
+            if timings:
+                waits = sorted(t[0] for t in timings[-10000:])
+                runs = sorted(t[1] for t in timings[-10000:])
+                queue.update(queue_wait_p50_s=_percentile(waits, 0.5), queue_wait_p99_s=_percentile(waits, 0.99),
+                             run_time_p50_s=_percentile(runs, 0.5), run_time_p99_s=_percentile(runs, 0.99))
+        config = dict(self._config)
+        config["segment"] = self.segment_name
+        config["running"] = self._running()
+        return {"config": config, "queue": queue, "workers": workers}
+
+    def print_status(self, config: bool = True, queue: bool = True, workers: bool = True) -> None:
+        from ._status import format_status
+
+        print(format_status(self.status(), config=config, queue=queue, workers=workers), flush=True)
+
+    def scale(self, n: int) -> None:
+        """Grows or shrinks the live worker set to `n`."""
+        self._check_open()
+        if not _is_int(n) or not 1 <= n <= self._config["max_workers"]:
+            raise ConfigError(f"scale(n) needs an int from 1 to max_workers={self._config['max_workers']}, got {n!r}")
+        self._config["workers"] = n
+        rt = self._runtime
+        if rt is not None and rt.supervisor is not None:
+            rt.supervisor.scale(n)
+
+    def kill_worker(self, worker_id: int) -> bool:
+        """SIGKILLs one worker (administration and testing); the supervisor recovers its
+        tasks and starts a replacement. Returns False if no such live worker."""
+        rt = self._runtime
+        if rt is None or rt.supervisor is None:
+            return False
+        return rt.supervisor.kill_worker(worker_id)
+
+
+Mpop = MpopApi

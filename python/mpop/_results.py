@@ -1,0 +1,78 @@
+"""TaskResult (one task's outcome) and RunResult (what run() returns)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TaskResult", "RunResult"]
+
+
+@dataclass
+class TaskResult:
+    """The outcome of one task.
+
+    Handlers may return one (``TaskResult(success=True, value=...)``); the runtime fills in
+    the identifying fields of the ones it delivers."""
+
+    success: bool = True
+    value: Any = None
+    error: BaseException | None = None
+    tsk_id: int | None = None
+    seq: int | None = None
+    fn_id: int | None = None
+    worker_id: int | None = None
+    attempts: int = 0
+    queue_wait_s: float | None = None
+    run_time_s: float | None = None
+
+    def get(self) -> Any:
+        """The value, or raise the task's error."""
+        if self.error is not None:
+            raise self.error
+        if not self.success:
+            from ._errors import MpopError
+
+            raise MpopError(f"task {self.tsk_id} failed with value {self.value!r}")
+        return self.value
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+@dataclass
+class RunResult:
+    """What ``run()`` returns: every result of the run, in enqueue order, and its stats."""
+
+    results: list[TaskResult] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    def values(self) -> list[Any]:
+        """Values in enqueue order; raises the first failure."""
+        return [r.get() for r in self.results]
+
+    @property
+    def by_tsk_id(self) -> dict[int, TaskResult]:
+        return {r.tsk_id: r for r in self.results}
+
+    @property
+    def failures(self) -> list[TaskResult]:
+        return [r for r in self.results if not r.success]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if not self.interrupted and all(r.success for r in self.results) else 1
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return (f"RunResult(tasks={len(self.results)}, failures={len(self.failures)}, "
+                f"elapsed_s={self.stats.get('elapsed_s', 0):.3f})")
