@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _core
-from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState
+from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState, MpopFuture
 from ._errors import ConfigError, MpopError, QueueFull, RegistryError, ShutdownError
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult, _percentile
@@ -479,7 +479,8 @@ class MpopApi:
         h = self._registry.resolve(fn)
         h.check_args(args, kwargs)
         self.start()
-        fut: Future = Future()
+        fut = MpopFuture()
+        fut._dispatcher = self._dispatcher
         seq = self._push(h, self._label(None), args, kwargs or None, None, True, None, ROUTE_FUTURE)
         self._dispatcher.register_future(seq, fut)
         self._dispatcher.start_background()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ._errors import MpopError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError
 from ._results import TaskResult
 
-__all__ = ["Dispatcher", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState"]
+__all__ = ["Dispatcher", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState", "MpopFuture"]
 
 log = logging.getLogger("mpop")
 
@@ -40,6 +40,26 @@ def unpack_error(value: Any) -> BaseException:
         exc = MpopError(f"{type_name}: {text} (the original exception could not be pickled)")
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+class MpopFuture(Future):
+    """A Future whose blocking waits drain results in the waiting thread, so a round trip
+    costs no hand-off through the background thread."""
+
+    _dispatcher: "Dispatcher"
+
+    def _help(self, timeout: float | None) -> None:
+        if not self.done():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._dispatcher.help_until(self.done, deadline)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._help(timeout)
+        return super().result(timeout=0 if self.done() else timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._help(timeout)
+        return super().exception(timeout=0 if self.done() else timeout)
 
 
 class MapState:
@@ -71,6 +91,7 @@ class Dispatcher:
         self.debug = config.get("debug", False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._work = threading.Event()  # set when a future is registered
 
     # -- draining ---------------------------------------------------------------------------
 
@@ -118,19 +139,23 @@ class Dispatcher:
         self._thread.start()
 
     def _run_background(self) -> None:
-        while not self._stop.is_set():
-            if not (self.futures or self.early):
-                # Nothing to deliver that a blocking caller would not drain itself.
-                self._stop.wait(0.02)
+        while True:
+            self._work.clear()
+            if self._stop.is_set():
+                return
+            if self.futures:
+                if self._drain_lock.acquire(timeout=0.05):
+                    try:
+                        self.pump(0.05)
+                    finally:
+                        self._drain_lock.release()
                 continue
-            if self._drain_lock.acquire(timeout=0.05):
-                try:
-                    self.pump(0.05)
-                finally:
-                    self._drain_lock.release()
+            # No future is waiting: blocking callers (run, map, wait) drain for themselves.
+            self._work.wait(1.0)
 
     def stop_background(self) -> None:
         self._stop.set()
+        self._work.set()
         self._collector.interrupt()
         if self._thread is not None:
             self._thread.join()
@@ -202,6 +227,8 @@ class Dispatcher:
                 self.futures[seq] = fut
         if rec is not None:
             self._settle(fut, rec)
+        else:
+            self._work.set()
 
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> None:
         """Ends every future still waiting (used at shutdown)."""

@@ -1,0 +1,303 @@
+"""``python -m mpop bench``: mpop against the standard library, side by side in one run.
+
+Every scenario times mpop and its stdlib counterpart on the same machine in the same
+process, with pools created (fork context) and warmed up before timing, and prints the
+ratio next to the goal. Absolute times drift between runs; ratios are what to compare."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ._workloads import heavy, inc, light, medium
+
+__all__ = ["run_bench", "Row"]
+
+
+@dataclass
+class Row:
+    scenario: str
+    mpop: float
+    stdlib: float
+    unit: str
+    higher_is_better: bool
+    goal: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.mpop / self.stdlib if self.stdlib else float("inf")
+        return self.stdlib / self.mpop if self.mpop else float("inf")
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _best(fn: Callable[[], object], repeat: int) -> float:
+    return min(_timed(fn) for _ in range(repeat))
+
+
+def _pool(workers: int):
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    pool.map(inc, range(workers * 100))  # warm up
+    return pool
+
+
+def _app(workers: int, **kw):
+    from . import MpopApi
+
+    app = MpopApi(workers=workers, auto_terminate=False, max_performance=True, **kw)
+    app.start()
+    list(app.map(inc, range(workers * 100)))  # warm up: workers started and handler loaded
+    return app
+
+
+def bench_submit(workers: int, n: int) -> Row:
+    """Per-task submit with every result collected vs Pool.apply_async + .get()."""
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        def mpop_run():
+            futs = [app.submit(inc, i) for i in range(n)]
+            for f in futs:
+                f.result()
+
+        def pool_run():
+            rs = [pool.apply_async(inc, (i,)) for i in range(n)]
+            for r in rs:
+                r.get()
+
+        t_m = _best(mpop_run, 3)
+        t_p = _best(pool_run, 3)
+    finally:
+        app.shutdown()
+        pool.terminate()
+    return Row("submit+result, trivial task", n / t_m, n / t_p, "tasks/s", True, ">= 30x")
+
+
+def bench_map(workers: int, n: int) -> list[Row]:
+    """list(app.map(inc, range(n))) vs Pool.map with default and best chunksize."""
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        t_m = _best(lambda: list(app.map(inc, range(n))), 3)
+        t_default = _best(lambda: pool.map(inc, range(n)), 3)
+        best = None
+        for cs in (256, 1024, 4096, 16384, 65536):
+            t = _best(lambda: pool.map(inc, range(n), chunksize=cs), 2)
+            if best is None or t < best[0]:
+                best = (t, cs)
+    finally:
+        app.shutdown()
+        pool.terminate()
+    return [
+        Row(f"map {n:,} trivial vs Pool.map default chunksize", n / t_m, n / t_default, "tasks/s", True, ">= 2x"),
+        Row(f"map {n:,} trivial vs Pool.map best chunksize ({best[1]})", n / t_m, n / best[0], "tasks/s", True,
+            ">= 1.2x"),
+    ]
+
+
+def bench_cpu(workers: int, n: int) -> Row:
+    """Parallel efficiency on the prototype's medium workload."""
+    serial = _best(lambda: [medium(i) for i in range(n)], 2)
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        def mpop_run():
+            for i in range(n):
+                app.enqueue(medium, args=(i,))
+            app.run()
+
+        t_m = _best(mpop_run, 2)
+        t_p = _best(lambda: pool.map(medium, range(n)), 2)
+    finally:
+        app.shutdown()
+        pool.terminate()
+    eff_m = serial / (workers * t_m)
+    eff_p = serial / (workers * t_p)
+    return Row(f"parallel efficiency, medium x {n}", eff_m, eff_p, "efficiency", True, ">= 0.97, > Pool",
+               {"serial_s": serial})
+
+
+def bench_latency(workers: int, n: int) -> Row:
+    """Median round trip of one task (submit, then wait for its result)."""
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        lm, lp = [], []
+        for i in range(n):
+            t0 = time.perf_counter()
+            app.submit(inc, i).result()
+            lm.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pool.apply_async(inc, (i,)).get()
+            lp.append(time.perf_counter() - t0)
+    finally:
+        app.shutdown()
+        pool.terminate()
+    return Row("round trip median (submit -> result)", statistics.median(lm) * 1e6,
+               statistics.median(lp) * 1e6, "us", False, "<= 15 us, >= 10x")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle(workers: int, seconds: float) -> Row:
+    """CPU used by idle workers, in % of one core, summed over workers."""
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        pids = [w["pid"] for w in app.status()["workers"] if w["state"] in ("idle", "busy")]
+        ppids = [p.pid for p in pool._pool]  # noqa: SLF001 - the stdlib keeps them there
+        before_m = sum(_cpu_seconds(p) for p in pids)
+        before_p = sum(_cpu_seconds(p) for p in ppids)
+        time.sleep(seconds)
+        used_m = sum(_cpu_seconds(p) for p in pids) - before_m
+        used_p = sum(_cpu_seconds(p) for p in ppids) - before_p
+    finally:
+        app.shutdown()
+        pool.terminate()
+    return Row("idle workers, % of one core", 100 * used_m / seconds, 100 * used_p / seconds, "%", False,
+               "< 1%")
+
+
+def _static_partition(fn, n: int, workers: int) -> None:
+    """A hand-written static partition of range(n) over `workers` forked processes."""
+    ctx = multiprocessing.get_context("fork")
+    chunk = (n + workers - 1) // workers
+
+    def part(lo: int, hi: int, q) -> None:
+        q.put(sum(fn(i) for i in range(lo, hi)))
+
+    q = ctx.SimpleQueue()
+    procs = [ctx.Process(target=part, args=(k * chunk, min(n, (k + 1) * chunk), q)) for k in range(workers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        q.get()
+    for p in procs:
+        p.join()
+
+
+def bench_prototype(workers: int, sizes: list[int], kinds: list[str]) -> list[Row]:
+    """The prototype's benchmark: light/medium/heavy at several sizes."""
+    fns = {"light": light, "medium": medium, "heavy": heavy}
+    rows = []
+    app = _app(workers)
+    pool = _pool(workers)
+    try:
+        for kind in kinds:
+            fn = fns[kind]
+            for n in sizes:
+                t_m = _best(lambda: sum(app.map(fn, range(n), ordered=False)), 2)
+                t_p = _best(lambda: sum(pool.map(fn, range(n))), 2)
+                t_s = _best(lambda: _static_partition(fn, n, workers), 2)
+                rows.append(Row(f"prototype {kind} x {n:,} vs Pool.map", t_m, t_p, "s", False, "> 1x",
+                                {"static_s": t_s}))
+                rows.append(Row(f"prototype {kind} x {n:,} vs static partition", t_m, t_s, "s", False, "> 1x"))
+    finally:
+        app.shutdown()
+        pool.terminate()
+    return rows
+
+
+def _print(rows: list[Row]) -> None:
+    head = f"{'scenario':<58} {'mpop':>12} {'stdlib':>12} {'unit':>10} {'ratio':>8}  goal"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.scenario:<58} {r.mpop:>12.4g} {r.stdlib:>12.4g} {r.unit:>10} {r.ratio:>7.2f}x  {r.goal}")
+
+
+def _plot(path: str, workers: int, quick: bool) -> None:
+    """Throughput against task size (rounds of the mixing step) for mpop and the stdlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._workloads import lcg_rounds  # noqa: F401  (documented workload)
+
+    rounds_list = [0, 10, 100, 1000] if quick else [0, 3, 10, 30, 100, 300, 1000, 3000]
+    n_for = lambda r: max(200, min(200_000, int(2e6 / (r * 25 + 50))))  # noqa: E731
+    series: dict[str, list[float]] = {"mpop map": [], "Pool.map": [], "Pool.apply_async": [],
+                                      "ProcessPoolExecutor.map": []}
+    app = _app(workers)
+    pool = _pool(workers)
+    ctx = multiprocessing.get_context("fork")
+    ppe = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx)
+    list(ppe.map(inc, range(100)))
+    try:
+        for r in rounds_list:
+            n = n_for(r)
+            args = [(i, r) for i in range(n)]
+            from ._workloads import lcg_rounds as f
+
+            series["mpop map"].append(n / _best(lambda: list(app.map(f, range(n), [r] * n)), 1))
+            series["Pool.map"].append(n / _best(lambda: pool.starmap(f, args), 1))
+            series["Pool.apply_async"].append(
+                n / _best(lambda: [x.get() for x in [pool.apply_async(f, a) for a in args]], 1))
+            series["ProcessPoolExecutor.map"].append(
+                n / _best(lambda: list(ppe.map(f, range(n), [r] * n, chunksize=max(1, n // (4 * workers)))), 1))
+    finally:
+        app.shutdown()
+        pool.terminate()
+        ppe.shutdown()
+    xs = [max(r, 0.5) for r in rounds_list]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("task size (rounds of the mixing step; 0 plotted at 0.5)")
+    ax.set_ylabel("tasks per second")
+    ax.set_title(f"throughput against task size, {workers} workers")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+SCENARIOS = ["submit", "map", "cpu", "latency", "idle", "prototype"]
+
+
+def run_bench(args) -> int:
+    workers = args.workers
+    quick = args.quick
+    only = set(args.only or SCENARIOS)
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+        return 2
+    print(f"mpop bench: {workers} workers, {os.cpu_count()} CPUs, stdlib pools use the fork context\n")
+    rows: list[Row] = []
+    if "submit" in only:
+        rows.append(bench_submit(workers, 5_000 if quick else 50_000))
+    if "map" in only:
+        rows += bench_map(workers, 100_000 if quick else 1_000_000)
+    if "cpu" in only:
+        rows.append(bench_cpu(workers, 400 if quick else 4000))
+    if "latency" in only:
+        rows.append(bench_latency(workers, 300 if quick else 3000))
+    if "idle" in only:
+        rows.append(bench_idle(workers, 1.0 if quick else 3.0))
+    if "prototype" in only:
+        sizes = [900, 9_000] if quick else [900, 9_000, 90_000, 1_800_000]
+        rows += bench_prototype(workers, sizes, ["light"] if quick else ["light", "medium"])
+    _print(rows)
+    if args.plot:
+        _plot(args.plot, workers, quick)
+    return 0

@@ -1,0 +1,143 @@
+"""``python -m mpop``: demo, bench, status NAME, cleanup."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+__all__ = ["main"]
+
+SHM_DIR = "/dev/shm"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import multiprocessing
+
+    from . import MpopApi, ProcTaskFnID
+    from ._workloads import medium
+
+    n = args.tasks
+    workers = args.workers
+    print(f"mpop demo: {n} CPU-bound tasks (300 mixing rounds each) on {workers} workers\n")
+    with MpopApi(workers=workers, auto_terminate=False) as app:
+        app.register(medium, fn_id=0xD000, name="medium")
+        for i in range(5):
+            app.enqueue(fn_id=ProcTaskFnID.INCREMENT, args=(i * 10, 1), tsk_id=i + 1)
+        warm = app.run()
+        print("INCREMENT results:", warm.values())
+        for i in range(n):
+            app.enqueue(fn_id=0xD000, args=(i,), tsk_id=i)
+        t0 = time.perf_counter()
+        result = app.run()
+        t_mpop = time.perf_counter() - t0
+        print(f"medium results: {result.values()[:5]} ... ({len(result)} tasks, "
+              f"{len(result.failures)} failed)\n")
+        app.print_status(config=False, queue=True, workers=True)
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(workers) as pool:
+        pool.map(medium, range(workers * 4))  # warm up
+        t0 = time.perf_counter()
+        values = pool.map(medium, range(n))
+        t_pool = time.perf_counter() - t0
+    assert values == result.values(), "mpop and multiprocessing disagree"
+    print("\nside by side (same tasks, same machine, workers already started):")
+    print(f"  mpop.MpopApi.run          {t_mpop:8.3f} s")
+    print(f"  multiprocessing.Pool.map  {t_pool:8.3f} s")
+    print(f"  ratio (Pool / mpop)       {t_pool / t_mpop:8.2f}x")
+    return 0
+
+
+def _segments() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith("mpop"))
+    except FileNotFoundError:  # pragma: no cover
+        return []
+
+
+def _owner_alive(seg) -> bool:
+    from . import _core
+
+    return _core.Segment.process_start_time(seg.owner_pid) == seg.owner_start_time
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from . import _core
+
+    removed = 0
+    for name in _segments():
+        try:
+            seg = _core.Segment.attach(name)
+        except Exception as e:
+            print(f"skipped {name}: {e}")
+            continue
+        alive = _owner_alive(seg)
+        if alive:
+            print(f"kept    {name}: owner pid {seg.owner_pid} is alive")
+            seg.leave()
+            continue
+        seg.set_shutdown()  # any worker left behind leaves now
+        seg.leave()
+        _core.Segment.remove(name)
+        removed += 1
+        print(f"removed {name}: owner pid {seg.owner_pid} is gone")
+    print(f"{removed} segment(s) removed")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from . import _core
+    from ._status import format_status
+
+    try:
+        seg = _core.Segment.attach(args.name)
+    except Exception as e:
+        print(f"cannot attach {args.name!r}: {e}", file=sys.stderr)
+        print("segments here: " + (", ".join(_segments()) or "none"), file=sys.stderr)
+        return 1
+    try:
+        while True:
+            status = {"config": {}, "queue": seg.queue_status(), "workers": seg.workers_status()}
+            status["queue"]["owner_pid"] = seg.owner_pid
+            text = format_status(status, config=False)
+            print(f"mpop segment {args.name} (owner pid {seg.owner_pid}, "
+                  f"{'alive' if _owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
+            if args.once or not _owner_alive(seg):
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        seg.leave()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a short workload and compare with multiprocessing.Pool")
+    p.add_argument("--tasks", type=int, default=4000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("bench", help="side-by-side benchmark table against the standard library")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw throughput against task size")
+    p.add_argument("--only", metavar="SCENARIO", action="append", help="run only these scenarios")
+    p.set_defaults(func=_bench)
+    p = sub.add_parser("status", help="live view of a running app, attached by segment name")
+    p.add_argument("name")
+    p.add_argument("--once", action="store_true")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.set_defaults(func=_status)
+    p = sub.add_parser("cleanup", help="remove shared-memory segments whose owner is dead")
+    p.set_defaults(func=_cleanup)
+    args = parser.parse_args(argv)
+    return args.func(args)
