@@ -23,10 +23,12 @@ int g_owner_pidfd = -1;
 
 void on_sigterm(int) {
   if (g_header) {
+    // The parent-death signal comes while the owner is still exiting, before its pidfd
+    // turns readable: give it a moment (poll is async-signal-safe).
     bool owner_dead = true;
     if (g_owner_pidfd >= 0) {
       pollfd p{g_owner_pidfd, POLLIN, 0};
-      owner_dead = poll(&p, 1, 0) > 0;
+      owner_dead = poll(&p, 1, 1000) > 0;
     }
     if (owner_dead && g_header->owner_released.exchange(1) == 0)
       g_header->attached.fetch_sub(1);
@@ -155,12 +157,6 @@ void register_worker(py::module_& m) {
       [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
          py::object task_result, py::object on_task) {
         if (id >= seg->workers().count) throw py::value_error("worker id out of range");
-        g_header = &seg->header();
-        std::snprintf(g_shm_path, sizeof g_shm_path, "%s", seg->name().c_str());
-        g_owner_pidfd = static_cast<int>(syscall(SYS_pidfd_open, seg->header().owner_pid, 0));
-        struct sigaction sa{};
-        sa.sa_handler = on_sigterm;
-        sigaction(SIGTERM, &sa, nullptr);
         PyRunner runner(*seg, std::move(resolve), std::move(pack_error), std::move(task_result),
                         std::move(on_task));
         WorkerExit e = run_worker(*seg, id, runner);
@@ -169,6 +165,18 @@ void register_worker(py::module_& m) {
       },
       py::arg("segment"), py::arg("worker_id"), py::arg("resolve"), py::arg("pack_error"),
       py::arg("task_result"), py::arg("on_task") = py::none());
+
+  // Called by a worker right after it attaches: on SIGTERM (the parent-death signal) leave
+  // the segment, remove it if this is the last process out, and exit at once, even inside
+  // a long handler.
+  m.def("arm_worker_exit", [](SegmentPtr seg) {
+    g_header = &seg->header();
+    std::snprintf(g_shm_path, sizeof g_shm_path, "%s", seg->name().c_str());
+    g_owner_pidfd = static_cast<int>(syscall(SYS_pidfd_open, seg->header().owner_pid, 0));
+    struct sigaction sa{};
+    sa.sa_handler = on_sigterm;
+    sigaction(SIGTERM, &sa, nullptr);
+  });
 
   m.def("owner_alive", [](SegmentPtr seg) {
     OwnerWatch w(seg->header());

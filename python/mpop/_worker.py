@@ -72,6 +72,7 @@ def run(name: str, worker_id: int, generation: int) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     segment = _core.Segment.attach(name)
+    _core.arm_worker_exit(segment)
     resolver = _Resolver(segment)
     try:
         resolver.refresh()
