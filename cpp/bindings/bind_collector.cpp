@@ -58,8 +58,6 @@ class PyCollector {
 
 }  // namespace
 
-Collector& native_collector(py::handle h) { return h.cast<PyCollector&>().native(); }
-
 void register_collector(py::module_& m) {
   py::class_<PyCollector>(m, "Collector")
       .def(py::init<SegmentPtr>())

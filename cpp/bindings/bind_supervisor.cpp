@@ -12,8 +12,6 @@
 
 namespace mpop::bindings {
 
-Collector& native_collector(py::handle h);
-
 namespace {
 
 // fork + exec with the parent-death signal set in between (only async-signal-safe calls
@@ -68,10 +66,10 @@ pid_t spawn_fork(const py::object& entry, uint32_t id, uint32_t gen) {
 
 class PySupervisor {
  public:
-  PySupervisor(SegmentPtr seg, py::object collector, uint32_t workers, uint32_t max_retries,
+  PySupervisor(SegmentPtr seg, uint32_t workers, uint32_t max_retries,
                double task_timeout, const std::string& method, std::vector<std::string> argv,
                std::vector<std::string> env, py::object entry)
-      : seg_(std::move(seg)), collector_(std::move(collector)), entry_(std::move(entry)) {
+      : seg_(std::move(seg)), entry_(std::move(entry)) {
     SupervisorOptions o;
     o.workers = workers;
     o.max_retries = max_retries;
@@ -96,7 +94,7 @@ class PySupervisor {
     } else {
       throw py::value_error("unknown start method " + method);
     }
-    sup_ = std::make_unique<Supervisor>(*seg_, native_collector(collector_), std::move(o));
+    sup_ = std::make_unique<Supervisor>(*seg_, std::move(o));
   }
 
   ~PySupervisor() {
@@ -108,7 +106,6 @@ class PySupervisor {
   SegmentPtr seg_;
 
  private:
-  py::object collector_;
   py::object entry_;
   std::unique_ptr<Supervisor> sup_;
 };
@@ -117,9 +114,9 @@ class PySupervisor {
 
 void register_supervisor(py::module_& m) {
   py::class_<PySupervisor>(m, "Supervisor")
-      .def(py::init<SegmentPtr, py::object, uint32_t, uint32_t, double, const std::string&,
+      .def(py::init<SegmentPtr, uint32_t, uint32_t, double, const std::string&,
                     std::vector<std::string>, std::vector<std::string>, py::object>(),
-           py::arg("segment"), py::arg("collector"), py::arg("workers"), py::arg("max_retries"),
+           py::arg("segment"), py::arg("workers"), py::arg("max_retries"),
            py::arg("task_timeout"), py::arg("start_method"), py::arg("argv"), py::arg("env"),
            py::arg("entry") = py::none())
       .def("start",

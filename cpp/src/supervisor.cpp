@@ -25,8 +25,8 @@ namespace {
 std::condition_variable g_started_cv;  // start() waits on the first spawn round
 }  // namespace
 
-Supervisor::Supervisor(Segment& seg, Collector& collector, SupervisorOptions opts)
-    : seg_(seg), collector_(collector), opts_(std::move(opts)) {
+Supervisor::Supervisor(Segment& seg, SupervisorOptions opts)
+    : seg_(seg), opts_(std::move(opts)) {
   children_.resize(seg_.workers().count);
 }
 

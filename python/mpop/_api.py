@@ -378,7 +378,7 @@ class MpopApi:
                 entry = (lambda name: (lambda i, g: _worker.forked_main(name, i, g)))(rt.segment.name)
             elif c["start_method"] == "forkserver":
                 entry = (lambda name: (lambda i, g: _worker.forkserver_spawn(name, i, g)))(rt.segment.name)
-            sup = _core.Supervisor(rt.segment, rt.collector, c["workers"], c["max_retries"],
+            sup = _core.Supervisor(rt.segment, c["workers"], c["max_retries"],
                                    float(c["task_timeout"] or 0.0), c["start_method"], argv, env, entry)
             try:
                 sup.start()

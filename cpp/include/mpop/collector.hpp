@@ -5,29 +5,31 @@
 
 #include <cstdint>
 #include <cstring>
-#include <deque>
-#include <mutex>
 #include <vector>
 
 #include "mpop/segment.hpp"
 
 namespace mpop {
 
-// Which task seqs have their final result. Seqs below `base` all do; a bit per seq above.
-// Memory is proportional to the spread of seqs in flight, not to the number of tasks run.
+// Which task seqs have their final result. Seqs below `base` all do; a bit per seq above,
+// in a circular bitmap that grows only when the spread of seqs in flight does, so the
+// steady state allocates nothing. Used by the one draining thread only.
 class CompletionWindow {
  public:
+  CompletionWindow() : words_(64, 0) {}
+
   // Marks `seq` complete; returns false if it already was.
   bool mark(uint64_t seq) {
     if (seq < base_) return false;
     uint64_t idx = seq - base_;
-    while (idx / 64 >= words_.size()) words_.push_back(0);
-    uint64_t& w = words_[idx / 64];
+    while (idx / 64 >= words_.size()) grow();
+    uint64_t& w = word(idx / 64);
     uint64_t bit = uint64_t{1} << (idx % 64);
     if (w & bit) return false;
     w |= bit;
-    while (!words_.empty() && words_.front() == ~uint64_t{0}) {
-      words_.pop_front();
+    while (words_[head_] == ~uint64_t{0}) {
+      words_[head_] = 0;
+      head_ = (head_ + 1) & (words_.size() - 1);
       base_ += 64;
     }
     return true;
@@ -36,13 +38,24 @@ class CompletionWindow {
     if (seq < base_) return true;
     uint64_t idx = seq - base_;
     if (idx / 64 >= words_.size()) return false;
-    return (words_[idx / 64] >> (idx % 64)) & 1;
+    return (word(idx / 64) >> (idx % 64)) & 1;
   }
   uint64_t base() const { return base_; }
+  size_t capacity_words() const { return words_.size(); }
 
  private:
+  uint64_t& word(uint64_t i) { return words_[(head_ + i) & (words_.size() - 1)]; }
+  const uint64_t& word(uint64_t i) const { return words_[(head_ + i) & (words_.size() - 1)]; }
+  void grow() {
+    std::vector<uint64_t> bigger(words_.size() * 2, 0);
+    for (size_t i = 0; i < words_.size(); ++i) bigger[i] = word(i);
+    words_.swap(bigger);
+    head_ = 0;
+  }
+
   uint64_t base_ = 1;  // seqs start at 1
-  std::deque<uint64_t> words_;
+  size_t head_ = 0;    // index of the word holding seq `base_`
+  std::vector<uint64_t> words_;  // power-of-2 size
 };
 
 class Collector {
@@ -52,7 +65,7 @@ class Collector {
   // Waits until the deadline (monotonic ns; < 0 = forever, 0 = don't wait) for a result,
   // then hands every first result of a task, up to `max`, to sink(const ResultHeader&,
   // const uint8_t* value, uint32_t value_len). Blocks are freed after the sink returns.
-  // Only one thread may drain at a time.
+  // Only one thread may drain at a time (the Python dispatcher holds a lock for that).
   template <class Sink, class Stop>
   size_t drain(size_t max, int64_t deadline_ns, Sink&& sink, Stop&& stop) {
     if (deadline_ns != 0 && !ring_.has_published())
@@ -65,20 +78,11 @@ class Collector {
         std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, kResultStride - 8);
       });
       if (k == 0) break;
-      first_.resize(k);
-      {
-        std::lock_guard<std::mutex> lock(window_mutex_);  // once per batch, not per task
-        for (uint32_t i = 0; i < k; ++i) {
-          ResultHeader h;
-          std::memcpy(&h, buffer_.data() + size_t{i} * kResultStride, sizeof h);
-          first_[i] = h.status != ResultStatus::kVoid && window_.mark(h.seq);
-        }
-      }
       for (uint32_t i = 0; i < k; ++i) {
         const uint8_t* rec = buffer_.data() + size_t{i} * kResultStride;
         ResultHeader h;
         std::memcpy(&h, rec, sizeof h);
-        if (first_[i]) {
+        if (h.status != ResultStatus::kVoid && window_.mark(h.seq)) {
           const uint8_t* value = rec + sizeof h;
           uint32_t len = h.inline_len;
           if (h.value_encoding == ValueEncoding::kPooled) {
@@ -96,18 +100,14 @@ class Collector {
     return delivered;
   }
 
-  bool is_complete(uint64_t seq) {
-    std::lock_guard<std::mutex> lock(window_mutex_);
-    return window_.contains(seq);
-  }
+  // Whether `seq` has had its final result. Only from the draining thread.
+  bool is_complete(uint64_t seq) const { return window_.contains(seq); }
 
  private:
   Segment& seg_;
   TaskRing ring_;
   ArgPool pool_;
   std::vector<uint8_t> buffer_;
-  std::vector<uint8_t> first_;
-  std::mutex window_mutex_;  // shared with the supervisor, which asks is_complete()
   CompletionWindow window_;
 };
 

@@ -15,7 +15,6 @@
 #include <thread>
 #include <vector>
 
-#include "mpop/collector.hpp"
 #include "mpop/segment.hpp"
 
 namespace mpop {
@@ -41,7 +40,7 @@ struct SupervisorCounters {
 
 class Supervisor {
  public:
-  Supervisor(Segment& seg, Collector& collector, SupervisorOptions opts);
+  Supervisor(Segment& seg, SupervisorOptions opts);
   ~Supervisor();
   Supervisor(const Supervisor&) = delete;
   Supervisor& operator=(const Supervisor&) = delete;
@@ -94,7 +93,6 @@ class Supervisor {
   void set_error(const std::string& e);
 
   Segment& seg_;
-  Collector& collector_;
   SupervisorOptions opts_;
   SupervisorCounters counters_;
   std::vector<Child> children_;
