@@ -165,6 +165,15 @@ void register_segment(py::module_& m) {
              d["slot_stride"] = s.header().task_stride;
              return d;
            })
+      .def(
+          "inject_fault",
+          [](Segment& s, uint32_t step, uint32_t after) {
+            // Test-only: the `after`-th time any worker reaches `step`, it SIGKILLs itself.
+            s.header().fault_countdown.store(after, std::memory_order_relaxed);
+            s.header().fault_step.store(step, std::memory_order_release);
+          },
+          py::arg("step"), py::arg("after") = 1)
+      .def_property_readonly("fault_pending", [](Segment& s) { return s.header().fault_step.load() != 0; })
       .def("worker_status", &worker_status)
       .def("workers_status", [](Segment& s) {
         py::list out;

@@ -54,6 +54,11 @@ struct alignas(kCacheLine) SegmentHeader {
   std::atomic<uint64_t> registry_len{0};                    // bytes of registry log written
   std::atomic<uint64_t> next_seq{1};                        // unique task numbers
   alignas(kCacheLine) EventCount registry_changed;
+
+  // Test-only fault injection: the next worker to reach step `fault_step` for the
+  // `fault_countdown`-th time SIGKILLs itself (see FaultStep in worker_loop.hpp).
+  alignas(kCacheLine) std::atomic<uint32_t> fault_step{0};
+  std::atomic<uint32_t> fault_countdown{0};
 };
 
 // Thrown when a process attaches to a segment that is not an mpop segment of this layout.

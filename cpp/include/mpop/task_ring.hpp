@@ -27,6 +27,14 @@ struct alignas(kCacheLine) ClaimState {
   uint64_t head{0};              // first position of the claim being copied
 };
 
+// Points inside claim_range / try_push where a fault-injection hook is called (tests kill
+// a worker at each of them to prove recovery exact).
+enum class RingPoint { kClaimBeforeCas, kClaimAfterCas, kClaimMidCopy, kClaimBeforeRelease,
+                       kPushReserved };
+struct NoHook {
+  void operator()(RingPoint) const {}
+};
+
 struct alignas(kCacheLine) RingControl {
   alignas(kCacheLine) std::atomic<uint64_t> enqueue_pos;
   alignas(kCacheLine) std::atomic<uint64_t> dequeue_pos;
@@ -94,8 +102,8 @@ class TaskRing {
   // `window` (may be null) is raised from before the CAS until the cells are published, so
   // that a producer that can die (a worker publishing a result) leaves a trace of what it
   // reserved.
-  template <class Fill>
-  uint32_t try_push(uint32_t max, Fill&& fill, ClaimState* window = nullptr) {
+  template <class Fill, class Hook = NoHook>
+  uint32_t try_push(uint32_t max, Fill&& fill, ClaimState* window = nullptr, Hook&& hook = {}) {
     if (max == 0) return 0;
     if (max > ctl_->capacity) max = ctl_->capacity;
     uint64_t pos = ctl_->enqueue_pos.load(std::memory_order_relaxed);
@@ -122,6 +130,7 @@ class TaskRing {
         break;
       if (window) window->in_claim.store(0, std::memory_order_relaxed);
     }
+    hook(RingPoint::kPushReserved);
     for (uint32_t i = 0; i < k; ++i) fill(i, body(pos + i));
     for (uint32_t i = 0; i < k; ++i) seq(pos + i).store(pos + i + 1, std::memory_order_release);
     if (window) {
@@ -160,8 +169,8 @@ class TaskRing {
   // hands each body to sink(i, body) (the copy into the consumer's local queue), then
   // releases them to producers. `claim` (may be null) is raised around the claim window.
   // Returns the number claimed (0 = nothing published).
-  template <class Sink>
-  uint32_t claim_range(uint32_t max, ClaimState* claim, Sink&& sink) {
+  template <class Sink, class Hook = NoHook>
+  uint32_t claim_range(uint32_t max, ClaimState* claim, Sink&& sink, Hook&& hook = {}) {
     if (max == 0) return 0;
     if (max > ctl_->capacity) max = ctl_->capacity;
     if (claim) claim->in_claim.store(1, std::memory_order_seq_cst);
@@ -188,10 +197,16 @@ class TaskRing {
         claim->count = k;
         std::atomic_thread_fence(std::memory_order_seq_cst);
       }
+      hook(RingPoint::kClaimBeforeCas);
       if (ctl_->dequeue_pos.compare_exchange_weak(head, head + k, std::memory_order_acq_rel))
         break;
     }
-    for (uint32_t i = 0; i < k; ++i) sink(i, static_cast<const uint8_t*>(body(head + i)));
+    hook(RingPoint::kClaimAfterCas);
+    for (uint32_t i = 0; i < k; ++i) {
+      sink(i, static_cast<const uint8_t*>(body(head + i)));
+      if (i == 0 && k > 1) hook(RingPoint::kClaimMidCopy);
+    }
+    hook(RingPoint::kClaimBeforeRelease);
     release(head, k);
     if (claim) {
       claim->epoch.fetch_add(1, std::memory_order_release);

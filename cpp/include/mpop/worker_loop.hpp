@@ -5,6 +5,7 @@
 #pragma once
 
 #include <poll.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -57,6 +58,43 @@ struct TaskRun {
   uint32_t stream_len;
 };
 
+// The steps of the worker protocol at which a test can make a worker die (SIGKILL).
+enum class FaultStep : uint32_t {
+  kNone = 0,
+  kClaimBeforeCas = 1,      // claim window raised, dequeue CAS not yet done
+  kClaimAfterCas = 2,       // cells claimed, nothing copied
+  kClaimMidCopy = 3,        // part of the claim copied into the local queue
+  kClaimBeforeRelease = 4,  // all copied, ring cells not yet released
+  kBeforeRun = 5,           // task marked running, handler not called
+  kAfterRun = 6,            // handler returned, result not published
+  kPublishReserved = 7,     // result cell reserved, not written
+  kAfterPublish = 8,        // result published, task not marked done
+  kIdle = 9,                // about to sleep with nothing to do
+  kResultPooled = 10,       // a pooled result block allocated and written, not published
+};
+
+// Kills this process if the segment's fault switch names `step` and this is the
+// countdown's last hit. One relaxed load when no fault is armed.
+inline void maybe_fault(SegmentHeader& hdr, FaultStep step) {
+  if (hdr.fault_step.load(std::memory_order_relaxed) != static_cast<uint32_t>(step)) return;
+  if (hdr.fault_countdown.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    hdr.fault_step.store(0, std::memory_order_release);
+    kill(getpid(), SIGKILL);
+    for (;;) pause();
+  }
+}
+
+inline FaultStep fault_for(RingPoint p) {
+  switch (p) {
+    case RingPoint::kClaimBeforeCas: return FaultStep::kClaimBeforeCas;
+    case RingPoint::kClaimAfterCas: return FaultStep::kClaimAfterCas;
+    case RingPoint::kClaimMidCopy: return FaultStep::kClaimMidCopy;
+    case RingPoint::kClaimBeforeRelease: return FaultStep::kClaimBeforeRelease;
+    case RingPoint::kPushReserved: return FaultStep::kPublishReserved;
+  }
+  return FaultStep::kNone;
+}
+
 enum class WorkerExit { kShutdown, kStopRequested, kRecycled, kOwnerDied, kInterrupted };
 
 inline const char* to_string(WorkerExit e) {
@@ -89,6 +127,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
   const bool has_meta = cfg.slot.meta_len >= sizeof(TaskMeta);
   std::vector<uint8_t> value;
   value.reserve(4096);
+  auto ring_hook = [&hdr](RingPoint p) { maybe_fault(hdr, fault_for(p)); };
 
   auto stop_now = [&] {
     return hdr.shutdown.load(std::memory_order_acquire) != 0 ||
@@ -128,11 +167,12 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
       rec.local_next.store(0, std::memory_order_relaxed);
       rec.local_count.store(i + 1, std::memory_order_release);
-    });
+    }, ring_hook);
 
     if (k == 0) {
       rec.heartbeat_ns.store(monotonic_ns(), std::memory_order_relaxed);
       if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
+      maybe_fault(hdr, FaultStep::kIdle);
       runner.before_sleep();
       tasks.wait_published(monotonic_ns() + 250'000'000, stop_now, 256);
       runner.after_sleep();
@@ -177,7 +217,9 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       if (th.encoding == ArgEncoding::kPooled) stream = pool.data(th.pool_ref);
       TaskRun run{id, fn_id, tsk_id, &th, slot, stream, th.stream_len};
       value.clear();
+      maybe_fault(hdr, FaultStep::kBeforeRun);
       ResultStatus status = runner.run(run, value);
+      maybe_fault(hdr, FaultStep::kAfterRun);
       int64_t end = timing ? monotonic_ns() : 0;
 
       ResultHeader r;
@@ -203,13 +245,14 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
         r.value_encoding = ValueEncoding::kPooled;
         r.value_ref = off;
         r.value_len = static_cast<uint32_t>(value.size());
+        maybe_fault(hdr, FaultStep::kResultPooled);
       }
       auto fill = [&](uint32_t, void* out) {
         auto* o = static_cast<uint8_t*>(out);
         std::memcpy(o, &r, sizeof r);
         if (r.inline_len) std::memcpy(o + sizeof r, value.data(), r.inline_len);
       };
-      while (results.try_push(1, fill, &rec.publish) == 0) {
+      while (results.try_push(1, fill, &rec.publish, ring_hook) == 0) {
         if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
         runner.before_sleep();
         wait_until(
@@ -218,6 +261,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
         runner.after_sleep();
       }
 
+      maybe_fault(hdr, FaultStep::kAfterPublish);
       e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
       rec.local_next.store(j + 1, std::memory_order_release);
       rec.running_since_ns.store(0, std::memory_order_relaxed);
