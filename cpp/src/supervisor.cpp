@@ -145,6 +145,7 @@ void Supervisor::spawn(uint32_t id) {
   rec.claim.in_claim.store(0);
   rec.publish.in_claim.store(0);
   rec.start_error[0] = '\0';
+  rec.pid.store(0);
   rec.generation.store(c.gen);
   rec.state.store(static_cast<uint32_t>(WorkerState::kStarting), std::memory_order_release);
   pid_t pid = opts_.spawn ? opts_.spawn(id, c.gen) : -1;
@@ -157,6 +158,7 @@ void Supervisor::spawn(uint32_t id) {
   }
   c.pid = pid;
   c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  rec.pid.store(static_cast<int32_t>(pid), std::memory_order_relaxed);
 }
 
 std::vector<std::pair<uint32_t, uint64_t>> Supervisor::claim_snapshot(uint32_t except,
@@ -202,7 +204,7 @@ void Supervisor::post_result(const TaskHeader& h, const uint8_t* slot, ResultSta
   results_pending_.push_back(std::move(rec));
 }
 
-void Supervisor::on_exit(uint32_t id, bool crashed) {
+void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
   const WorkerTable& table = seg_.workers();
@@ -213,14 +215,25 @@ void Supervisor::on_exit(uint32_t id, bool crashed) {
   auto state = static_cast<WorkerState>(rec.state.load());
 
   if (state == WorkerState::kStarting) {
-    // Died before it could take work: respawning would fail the same way.
+    // Died before taking work. If it said why, or left by itself with an error, respawning
+    // would fail the same way: report it. If it was killed, start a replacement, unless
+    // that keeps happening.
     std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
-    set_error("mpop: worker " + std::to_string(id) + " failed to start" +
-              (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
+    bool failed = !why.empty() || (exit >= 0 && WIFEXITED(exit) && WEXITSTATUS(exit) != 0);
+    if (failed || ++c.start_deaths >= 5) {
+      set_error("mpop: worker " + std::to_string(id) + " failed to start" +
+                (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
+      rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+      c.active = false;
+      return;
+    }
+    rec.restarts.fetch_add(1);
     rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-    c.active = false;
+    if (c.active && !c.stopping && !quit_.load()) spawn(id);
+    else c.active = false;
     return;
   }
+  c.start_deaths = 0;
 
   if (crashed || c.timed_out_seq) {
     counters_.crashes.fetch_add(1);
@@ -421,17 +434,16 @@ void Supervisor::loop() {
       if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       uint32_t id = ids[k - 1];
       Child& c = children_[id];
-      bool crashed = true;
+      int status = -1;
       if (opts_.children_are_ours) {
-        int status = 0;
         pid_t r = waitpid(c.pid, &status, WNOHANG);
         if (r == 0) continue;  // not yet reapable
-        crashed = !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
       }
+      // Only a worker that announced it was leaving exited cleanly; any other exit while it
+      // held (or could hold) tasks is a crash.
       auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
-      if (st == WorkerState::kExiting || st == WorkerState::kExited) crashed = crashed && false;
-      else if (st == WorkerState::kIdle || st == WorkerState::kBusy) crashed = true;
-      on_exit(id, crashed);
+      bool crashed = !(st == WorkerState::kExiting || st == WorkerState::kExited);
+      on_exit(id, crashed, status);
     }
     check_timeouts();
     run_recoveries();

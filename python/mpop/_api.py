@@ -3,7 +3,7 @@ tasks through the native producer, runs the supervisor, and hands results back."
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import importlib
 import itertools
 import logging
@@ -54,6 +54,7 @@ class _Runtime:
         self.producer = producer
         self.collector = collector
         self.supervisor = None
+        self.forkserver = None
         self.closed = False
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
@@ -68,6 +69,8 @@ class _Runtime:
         self.producer.close()
         self.segment.set_shutdown()
         self.stop_workers(graceful=False, timeout=2.0)
+        if self.forkserver is not None:
+            self.forkserver.close()
         self.segment.leave()
 
 
@@ -374,10 +377,11 @@ class MpopApi:
 
             entry = None
             if c["start_method"] == "fork":
-                entry = _worker.forked_main
-                entry = (lambda name: (lambda i, g: _worker.forked_main(name, i, g)))(rt.segment.name)
+                entry = functools.partial(_worker.forked_main, rt.segment.name)
             elif c["start_method"] == "forkserver":
-                entry = (lambda name: (lambda i, g: _worker.forkserver_spawn(name, i, g)))(rt.segment.name)
+                if rt.forkserver is None:
+                    rt.forkserver = _worker.ForkServer(rt.segment.name, argv[:-1])
+                entry = rt.forkserver.spawn
             sup = _core.Supervisor(rt.segment, c["workers"], c["max_retries"],
                                    float(c["task_timeout"] or 0.0), c["start_method"], argv, env, entry)
             try:

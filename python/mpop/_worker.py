@@ -25,28 +25,47 @@ def pack_error(exc: BaseException) -> bytes:
 
 
 class _Resolver:
-    """fn_id -> (callable, slot class or None), read from the segment's registry log."""
+    """fn_id -> (callable, slot class or None), read from the segment's registry log.
+
+    Handlers are unpickled on first use, after the owner's sys.path is in place; one that
+    cannot be loaded fails its own tasks with the reason instead of the worker."""
 
     def __init__(self, segment):
         self.segment = segment
         self.offset = 0
-        self.table: dict[int, tuple] = {}
+        self.blobs: dict[int, bytes] = {}
         self.boot: dict = {}
 
     def refresh(self) -> None:
-        import cloudpickle  # noqa: F401  (registers reducers cloudpickle payloads may need)
-
         entries, self.offset = self.segment.read_registry(self.offset)
         for fn_id, blob in entries:
             if fn_id == BOOT_FN_ID:
                 self.boot = pickle.loads(blob)
             else:
-                self.table[fn_id] = pickle.loads(blob)
+                self.blobs[fn_id] = blob
 
     def resolve(self, fn_id: int):
-        if fn_id not in self.table:
+        if fn_id not in self.blobs:
             self.refresh()
-        return self.table.get(fn_id)
+        blob = self.blobs.get(fn_id)
+        if blob is None:
+            return None
+        try:
+            import cloudpickle  # noqa: F401  (reducers its payloads may need)
+
+            entry = pickle.loads(blob)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+
+            def unloadable(*args, **kwargs):
+                from ._errors import RegistryError
+
+                raise RegistryError(f"the handler for fn_id {fn_id:#x} cannot be loaded in the "
+                                    f"worker ({reason}); make its module importable by the "
+                                    f"workers or define it where it can travel by value")
+
+            entry = (unloadable, None)
+        return entry
 
 
 def _prepare(resolver: _Resolver, worker_id: int) -> None:
@@ -55,14 +74,14 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
         if p not in sys.path:
             sys.path.insert(0, p)
     cpus = boot.get("cpu_affinity")
-    if cpus:
+    if cpus and worker_id >= 0:
         os.sched_setaffinity(0, {cpus[worker_id % len(cpus)]})
     if boot.get("debug"):
         import logging
 
         logging.basicConfig(level=logging.DEBUG, format=f"[mpop worker {worker_id}] %(message)s")
     module = boot.get("handler_module")
-    if module:
+    if module and module not in sys.modules:
         __import__(module)
 
 
@@ -77,7 +96,6 @@ def run(name: str, worker_id: int, generation: int) -> int:
     try:
         resolver.refresh()
         _prepare(resolver, worker_id)
-        resolver.refresh()  # handlers registered while this worker started
     except BaseException:
         segment.set_start_error(worker_id, traceback.format_exc()[-1000:])
         _core.leave_segment(segment, not _core.owner_alive(segment))
@@ -90,6 +108,8 @@ def run(name: str, worker_id: int, generation: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpop._worker SEGMENT WORKER_ID GENERATION`` (spawn start method)."""
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 3 and argv[0] == "--forkserver":
+        return forkserver_main(argv[1], int(argv[2]))
     if len(argv) != 3:
         print("usage: python -m mpop._worker SEGMENT WORKER_ID GENERATION", file=sys.stderr)
         return 2
@@ -105,27 +125,87 @@ def forked_main(name: str, worker_id: int, generation: int) -> int:
         sys.stderr.flush()
 
 
-_FORKSERVER_PROCS: dict = {}
-
-
-def _forkserver_target(name: str, worker_id: int, generation: int) -> None:
+def _set_parent_death_signal() -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: follow the forkserver out
-    os._exit(run(name, worker_id, generation))
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def forkserver_spawn(name: str, worker_id: int, generation: int) -> int:
-    """Starts a worker through multiprocessing's forkserver; returns its pid."""
-    import multiprocessing
+def forkserver_main(name: str, owner_pid: int) -> int:
+    """A fork server: a fresh interpreter that imports mpop and the handler module once,
+    then forks one worker per request line ``ID GENERATION`` on stdin, answering with the
+    child's pid. It never imports the owner's ``__main__``; it exits when stdin closes or
+    its parent (the owner's supervisor thread) dies."""
+    _set_parent_death_signal()
+    if os.getppid() != owner_pid:
+        return 1  # the owner died before the death signal was armed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    from . import _core
 
-    ctx = multiprocessing.get_context("forkserver")
-    p = ctx.Process(target=_forkserver_target, args=(name, worker_id, generation), daemon=True,
-                    name=f"mpop-worker-{worker_id}")
-    p.start()
-    _FORKSERVER_PROCS[(name, worker_id)] = p
-    return p.pid
+    segment = _core.Segment.attach(name)
+    resolver = _Resolver(segment)
+    try:
+        resolver.refresh()
+        _prepare(resolver, -1)
+    except BaseException:
+        traceback.print_exc()
+    segment.leave()
+    del segment
+    for line in sys.stdin:
+        worker_id, generation = map(int, line.split())
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sys.stdin.close()
+                os.close(1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _set_parent_death_signal()
+                code = run(name, worker_id, generation)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stderr.flush()
+            os._exit(code)
+        sys.stdout.write(f"{pid}\n")
+        sys.stdout.flush()
+    return 0
+
+
+class ForkServer:
+    """The owner's handle on its fork server (start_method="forkserver")."""
+
+    def __init__(self, name: str, argv_prefix: list[str]) -> None:
+        self.name = name
+        self.argv_prefix = argv_prefix
+        self.proc = None
+
+    def spawn(self, worker_id: int, generation: int) -> int:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [*self.argv_prefix, "--forkserver", self.name, str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.proc.stdin.write(f"{worker_id} {generation}\n".encode())
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the mpop fork server exited (see its stderr)")
+        return int(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+            self.proc = None
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ class Supervisor {
     bool stopping = false;    // asked to stop; its exit is not a crash
     uint32_t gen = 0;
     uint64_t timed_out_seq = 0;  // nonzero: killed for running this task past task_timeout
+    uint32_t start_deaths = 0;   // consecutive deaths before reaching the loop
   };
   struct PendingRingRecovery {
     uint64_t below;                                  // dequeue counter at the death
@@ -82,7 +83,8 @@ class Supervisor {
 
   void loop();
   void spawn(uint32_t id);
-  void on_exit(uint32_t id, bool crashed);
+  // exit: the wait status, or -1 when unknown (not our child).
+  void on_exit(uint32_t id, bool crashed, int exit);
   void check_timeouts();
   void run_recoveries();
   void flush_requeue();
