@@ -48,6 +48,9 @@ class PyCollector {
     seg_->results().wake_consumers();
   }
 
+  // Results published and not yet drained (a snapshot; no waiting, no syscall).
+  uint64_t pending() const { return seg_->results().size(); }
+
   Collector& native() { return col_; }
 
  private:
@@ -63,6 +66,7 @@ void register_collector(py::module_& m) {
       .def(py::init<SegmentPtr>())
       .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none())
       .def("interrupt", &PyCollector::interrupt)
+      .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); });
 }
 

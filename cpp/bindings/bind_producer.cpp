@@ -104,9 +104,10 @@ class PyProducer {
         return 0;
       case PushOutcome::kTooLarge:
         throw py::value_error("mpop: the task's arguments take " + std::to_string(d.stream_len) +
-                              " bytes encoded, more than the whole argument pool (" +
+                              " bytes encoded, more than queued arguments may use of the argument pool (" +
+                              std::to_string(seg_->pool().producer_cap_bytes()) + " of " +
                               std::to_string(seg_->pool().capacity_bytes()) +
-                              " bytes); pass a larger pool_bytes to MpopApi");
+                              " bytes; a quarter stays free for results); pass a larger pool_bytes to MpopApi");
       case PushOutcome::kClosed:
         break;
     }

@@ -144,6 +144,12 @@ void register_segment(py::module_& m) {
              s.tasks().wake_producers();
            })
       .def_property_readonly("shutdown", [](Segment& s) { return s.header().shutdown.load() != 0; })
+      .def("cancel_below",
+           [](Segment& s, uint64_t seq) {
+             uint64_t cur = s.header().cancel_below.load();
+             while (cur < seq && !s.header().cancel_below.compare_exchange_weak(cur, seq)) {
+             }
+           })
       .def("write_registry", &write_registry)
       .def("read_registry", &read_registry, py::arg("offset") = 0)
       .def("set_start_error",

@@ -62,6 +62,10 @@ class PyRunner {
     }
     return status;
   }
+  ResultStatus fail(const std::string& why, std::vector<uint8_t>& value) {
+    py::object err = py::module_::import("mpop._errors").attr("MpopError")(why);
+    return error(err, value);
+  }
   void before_sleep() { saved_ = PyEval_SaveThread(); }
   void after_sleep() {
     PyEval_RestoreThread(saved_);
@@ -135,10 +139,11 @@ class PyRunner {
       py_codec::encode_value(ret, w);
       return ResultStatus::kOk;
     } catch (py::error_already_set& e) {
-      if (e.matches(PyExc_SystemExit) || e.matches(PyExc_KeyboardInterrupt)) {
-        // A handler asking the worker to exit: report it as this task's error.
-      }
+      // SystemExit and KeyboardInterrupt raised by a handler are that task's error too.
       py::object exc = e.value();
+      PyObject* tb = PyException_GetTraceback(exc.ptr());  // new reference or null
+      if (tb == nullptr && e.trace()) PyException_SetTraceback(exc.ptr(), e.trace().ptr());
+      Py_XDECREF(tb);
       return error(exc, value);
     }
   }

@@ -4,6 +4,7 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mpop's native core (private: use the mpop package)";
   m.attr("LAYOUT_VERSION") = mpop::kLayoutVersion;
+  m.attr("SEGMENT_MAGIC") = mpop::kSegmentMagic;
   mpop::bindings::register_segment(m);
   mpop::bindings::register_producer(m);
   mpop::bindings::register_collector(m);

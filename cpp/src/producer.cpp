@@ -1,6 +1,7 @@
 // Producer: seq assignment, ring pushes, the pre-start backlog and its feeder thread.
 #include "mpop/producer.hpp"
 
+#include <chrono>
 #include <cstring>
 
 namespace mpop {
@@ -20,16 +21,26 @@ bool Producer::cancelled() const {
 
 PushOutcome Producer::submit(TaskDraft& draft, bool blocking, int64_t deadline_ns) {
   if (cancelled()) return PushOutcome::kClosed;
-  if (draft.header.encoding == ArgEncoding::kPooled && draft.stream_len > pool_.capacity_bytes())
+  if (draft.header.encoding == ArgEncoding::kPooled && draft.stream_len > pool_.producer_cap_bytes())
     return PushOutcome::kTooLarge;
   if (!direct_.load(std::memory_order_acquire)) {
     std::unique_lock<std::mutex> lock(backlog_mutex_);
-    if (!direct_.load(std::memory_order_relaxed)) {
+    if (!started_) {
       draft.header.seq = next_seq_.fetch_add(1, std::memory_order_relaxed);
       append_backlog(draft);
-      if (feeding_) backlog_cv_.notify_one();
       return PushOutcome::kBacklog;
     }
+    // Running, but the feeder is still moving the backlog: the queue is full for us.
+    if (!blocking) return PushOutcome::kFull;
+    auto ready = [this] { return direct_.load(std::memory_order_acquire) || cancelled(); };
+    if (deadline_ns < 0) {
+      backlog_cv_.wait(lock, ready);
+    } else {
+      int64_t left = deadline_ns - monotonic_ns();
+      if (left <= 0 || !backlog_cv_.wait_for(lock, std::chrono::nanoseconds(left), ready))
+        return PushOutcome::kFull;
+    }
+    if (cancelled()) return PushOutcome::kClosed;
   }
   return push_now(draft, blocking, deadline_ns);
 }
@@ -37,8 +48,9 @@ PushOutcome Producer::submit(TaskDraft& draft, bool blocking, int64_t deadline_n
 PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns) {
   auto stop = [this] { return cancelled(); };
   if (d.header.encoding == ArgEncoding::kPooled) {
-    uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop)
-                            : pool_.try_alloc(d.stream_len);
+    const uint64_t cap = pool_.producer_cap_bytes();
+    uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop, cap)
+                            : pool_.try_alloc(d.stream_len, cap);
     if (!off) return cancelled() ? PushOutcome::kClosed : PushOutcome::kFull;
     std::memcpy(pool_.data(off), d.stream, d.stream_len);
     d.header.pool_ref = off;
@@ -81,6 +93,7 @@ void Producer::append_backlog(const TaskDraft& d) {
 
 void Producer::start_feeding() {
   std::lock_guard<std::mutex> lock(backlog_mutex_);
+  started_ = true;
   if (feeding_ || direct_.load()) return;
   if (feeder_.joinable()) feeder_.join();
   if (backlog_count_.load() == 0) {
@@ -94,6 +107,7 @@ void Producer::start_feeding() {
 bool Producer::pause_feeding() {
   std::lock_guard<std::mutex> lock(backlog_mutex_);
   if (feeding_ || backlog_count_.load() != 0) return false;
+  started_ = false;
   direct_.store(false, std::memory_order_release);
   return true;
 }
@@ -125,6 +139,7 @@ void Producer::feed_loop() {
     if (backlog_count_.load() == 0 || cancelled()) {
       if (!cancelled()) direct_.store(true, std::memory_order_release);
       feeding_ = false;
+      backlog_cv_.notify_all();  // producers waiting for the backlog to drain
       return;
     }
     Chunk& c = *chunks_.front();
@@ -138,7 +153,7 @@ void Producer::feed_loop() {
     size_t entry = 8 + sizeof h + slot_used + stream_len;
 
     if (h.encoding == ArgEncoding::kPooled) {
-      uint64_t off = pool_.try_alloc(stream_len);
+      uint64_t off = pool_.try_alloc(stream_len, pool_.producer_cap_bytes());
       if (!off) {
         lock.unlock();
         // Sleep until something is freed (or briefly, since a free too small for us also

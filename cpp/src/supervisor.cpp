@@ -237,6 +237,15 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
 
   if (crashed || c.timed_out_seq) {
     counters_.crashes.fetch_add(1);
+    // Killed by a non-graceful stop: nothing it held will run again.
+    const bool cancel = quit_.load() && !graceful_.load() && c.stopping;
+    // Did it publish the result of the task it was running? Then that task is done, even
+    // though the worker died before marking it so. An unpublished pooled block is freed.
+    const uint64_t result_seq = rec.result_seq.load(std::memory_order_acquire);
+    const bool published = rec.publish.epoch.load(std::memory_order_acquire) >
+                           rec.result_epoch.load(std::memory_order_acquire);
+    if (!published && rec.result_ref.load() && !rec.publish.in_claim.load())
+      seg_.pool().free(rec.result_ref.load(), rec.result_len.load());
     std::vector<uint64_t> local_seqs;
     uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
     for (uint32_t j = 0; j < n; ++j) {
@@ -246,11 +255,17 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
       std::memcpy(&th, body, sizeof th);
       if (st == LocalState::kPending) {
         local_seqs.push_back(th.seq);
-        requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
+        if (cancel)
+          post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+        else
+          requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
       } else if (st == LocalState::kRunning) {
         local_seqs.push_back(th.seq);
+        if (published && result_seq == th.seq) continue;  // its result is out: done
         th.attempts += 1;
-        if (c.timed_out_seq && c.timed_out_seq == th.seq) {
+        if (cancel) {
+          post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+        } else if (c.timed_out_seq && c.timed_out_seq == th.seq) {
           counters_.timeouts.fetch_add(1);
           post_result(th, body + sizeof th, ResultStatus::kTimeout, id);
         } else if (th.attempts > opts_.max_retries) {
@@ -268,7 +283,10 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
                                   std::move(local_seqs)});
     if (rec.publish.in_claim.load(std::memory_order_seq_cst) &&
         rec.publish.head < seg_.results().enqueue_pos())
-      publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true)});
+      publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
+                                     rec.result_ref.load(), rec.result_len.load()});
+    else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())
+      seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
     rec.restarts.fetch_add(1);
     rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
     rec.local_count.store(0);
@@ -333,6 +351,7 @@ void Supervisor::run_recoveries() {
         r.status = ResultStatus::kVoid;
         std::memcpy(body, &r, sizeof r);
       });
+      if (it->value_ref) seg_.pool().free(it->value_ref, it->value_len);
     }
     it = publish_recoveries_.erase(it);
   }
@@ -449,7 +468,11 @@ void Supervisor::loop() {
     run_recoveries();
     flush_requeue();
   }
-  // Anything still waiting to be requeued can no longer run.
+  // Every worker is gone: finish the recoveries that waited for them, then end what can
+  // no longer run.
+  for (auto& r : ring_recoveries_) r.wait.clear();
+  for (auto& r : publish_recoveries_) r.wait.clear();
+  run_recoveries();
   for (auto& b : requeue_) {
     TaskHeader th;
     std::memcpy(&th, b.data(), sizeof th);

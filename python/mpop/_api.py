@@ -106,8 +106,7 @@ class MpopApi:
         *,
         pool_bytes: int = 64 << 20,
         registry_bytes: int = 4 << 20,
-        max_workers: int | None = None,
-        start_timeout: float = 60.0,
+        scale_limit: int | None = None,
     ) -> None:
         problems = []
 
@@ -172,12 +171,12 @@ class MpopApi:
             bad(f"registry_bytes must be an int >= 65536, got {registry_bytes!r}")
         if handler_module is not None and not isinstance(handler_module, (str, types.ModuleType)):
             bad(f"handler_module must be a module name or module, got {handler_module!r}")
-        if max_workers is not None and (not _is_int(max_workers) or max_workers < 1 or max_workers > 1024):
-            bad(f"max_workers must be an int from 1 to 1024 or None, got {max_workers!r}")
+        if scale_limit is not None and (not _is_int(scale_limit) or scale_limit < 1 or scale_limit > 1024):
+            bad(f"scale_limit must be an int from 1 to 1024 or None, got {scale_limit!r}")
+        elif scale_limit is not None and _is_int(workers) and scale_limit < workers:
+            bad(f"scale_limit ({scale_limit}) must be >= workers ({workers})")
         if problems:
             raise ConfigError("invalid MpopApi configuration:\n  - " + "\n  - ".join(problems))
-        if max_workers is not None and max_workers < workers:
-            raise ConfigError(f"max_workers ({max_workers}) must be >= workers ({workers})")
 
         self._config = {
             "workers": workers,
@@ -198,11 +197,10 @@ class MpopApi:
             "max_performance": max_performance,
             "pool_bytes": pool_bytes,
             "registry_bytes": registry_bytes,
-            "max_workers": max_workers or max(workers, 2 * _available_cpus(), 8),
+            "scale_limit": scale_limit or max(workers, 2 * _available_cpus(), 8),
         }
         self._slot_class = slot_class
         self._layout = layout
-        self._start_timeout = start_timeout
         self._lock = threading.RLock()
         self._runtime: _Runtime | None = None
         self._runtime_ref: list = [None]
@@ -212,7 +210,7 @@ class MpopApi:
         self._routes = itertools.count(2)
         self._run_started: float | None = None
         self._written: set[int] = set()
-        if debug:
+        if debug and not max_performance:
             self._enable_debug_logging()
         self._registry = Registry(slot_class, on_register=self._on_register)
         self._finalizer = weakref.finalize(self, _finalize, self._runtime_ref)
@@ -225,7 +223,7 @@ class MpopApi:
     def _enable_debug_logging() -> None:
         # debug=True promises a log line per task: make sure one reaches the user even when
         # logging was never configured (the prototype dropped them when display was off).
-        if not log.handlers:
+        if not log.hasHandlers():  # neither ours nor an ancestor's (e.g. basicConfig)
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("[mpop] %(message)s"))
             log.addHandler(handler)
@@ -283,20 +281,22 @@ class MpopApi:
 
     def validate(self) -> None:
         """Checks every registered handler can travel to a worker; raises listing each problem."""
-        problems = []
+        handler_problems, config_problems = [], []
         for h in self._registry.handlers():
             try:
                 pickle.loads(h.spec())
             except Exception as e:
-                problems.append(f"handler {h.name!r} (fn_id {h.fn_id:#x}) cannot be sent to workers: {e!r}")
+                handler_problems.append(f"handler {h.name!r} (fn_id {h.fn_id:#x}) cannot be sent to workers: {e!r}")
         mod = self._config["handler_module"]
         if mod:
             try:
                 importlib.import_module(mod)
             except Exception as e:
-                problems.append(f"handler_module {mod!r} cannot be imported: {e!r}")
+                config_problems.append(f"handler_module {mod!r} cannot be imported: {e!r}")
+        problems = config_problems + handler_problems
         if problems:
-            raise RegistryError("; ".join(problems))
+            kind = RegistryError if handler_problems else ConfigError
+            raise kind("invalid app:\n  - " + "\n  - ".join(problems))
 
     def _on_register(self, h: Handler) -> None:
         if self._runtime is not None:
@@ -309,7 +309,10 @@ class MpopApi:
             blob = h.spec()
         except Exception as e:
             raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
-        self._runtime.segment.write_registry(h.fn_id, blob)
+        try:
+            self._runtime.segment.write_registry(h.fn_id, blob)
+        except ValueError as e:
+            raise RegistryError(str(e).removeprefix("mpop: ")) from None
         self._written.add(h.fn_id)
 
     def _handler_name(self, fn_id: int) -> str:
@@ -333,7 +336,7 @@ class MpopApi:
             c = self._config
             result_slots = max(c["queue_slots"], 1024)
             seg = _core.Segment.create(
-                c["name"], self._layout, c["queue_slots"], result_slots, c["max_workers"],
+                c["name"], self._layout, c["queue_slots"], result_slots, c["scale_limit"],
                 c["worker_batch_size"], c["pool_bytes"], c["registry_bytes"], debug=c["debug"],
                 debug_delay=c["debug_delay"], max_performance=c["max_performance"],
                 max_tasks_per_worker=c["max_tasks_per_worker"] or 0)
@@ -347,7 +350,8 @@ class MpopApi:
             seg.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
             self._runtime = rt
             self._runtime_ref[0] = rt
-            self._dispatcher = Dispatcher(rt.collector, self._handler_name, c)
+            self._dispatcher = Dispatcher(rt.collector, self._handler_name, c,
+                                          lambda: rt.producer.submitted)
             for h in self._registry.handlers():
                 self._write_handler(h)
             return rt
@@ -390,6 +394,7 @@ class MpopApi:
                 raise MpopError(str(e)) from None
             rt.supervisor = sup
             rt.producer.start_feeding()
+            self._dispatcher.start_background()
             if self._run_started is None:
                 self._run_started = time.monotonic()
 
@@ -449,11 +454,14 @@ class MpopApi:
             kwargs = {**(kwargs or {}), **handler_kwargs}
         args = tuple(args)
         h.check_args(args, kwargs)
-        if c_args is not None and not isinstance(c_args, (bytes, bytearray)):
-            raise TypeError(f"c_args must be bytes, got {type(c_args).__name__}")
+        if c_args is not None:
+            if not isinstance(c_args, (bytes, bytearray, memoryview)):
+                raise TypeError(f"c_args must be bytes, got {type(c_args).__name__}")
+            c_args = bytes(c_args)
         label = self._label(tsk_id)
         seq = self._push(h, label, args, kwargs, c_args, blocking, timeout, ROUTE_PLAIN)
         if seq:
+            self._dispatcher.notify_work()
             return True
         if not blocking:
             return False
@@ -629,13 +637,17 @@ class MpopApi:
         callback_active = enqueue_callback is not None
         try:
             while True:
+                added = 0
                 if callback_active:
+                    before = rt.producer.submitted
                     try:
                         if enqueue_callback() is False:
                             callback_active = False
                     except StopIteration:
                         callback_active = False
-                if self._check_workers() is None and bar is not None:
+                    added = rt.producer.submitted - before
+                self._check_workers()
+                if bar is not None:
                     bar.total = rt.producer.submitted - first_finished
                     bar.n = d.finished - first_finished
                     bar.refresh()
@@ -647,12 +659,17 @@ class MpopApi:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"run() timed out after {timeout}s with "
                                        f"{target - d.finished} task(s) unfinished")
-                step_deadline = time.monotonic() + (0.0 if callback_active else 0.1)
-                d.help_until(lambda: d.finished >= target, step_deadline, None)
+                # Between callback calls, poll for results: briefly while the callback keeps
+                # adding work, up to 10 ms when it added none (no busy spinning).
+                wait = (0.0 if added else 0.01) if callback_active else 0.1
+                d.help_until(lambda: d.finished >= target, time.monotonic() + wait, None)
         except KeyboardInterrupt:
             interrupted = True
             self._cancel_pending()
             self._stop_workers(graceful=False)
+            # The stopped workers' tasks come back cancelled: collect them too.
+            end = rt.producer.submitted
+            d.help_until(lambda: d.finished >= end, time.monotonic() + 5.0, None)
         finally:
             if bar is not None:
                 bar.close()
@@ -699,6 +716,8 @@ class MpopApi:
         rt = self._runtime
         if rt is None:
             return 0
+        # Tasks already in workers' local queues but not started are cancelled there.
+        rt.segment.cancel_below(rt.producer.submitted + 1)
         cancelled = rt.producer.cancel_queued()
         for seq, tsk_id, fn_id, route in cancelled:
             self._dispatcher.cancel(seq, tsk_id, fn_id, route)
@@ -715,7 +734,11 @@ class MpopApi:
                 if cancel_pending:
                     self._cancel_pending()
                 if wait and self._outstanding() > 0:
-                    self.wait()
+                    try:
+                        self.wait()
+                    except MpopError:
+                        # Workers cannot run (e.g. they fail to start): end what is left.
+                        self._cancel_pending()
         finally:
             self._shutdown = True
             if rt is not None:
@@ -770,8 +793,8 @@ class MpopApi:
     def scale(self, n: int) -> None:
         """Grows or shrinks the live worker set to `n`."""
         self._check_open()
-        if not _is_int(n) or not 1 <= n <= self._config["max_workers"]:
-            raise ConfigError(f"scale(n) needs an int from 1 to max_workers={self._config['max_workers']}, got {n!r}")
+        if not _is_int(n) or not 1 <= n <= self._config["scale_limit"]:
+            raise ConfigError(f"scale(n) needs an int from 1 to scale_limit={self._config['scale_limit']}, got {n!r}")
         self._config["workers"] = n
         rt = self._runtime
         if rt is not None and rt.supervisor is not None:

@@ -51,10 +51,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _segments() -> list[str]:
+    """Names of the mpop segments here, recognised by their magic number (whatever
+    name= prefix their app used)."""
+    from . import _core
+
+    names = []
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith("mpop"))
+        entries = os.listdir(SHM_DIR)
     except FileNotFoundError:  # pragma: no cover
         return []
+    for n in sorted(entries):
+        try:
+            with open(os.path.join(SHM_DIR, n), "rb") as f:
+                if int.from_bytes(f.read(8), "little") == _core.SEGMENT_MAGIC:
+                    names.append(n)
+        except OSError:
+            continue
+    return names
 
 
 def _owner_alive(seg) -> bool:

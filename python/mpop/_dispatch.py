@@ -74,7 +74,9 @@ class MapState:
 
 
 class Dispatcher:
-    def __init__(self, collector, names: Callable[[int], str], config: dict) -> None:
+    def __init__(self, collector, names: Callable[[int], str], config: dict,
+                 submitted: Callable[[], int] = lambda: 0) -> None:
+        self._submitted = submitted
         self._collector = collector
         self._names = names
         self._config = config
@@ -88,7 +90,7 @@ class Dispatcher:
         self.maps: dict[int, MapState] = {}
         self.timings: list[tuple[float, float]] = []  # (queue_wait_s, run_time_s) of this run
         self.keep_timings = not config.get("max_performance", False)
-        self.debug = config.get("debug", False)
+        self.debug = config.get("debug", False) and not config.get("max_performance", False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._work = threading.Event()  # set when a future is registered
@@ -130,8 +132,10 @@ class Dispatcher:
         return True
 
     def start_background(self) -> None:
-        """A thread that keeps draining, for futures nobody waits on in a blocking call
-        (callbacks, asyncio.wrap_future, concurrent.futures.wait)."""
+        """A thread that keeps results moving when no caller drains them: for futures nobody
+        waits on in a blocking call (callbacks, asyncio.wrap_future, concurrent.futures.wait),
+        and for enqueue()d tasks while the caller is busy enqueuing (otherwise the result
+        ring fills, workers stall, and a blocking enqueue would wait for ever)."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
@@ -150,8 +154,24 @@ class Dispatcher:
                     finally:
                         self._drain_lock.release()
                 continue
-            # No future is waiting: blocking callers (run, map, wait) drain for themselves.
-            self._work.wait(1.0)
+            if self._submitted() <= self.finished:
+                self._work.wait(1.0)  # nothing in flight: sleep until work is queued
+                continue
+            # Tasks in flight and no future: callers that block (run, map, wait) drain for
+            # themselves; step in only when results sit undrained. A snapshot read, so the
+            # workers never pay a wake-up for this thread.
+            if self._stop.wait(0.005):
+                return
+            if self._collector.pending and self._drain_lock.acquire(blocking=False):
+                try:
+                    self.pump(0)
+                finally:
+                    self._drain_lock.release()
+
+    def notify_work(self) -> None:
+        """Called when tasks are queued: wakes the background thread if it sleeps."""
+        if not self._work.is_set():
+            self._work.set()
 
     def stop_background(self) -> None:
         self._stop.set()

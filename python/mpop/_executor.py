@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,13 +31,26 @@ class Executor(concurrent.futures.Executor):
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
+        """Like concurrent.futures: every call is submitted now, results come in order, and
+        `timeout` counts from this call. `chunksize` is accepted for compatibility; workers
+        already claim tasks in batches (worker_batch_size)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        it = self._app.map(fn, *iterables, timeout=timeout)
-        # Like concurrent.futures: the work starts now, results are pulled lazily.
-        first = list(itertools.islice(it, 0))
-        del first
-        return it
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = [self._app.submit(fn, *args) for args in zip(*iterables)]
+
+        def results() -> Iterator[Any]:
+            try:
+                for fut in futures:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise concurrent.futures.TimeoutError()
+                    yield fut.result(left)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+
+        return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._app.shutdown(wait=wait, cancel_pending=cancel_futures)

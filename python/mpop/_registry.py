@@ -3,8 +3,10 @@ handler travels to workers (cloudpickle: by reference when importable, by value 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import threading
+import weakref
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -13,7 +15,7 @@ import cloudpickle
 
 from ._builtins import BUILTIN_HANDLERS, RESERVED_MAX, ProcTaskFnID
 from ._errors import RegistryError
-from ._slots import is_slot_class
+from ._slots import describe, is_slot_class
 
 __all__ = ["Handler", "Registry", "FIRST_AUTO_ID", "MAX_FN_ID"]
 
@@ -89,7 +91,31 @@ class Handler:
 
     def spec(self) -> bytes:
         """What a worker needs to call this handler."""
-        return cloudpickle.dumps((self.fn, self.slot_class), protocol=5)
+        return handler_spec(self.fn, self.slot_class)
+
+
+def _by_reference(obj: Any) -> bool:
+    """Whether `obj` can be found again by module and qualified name in another process."""
+    mod = getattr(obj, "__module__", None)
+    if not mod or mod == "__main__":
+        return False
+    try:
+        found: Any = importlib.import_module(mod)
+        for part in obj.__qualname__.split("."):
+            found = getattr(found, part)
+        return found is obj
+    except Exception:
+        return False
+
+
+def handler_spec(fn: Callable, slot_class: type | None) -> bytes:
+    """(handler, slot class) as bytes for workers: cloudpickle sends importable functions by
+    reference and others by value; a slot class that cannot be imported travels as its
+    field layout (ctypes classes cannot be pickled by value)."""
+    slot: Any = slot_class
+    if slot_class is not None and not _by_reference(slot_class):
+        slot = ("layout", describe(slot_class))
+    return cloudpickle.dumps((fn, slot), protocol=5)
 
 
 def _introspect(h: Handler) -> None:
@@ -113,6 +139,10 @@ class Registry:
         self._by_id: dict[int, Handler] = {}
         self._by_name: dict[str, int] = {}
         self._by_fn: dict[Any, int] = {}
+        # Auto-registered functions, weakly, and by their spec: a lambda written in a loop is
+        # a new object each time but the same handler, so it reuses one fn_id.
+        self._auto_fn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._by_spec: dict[bytes, int] = {}
         self._next_auto = FIRST_AUTO_ID
         self._lock = threading.RLock()
         self.on_register = on_register
@@ -180,10 +210,7 @@ class Registry:
                 if key in self._by_name:
                     return self._by_id[self._by_name[key]]
             raise RegistryError(f"no handler is registered under the name {key!r}")
-        try:
-            fid = self._by_fn.get(key)
-        except TypeError:
-            fid = None
+        fid = self._lookup_fn(key)
         if fid is not None:
             return self._by_id[fid]
         if not callable(key):
@@ -191,10 +218,31 @@ class Registry:
         if not auto:
             raise RegistryError(f"{key!r} is not registered")
         with self._lock:
-            fid = self._by_fn.get(key)
+            fid = self._lookup_fn(key)
             if fid is None:
-                fid = self.register(key)
+                try:
+                    spec = handler_spec(key, _slot_mode(key, self._default_slot))
+                except Exception:
+                    spec = None
+                fid = self._by_spec.get(spec) if spec is not None else None
+                if fid is None:
+                    fid = self.register(key)
+                    if spec is not None:
+                        self._by_spec[spec] = fid
+                try:
+                    self._auto_fn[key] = fid
+                except TypeError:
+                    pass
         return self._by_id[fid]
+
+    def _lookup_fn(self, fn: Any) -> int | None:
+        try:
+            fid = self._by_fn.get(fn)
+            if fid is None:
+                fid = self._auto_fn.get(fn)
+            return fid
+        except TypeError:  # unhashable or not weakly referenceable
+            return None
 
     def handlers(self) -> list[Handler]:
         with self._lock:

@@ -134,6 +134,45 @@ class TaskMeta(ctypes.Structure):
     ]
 
 
+def _typespec(t: Any) -> tuple:
+    if isinstance(t, type) and issubclass(t, ctypes.Array):
+        return ("array", _typespec(t._type_), t._length_)
+    if isinstance(t, type) and issubclass(t, ctypes.Structure):
+        return ("struct", describe(t))
+    name = getattr(t, "__name__", "")
+    if getattr(ctypes, name, None) is t:
+        return ("simple", name)
+    raise ValueError(f"slot field type {t!r} cannot be described")
+
+
+def _build(spec: tuple) -> Any:
+    kind = spec[0]
+    if kind == "array":
+        return _build(spec[1]) * spec[2]
+    if kind == "struct":
+        return rebuild(spec[1])
+    return getattr(ctypes, spec[1])
+
+
+def describe(cls: type) -> tuple:
+    """A picklable description of a slot class (name, fields, packing), for classes that
+    cannot travel by reference, e.g. ones defined in ``__main__``."""
+    fields = []
+    for klass in reversed(cls.__mro__):
+        for f in klass.__dict__.get("_fields_", []) or []:
+            fields.append((f[0], _typespec(f[1])))
+    return (cls.__name__, fields, getattr(cls, "_pack_", None))
+
+
+def rebuild(desc: tuple) -> type:
+    """The ctypes.Structure class a description came from (same layout)."""
+    name, fields, pack = desc
+    ns: dict = {"_fields_": [(n, _build(t)) for n, t in fields]}
+    if pack:
+        ns["_pack_"] = pack
+    return type(name, (ctypes.Structure,), ns)
+
+
 def read_meta(slot: Any) -> TaskMeta | None:
     """The runtime's TaskMeta of a slot instance, or None if its meta is too small."""
     meta = getattr(slot, "meta", None)

@@ -53,7 +53,12 @@ class _Resolver:
         try:
             import cloudpickle  # noqa: F401  (reducers its payloads may need)
 
-            entry = pickle.loads(blob)
+            fn, slot = pickle.loads(blob)
+            if isinstance(slot, tuple) and slot and slot[0] == "layout":
+                from ._slots import rebuild
+
+                slot = rebuild(slot[1])
+            entry = (fn, slot)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
 

@@ -48,12 +48,19 @@ class ArgPool {
   uint64_t used_bytes() const { return ctl_->used_units.load(std::memory_order_relaxed) * kUnit; }
   PoolControl& control() const { return *ctl_; }
 
-  // Returns the offset of a block of at least `bytes` (0 = no room now). Offsets are from
-  // the pool region's start and never 0.
-  uint64_t try_alloc(uint64_t bytes) {
+  // Arguments of queued tasks may fill only this much of the pool, so that results always
+  // find room and the tasks holding those arguments can finish.
+  uint64_t producer_cap_bytes() const { return capacity_bytes() / 4 * 3; }
+
+  // Returns the offset of a block of at least `bytes` (0 = no room now), keeping the pool's
+  // use at or below `cap_bytes`. Offsets are from the pool region's start and never 0.
+  uint64_t try_alloc(uint64_t bytes, uint64_t cap_bytes = UINT64_MAX) {
     if (!valid() || bytes == 0) return 0;
     uint64_t n = (bytes + kUnit - 1) / kUnit;
     if (n > ctl_->units) return 0;
+    if (cap_bytes != UINT64_MAX &&
+        (ctl_->used_units.load(std::memory_order_relaxed) + n) * kUnit > cap_bytes)
+      return 0;
     uint64_t start = ctl_->hint.load(std::memory_order_relaxed) % ctl_->words;
     uint64_t off = n <= 64 ? alloc_in_word(n, start) : alloc_words((n + 63) / 64, start);
     if (off) ctl_->used_units.fetch_add(n <= 64 ? n : (n + 63) / 64 * 64, std::memory_order_relaxed);
@@ -63,12 +70,13 @@ class ArgPool {
   // Allocates, sleeping while the pool is full, until the deadline (monotonic ns, < 0 =
   // none) or `cancelled()`. Returns 0 on timeout.
   template <class Cancelled>
-  uint64_t alloc(uint64_t bytes, int64_t deadline_ns, Cancelled&& cancelled) {
+  uint64_t alloc(uint64_t bytes, int64_t deadline_ns, Cancelled&& cancelled,
+                 uint64_t cap_bytes = UINT64_MAX) {
     for (;;) {
-      uint64_t off = try_alloc(bytes);
+      uint64_t off = try_alloc(bytes, cap_bytes);
       if (off || cancelled()) return off;
       uint32_t key = ctl_->freed.prepare_wait();
-      off = try_alloc(bytes);
+      off = try_alloc(bytes, cap_bytes);
       if (off || cancelled()) {
         ctl_->freed.cancel_wait();
         return off;

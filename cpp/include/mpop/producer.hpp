@@ -35,9 +35,10 @@ class Producer {
   Producer(const Producer&) = delete;
   Producer& operator=(const Producer&) = delete;
 
-  // Delivers the task and sets draft.header.seq (only when it was accepted). While feeding is paused (before the
-  // workers start) it always goes to the backlog. Otherwise it waits for room until
-  // `deadline_ns` (monotonic; < 0 = forever) if `blocking`.
+  // Delivers the task and sets draft.header.seq (only when it was accepted). Before the
+  // workers start it always goes to the backlog. Once they run, it waits (if `blocking`,
+  // until `deadline_ns`, monotonic, < 0 = forever) for the backlog to drain and the ring
+  // to have room, exactly as for a full ring.
   PushOutcome submit(TaskDraft& draft, bool blocking, int64_t deadline_ns);
 
   // Starts moving the backlog into the ring and sending new tasks straight to the ring.
@@ -81,6 +82,7 @@ class Producer {
   std::atomic<uint64_t> backlog_count_{0};
   std::atomic<bool> direct_{false};  // true: tasks go straight to the ring
   bool feeding_ = false;             // guarded by backlog_mutex_
+  bool started_ = false;             // guarded by backlog_mutex_: workers are taking tasks
   std::thread feeder_;
 };
 

@@ -52,8 +52,9 @@ struct alignas(kCacheLine) SegmentHeader {
   std::atomic<uint32_t> owner_released{0};  // the owner's attachment was dropped (by it, or
                                             // by a worker that found the owner dead)
   std::atomic<uint64_t> registry_len{0};                    // bytes of registry log written
-  std::atomic<uint64_t> next_seq{1};                        // unique task numbers
-  alignas(kCacheLine) EventCount registry_changed;
+  // Tasks with a seq below this that have not started are cancelled by the worker that
+  // holds them (shutdown(cancel_pending=True) reaches into local queues this way).
+  std::atomic<uint64_t> cancel_below{0};
 
   // Test-only fault injection: the next worker to reach step `fault_step` for the
   // `fault_countdown`-th time SIGKILLs itself (see FaultStep in worker_loop.hpp).

@@ -79,6 +79,8 @@ class Supervisor {
   struct PendingPublishRecovery {
     uint64_t pos;
     std::vector<std::pair<uint32_t, uint64_t>> wait;
+    uint64_t value_ref = 0;  // the dead worker's pooled value, freed if the cell is voided
+    uint32_t value_len = 0;
   };
 
   void loop();

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "mpop/segment.hpp"
@@ -95,6 +96,8 @@ inline FaultStep fault_for(RingPoint p) {
   return FaultStep::kNone;
 }
 
+constexpr int64_t kResultWaitNs = 10'000'000'000;
+
 enum class WorkerExit { kShutdown, kStopRequested, kRecycled, kOwnerDied, kInterrupted };
 
 inline const char* to_string(WorkerExit e) {
@@ -110,6 +113,7 @@ inline const char* to_string(WorkerExit e) {
 
 // Runner requirements:
 //   ResultStatus run(const TaskRun&, std::vector<uint8_t>& value)  -- value: codec stream
+//   ResultStatus fail(const std::string& why, std::vector<uint8_t>& value) -- an error value
 //   void before_sleep(); void after_sleep();   -- e.g. release / re-take the GIL
 //   bool interrupted();                         -- leave the loop now
 template <class Runner>
@@ -170,7 +174,6 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
     }, ring_hook);
 
     if (k == 0) {
-      rec.heartbeat_ns.store(monotonic_ns(), std::memory_order_relaxed);
       if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
       maybe_fault(hdr, FaultStep::kIdle);
       runner.before_sleep();
@@ -218,7 +221,8 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       TaskRun run{id, fn_id, tsk_id, &th, slot, stream, th.stream_len};
       value.clear();
       maybe_fault(hdr, FaultStep::kBeforeRun);
-      ResultStatus status = runner.run(run, value);
+      ResultStatus status = ResultStatus::kCancelled;
+      if (th.seq >= hdr.cancel_below.load(std::memory_order_relaxed)) status = runner.run(run, value);
       maybe_fault(hdr, FaultStep::kAfterRun);
       int64_t end = timing ? monotonic_ns() : 0;
 
@@ -235,17 +239,44 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       r.route = th.route;
       r.start_ns = start;
       r.end_ns = end;
+      rec.result_ref.store(0, std::memory_order_relaxed);
+      rec.result_epoch.store(rec.publish.epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
+      rec.result_seq.store(th.seq, std::memory_order_release);
+      if (value.size() > kResultInlineBytes) {
+        // A result too large for the pool fails its task; one that does not find room
+        // within kResultWaitNs (every worker blocked on large results while queued tasks'
+        // arguments hold the rest) fails too, instead of waiting for ever.
+        uint64_t off = 0;
+        std::string why;
+        if (value.size() > pool.capacity_bytes()) {
+          why = "the result takes " + std::to_string(value.size()) + " bytes encoded, more than the whole argument pool (" +
+                std::to_string(pool.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
+        } else {
+          off = pool.alloc(value.size(), monotonic_ns() + kResultWaitNs,
+                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; });
+          if (!off && (!owner.alive() || hdr.shutdown.load() != 0)) return exit_with(WorkerExit::kOwnerDied);
+          if (!off)
+            why = "the result takes " + std::to_string(value.size()) + " bytes encoded and found no room in the argument pool (" +
+                  std::to_string(pool.used_bytes()) + " of " + std::to_string(pool.capacity_bytes()) +
+                  " bytes in use) for 10 s; pass a larger pool_bytes to MpopApi";
+        }
+        if (off) {
+          rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
+          rec.result_ref.store(off, std::memory_order_release);
+          std::memcpy(pool.data(off), value.data(), value.size());
+          r.value_encoding = ValueEncoding::kPooled;
+          r.value_ref = off;
+          r.value_len = static_cast<uint32_t>(value.size());
+          maybe_fault(hdr, FaultStep::kResultPooled);
+        } else {
+          value.clear();
+          r.status = status = runner.fail(why, value);
+          if (value.size() > kResultInlineBytes) value.resize(0);  // cannot happen for a short message
+        }
+      }
       if (value.size() <= kResultInlineBytes) {
         r.value_encoding = ValueEncoding::kInline;
         r.inline_len = static_cast<uint16_t>(value.size());
-      } else {
-        uint64_t off = pool.alloc(value.size(), -1, [&] { return !owner.alive() || hdr.shutdown.load() != 0; });
-        if (!off) return exit_with(WorkerExit::kOwnerDied);
-        std::memcpy(pool.data(off), value.data(), value.size());
-        r.value_encoding = ValueEncoding::kPooled;
-        r.value_ref = off;
-        r.value_len = static_cast<uint32_t>(value.size());
-        maybe_fault(hdr, FaultStep::kResultPooled);
       }
       auto fill = [&](uint32_t, void* out) {
         auto* o = static_cast<uint8_t*>(out);
@@ -267,7 +298,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       rec.running_since_ns.store(0, std::memory_order_relaxed);
       if (status == ResultStatus::kOk)
         rec.completed.fetch_add(1, std::memory_order_relaxed);
-      else
+      else if (status != ResultStatus::kCancelled)
         rec.failed.fetch_add(1, std::memory_order_relaxed);
       rec.tasks_this_life.fetch_add(1, std::memory_order_relaxed);
       if (timing) rec.busy_ns.fetch_add(static_cast<uint64_t>(end - start), std::memory_order_relaxed);

@@ -34,7 +34,6 @@ struct alignas(kCacheLine) WorkerRecord {
   std::atomic<int32_t> pid{0};
   std::atomic<uint32_t> generation{0};  // bumped on every (re)spawn in this record
   std::atomic<uint32_t> stop_request{0};  // 1 = finish the local queue, then exit
-  std::atomic<int64_t> heartbeat_ns{0};
   std::atomic<uint32_t> restarts{0};
   uint32_t id = 0;
 
@@ -51,6 +50,13 @@ struct alignas(kCacheLine) WorkerRecord {
 
   // The publication window on the result ring (same idea as ClaimState).
   ClaimState publish;
+  // The result being published: its task, publish.epoch before the push, and its pooled
+  // value block (0 = inline). After a death the supervisor can tell a published result
+  // (epoch moved on) from an unpublished one, and free an unpublished block.
+  alignas(kCacheLine) std::atomic<uint64_t> result_seq{0};
+  std::atomic<uint64_t> result_epoch{0};
+  std::atomic<uint64_t> result_ref{0};
+  std::atomic<uint32_t> result_len{0};
 
   alignas(kCacheLine) std::atomic<uint64_t> completed{0};
   std::atomic<uint64_t> failed{0};
