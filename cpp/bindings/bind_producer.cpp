@@ -91,9 +91,16 @@ class PyProducer {
     PushOutcome out = prod_.submit(d, false, 0);
     if (out == PushOutcome::kFull && blocking) {
       int64_t deadline = deadline_from_timeout(timeout);
-      if (deadline != 0) {
-        py::gil_scoped_release nogil;
-        out = prod_.submit(d, true, deadline);
+      // Wait without the GIL in slices, checking for signals (Ctrl-C) between them.
+      while (out == PushOutcome::kFull && deadline != 0) {
+        int64_t slice = monotonic_ns() + 100'000'000;
+        bool last = deadline >= 0 && deadline <= slice;
+        {
+          py::gil_scoped_release nogil;
+          out = prod_.submit(d, true, last ? deadline : slice);
+        }
+        if (last) break;
+        if (out == PushOutcome::kFull && PyErr_CheckSignals() != 0) throw py::error_already_set();
       }
     }
     switch (out) {

@@ -31,8 +31,8 @@ void encode_value(py::handle obj, StreamWriter& w) {
   } else if (PyUnicode_CheckExact(o)) {
     Py_ssize_t n = 0;
     const char* s = PyUnicode_AsUTF8AndSize(o, &n);
-    if (!s) throw py::error_already_set();
-    return w.blob(Tag::kStr, s, static_cast<size_t>(n));
+    if (s) return w.blob(Tag::kStr, s, static_cast<size_t>(n));
+    PyErr_Clear();  // lone surrogates (e.g. undecodable file names) are not UTF-8: pickle it
   } else if (PyBytes_CheckExact(o)) {
     return w.blob(Tag::kBytes, PyBytes_AS_STRING(o), static_cast<size_t>(PyBytes_GET_SIZE(o)));
   }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import itertools
 import logging
 import os
@@ -115,8 +116,9 @@ class MpopApi:
 
         if workers is None:
             workers = _available_cpus()
-        elif not _is_int(workers) or workers < 1:
-            bad(f"workers must be an int >= 1 (or None for the CPUs this process may use), got {workers!r}")
+        elif not _is_int(workers) or not 1 <= workers <= 1024:
+            bad(f"workers must be an int from 1 to 1024 (or None for the CPUs this process may use), "
+                f"got {workers!r}")
         if not _is_int(queue_slots) or queue_slots < 2 or queue_slots & (queue_slots - 1):
             bad(f"queue_slots must be a power of 2 and >= 2, got {queue_slots!r}")
         elif queue_slots > 1 << 24:
@@ -137,8 +139,9 @@ class MpopApi:
                          ("max_performance", max_performance)):
             if not isinstance(v, bool):
                 bad(f"{pname} must be True or False, got {v!r}")
-        if not isinstance(debug_delay, (int, float)) or isinstance(debug_delay, bool) or debug_delay < 0:
-            bad(f"debug_delay must be a number of seconds >= 0, got {debug_delay!r}")
+        if (not isinstance(debug_delay, (int, float)) or isinstance(debug_delay, bool)
+                or not math.isfinite(debug_delay) or debug_delay < 0):
+            bad(f"debug_delay must be a finite number of seconds >= 0, got {debug_delay!r}")
         if start_method not in _START_METHODS:
             bad(f"start_method must be one of {', '.join(map(repr, _START_METHODS))}, got {start_method!r}")
         if not _is_int(max_retries) or max_retries < 0:
@@ -146,8 +149,10 @@ class MpopApi:
         elif max_retries > 1000:
             bad(f"max_retries must be at most 1000, got {max_retries!r}")
         if task_timeout is not None and (not isinstance(task_timeout, (int, float)) or isinstance(task_timeout, bool)
-                                         or task_timeout <= 0):
-            bad(f"task_timeout must be a number of seconds > 0 or None, got {task_timeout!r}")
+                                         or math.isnan(task_timeout) or task_timeout <= 0):
+            bad(f"task_timeout must be a number of seconds > 0 (or None / inf for no limit), got {task_timeout!r}")
+        elif task_timeout is not None and math.isinf(task_timeout):
+            task_timeout = None
         if max_tasks_per_worker is not None and (not _is_int(max_tasks_per_worker) or max_tasks_per_worker < 1):
             bad(f"max_tasks_per_worker must be an int >= 1 or None, got {max_tasks_per_worker!r}")
         cpus: list[int] | None = None

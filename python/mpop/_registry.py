@@ -3,8 +3,10 @@ handler travels to workers (cloudpickle: by reference when importable, by value 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import inspect
+import io
 import threading
 import weakref
 import typing
@@ -15,7 +17,7 @@ import cloudpickle
 
 from ._builtins import BUILTIN_HANDLERS, RESERVED_MAX, ProcTaskFnID
 from ._errors import RegistryError
-from ._slots import describe, is_slot_class
+from ._slots import describe, is_slot_class, rebuild, slot_layout
 
 __all__ = ["Handler", "Registry", "FIRST_AUTO_ID", "MAX_FN_ID"]
 
@@ -108,14 +110,24 @@ def _by_reference(obj: Any) -> bool:
         return False
 
 
+class _SpecPickler(cloudpickle.Pickler):
+    """cloudpickle, except that a ctypes.Structure class that cannot be imported in the
+    worker (one from __main__, a notebook cell or a function body) travels as its field
+    layout: ctypes classes cannot be pickled by value, and handlers refer to them in
+    annotations and bodies."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, type) and issubclass(obj, ctypes.Structure) and not _by_reference(obj):
+            return rebuild, (describe(obj),)
+        return super().reducer_override(obj)
+
+
 def handler_spec(fn: Callable, slot_class: type | None) -> bytes:
-    """(handler, slot class) as bytes for workers: cloudpickle sends importable functions by
-    reference and others by value; a slot class that cannot be imported travels as its
-    field layout (ctypes classes cannot be pickled by value)."""
-    slot: Any = slot_class
-    if slot_class is not None and not _by_reference(slot_class):
-        slot = ("layout", describe(slot_class))
-    return cloudpickle.dumps((fn, slot), protocol=5)
+    """(handler, slot class) as bytes for workers: importable functions by reference,
+    others by value (cloudpickle)."""
+    buf = io.BytesIO()
+    _SpecPickler(buf, protocol=5).dump((fn, slot_class))
+    return buf.getvalue()
 
 
 def _introspect(h: Handler) -> None:
@@ -150,8 +162,16 @@ class Registry:
             self._add(int(fn_id), fn, fn_id.name, builtin=True)
 
     def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False) -> Handler:
-        h = Handler(fn_id=fn_id, name=name, fn=fn, slot_class=_slot_mode(fn, self._default_slot),
-                    builtin=builtin)
+        slot_class = _slot_mode(fn, self._default_slot)
+        if slot_class is not None and slot_class is not self._default_slot:
+            if slot_layout(slot_class) != slot_layout(self._default_slot):
+                raise RegistryError(
+                    f"handler {name!r} takes a {slot_class.__name__} "
+                    f"({ctypes.sizeof(slot_class)} bytes) but the app's slot_class is "
+                    f"{self._default_slot.__name__} ({ctypes.sizeof(self._default_slot)} bytes) with "
+                    f"another layout; annotate it with the app's slot class or pass "
+                    f"slot_class={slot_class.__name__} to MpopApi")
+        h = Handler(fn_id=fn_id, name=name, fn=fn, slot_class=slot_class, builtin=builtin)
         _introspect(h)
         self._by_id[fn_id] = h
         self._by_name[name] = fn_id

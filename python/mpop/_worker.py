@@ -53,12 +53,7 @@ class _Resolver:
         try:
             import cloudpickle  # noqa: F401  (reducers its payloads may need)
 
-            fn, slot = pickle.loads(blob)
-            if isinstance(slot, tuple) and slot and slot[0] == "layout":
-                from ._slots import rebuild
-
-                slot = rebuild(slot[1])
-            entry = (fn, slot)
+            entry = pickle.loads(blob)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
 

@@ -269,12 +269,26 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
           r.value_len = static_cast<uint32_t>(value.size());
           maybe_fault(hdr, FaultStep::kResultPooled);
         } else {
+          // The error itself must be placed: inline, or in the pool if there is room now;
+          // failing both, a message short enough to go inline.
           value.clear();
           r.status = status = runner.fail(why, value);
-          if (value.size() > kResultInlineBytes) value.resize(0);  // cannot happen for a short message
+          uint64_t eoff = value.size() > kResultInlineBytes ? pool.try_alloc(value.size()) : 0;
+          if (eoff) {
+            rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
+            rec.result_ref.store(eoff, std::memory_order_release);
+            std::memcpy(pool.data(eoff), value.data(), value.size());
+            r.value_encoding = ValueEncoding::kPooled;
+            r.value_ref = eoff;
+            r.value_len = static_cast<uint32_t>(value.size());
+          } else if (value.size() > kResultInlineBytes) {
+            value.clear();
+            runner.fail("result too large for the argument pool; raise pool_bytes", value);
+            if (value.size() > kResultInlineBytes) value.clear();
+          }
         }
       }
-      if (value.size() <= kResultInlineBytes) {
+      if (r.value_encoding != ValueEncoding::kPooled) {
         r.value_encoding = ValueEncoding::kInline;
         r.inline_len = static_cast<uint16_t>(value.size());
       }
