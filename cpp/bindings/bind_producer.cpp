@@ -21,7 +21,7 @@ class PyProducer {
   // passed); raises RuntimeError once closed and ValueError for an oversized argument.
   uint64_t enqueue(uint32_t fn_id, uint32_t tsk_id, const py::tuple& args, const py::object& kwargs,
                    const py::object& c_args, bool slot_mode, bool blocking, const py::object& timeout,
-                   uint32_t route) {
+                   uint32_t route, bool claim_alone) {
     const SlotLayout& L = seg_->config().slot;
     thread_local std::vector<uint8_t> slot;
     thread_local std::vector<uint8_t> stream;
@@ -32,6 +32,7 @@ class PyProducer {
 
     TaskDraft d;
     d.header.route = route;
+    d.header.flags = claim_alone ? uint32_t{kClaimAlone} : uint32_t{0};
     d.header.enqueue_ns = seg_->config().max_performance ? 0 : monotonic_ns();
     Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
     bool has_kw = !kwargs.is_none() && PyDict_GET_SIZE(kwargs.ptr()) > 0;
@@ -158,7 +159,7 @@ void register_producer(py::module_& m) {
       .def("enqueue", &PyProducer::enqueue, py::arg("fn_id"), py::arg("tsk_id"), py::arg("args"),
            py::arg("kwargs") = py::none(), py::arg("c_args") = py::none(),
            py::arg("slot_mode") = false, py::arg("blocking") = true, py::arg("timeout") = py::none(),
-           py::arg("route") = 0)
+           py::arg("route") = 0, py::arg("claim_alone") = false)
       .def("start_feeding", [](PyProducer& p) { p.native().start_feeding(); })
       .def("pause_feeding", [](PyProducer& p) { return p.native().pause_feeding(); })
       .def("close", [](PyProducer& p) { p.native().close(); })

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import itertools
 import logging
+import math
 import os
 import pickle
 import sys
@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _core
-from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState, MpopFuture
+from ._builtins import MAP_CHUNK_ID
+from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState, MpopFuture, unpack_error
 from ._errors import ConfigError, MpopError, QueueFull, RegistryError, ShutdownError
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult, _percentile
@@ -422,13 +423,13 @@ class MpopApi:
     # -- enqueue ----------------------------------------------------------------------------
 
     def _push(self, h: Handler, tsk_id: int, args: tuple, kwargs: dict | None, c_args: Any,
-              blocking: bool, timeout: float | None, route: int) -> int:
+              blocking: bool, timeout: float | None, route: int, claim_alone: bool = False) -> int:
         rt = self._runtime or self._ensure_runtime()
         if h.fn_id not in self._written:
             self._write_handler(h)
         try:
             return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
-                                       timeout, route)
+                                       timeout, route, claim_alone)
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
                 raise TypeError(str(e)[6:]) from None
@@ -504,45 +505,70 @@ class MpopApi:
         return fut
 
     def map(self, fn: Any, *iterables: Iterable, ordered: bool = True, progress: bool = False,
-            timeout: float | None = None, max_in_flight: int | None = None) -> Iterator[Any]:
+            timeout: float | None = None, max_in_flight: int | None = None,
+            chunksize: int | None = None) -> Iterator[Any]:
         """Yields ``fn(*items)`` for items drawn from the iterables (in order unless
-        ``ordered=False``). Keeps at most `max_in_flight` tasks queued, so any input
-        length runs in flat memory."""
+        ``ordered=False``).
+
+        Items travel in chunks: the first are small, later ones are sized so that each takes
+        a worker about 2 ms (or pass `chunksize`). At most `max_in_flight` items (default
+        4 x queue_slots) are read ahead, so any input length runs in flat memory."""
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
+        if chunksize is not None and (not _is_int(chunksize) or chunksize < 1):
+            raise ValueError(f"chunksize must be an int >= 1 or None, got {chunksize!r}")
+        if max_in_flight is not None and (not _is_int(max_in_flight) or max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
         h = self._registry.resolve(fn)
+        if h.slot_mode:
+            raise TypeError(f"map() calls handlers with arguments; {h.name!r} is a slot-mode handler "
+                            f"(use enqueue)")
         self.start()
-        return self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight)
+        return self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight, chunksize)
+
+    _CHUNK_TARGET_NS = 2_000_000  # worker time per chunk once the cost of an item is known
+    _CHUNK_MAX = 16384
 
     def _map_iter(self, h: Handler, iterables: tuple, ordered: bool, progress: bool,
-                  timeout: float | None, max_in_flight: int | None) -> Iterator[Any]:
+                  timeout: float | None, max_in_flight: int | None,
+                  chunksize: int | None) -> Iterator[Any]:
         d = self._dispatcher
+        runner = self._registry.get(MAP_CHUNK_ID)
         route = next(self._routes)
         state = MapState()
         d.maps[route] = state
-        limit = max_in_flight or max(2 * self._config["queue_slots"], 64)
-        source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
         single = len(iterables) == 1
+        source = iter(iterables[0]) if single else zip(*iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = self._progress_bar(progress, None)
-        sent = 0
-        done = 0
-        exhausted = False
+        chunks_limit = max(2 * self._config["workers"], 4)
+        # Read ahead at most max_in_flight items (default: four rings' worth), so memory stays
+        # flat for any input length.
+        items_limit = max_in_flight or 4 * self._config["queue_slots"]
+        size = chunksize or 16
+        per_item_ns: float | None = None
+        sizes: dict[int, int] = {}  # chunk index -> items, while in flight
+        sent = done = 0
+        exhausted = checked = False
         try:
             while True:
-                while not exhausted and sent - done < limit:
-                    try:
-                        item = next(source)
-                    except StopIteration:
+                while (not exhausted and sent - done < chunks_limit
+                       and sum(sizes.values()) < items_limit):
+                    room = items_limit - sum(sizes.values())
+                    items = list(itertools.islice(source, min(size, room)))
+                    if not items:
                         exhausted = True
                         break
-                    args = (item,) if single else tuple(item)
-                    h.check_args(args, None)
-                    seq = self._push(h, sent & _MAX_TSK_ID, args, None, None, False, None, route)
-                    if not seq:  # ring full: collect some results, then retry the item
+                    if not checked:
+                        h.check_args((items[0],) if single else tuple(items[0]), None)
+                        checked = True
+                    args = (h.fn_id, not single, items)
+                    key = sent & _MAX_TSK_ID
+                    if not self._push(runner, key, args, None, None, False, None, route, True):
                         self._wait_map(state, ordered, done, deadline)
-                        seq = self._push(h, sent & _MAX_TSK_ID, args, None, None, True, None, route)
+                        self._push(runner, key, args, None, None, True, None, route, True)
+                    sizes[key] = len(items)
                     sent += 1
                 if done == sent and exhausted:
                     return
@@ -556,13 +582,23 @@ class MpopApi:
                     else:
                         if not state.results:
                             break
-                        _, (status, value) = state.results.popitem()
+                        key, (status, value) = state.results.popitem()
                     done += 1
-                    if bar is not None:
-                        bar.update(1)
+                    n = sizes.pop(key, 0)
                     if status != 0:
                         raise value
-                    yield value
+                    values, elapsed_ns, error = value
+                    if chunksize is None and values:
+                        sample = elapsed_ns / len(values)
+                        per_item_ns = sample if per_item_ns is None else 0.5 * per_item_ns + 0.5 * sample
+                        size = int(min(self._CHUNK_MAX, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
+                    if bar is not None:
+                        bar.update(len(values) + (1 if error is not None else 0))
+                    yield from values
+                    if error is not None:
+                        raise unpack_error(error)
+                    if len(values) != n:  # pragma: no cover - defensive
+                        raise MpopError(f"map() chunk returned {len(values)} values for {n} items")
         finally:
             state.closed = True
             d.maps.pop(route, None)

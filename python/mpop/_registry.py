@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ._builtins import BUILTIN_HANDLERS, RESERVED_MAX, ProcTaskFnID
+from ._builtins import BUILTIN_HANDLERS, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID
 from ._errors import RegistryError
 from ._slots import describe, is_slot_class, rebuild, slot_layout
 
@@ -160,6 +160,9 @@ class Registry:
         self.on_register = on_register
         for fn_id, fn in BUILTIN_HANDLERS.items():
             self._add(int(fn_id), fn, fn_id.name, builtin=True)
+        from ._worker import run_chunk
+
+        self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True)
 
     def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False) -> Handler:
         slot_class = _slot_mode(fn, self._default_slot)

@@ -7,9 +7,38 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 
 BOOT_FN_ID = 0xFFFFFFFF
+
+_RESOLVER = None  # this worker's handler table, for run_chunk
+
+
+def run_chunk(fn_id: int, star: bool, items: list) -> tuple:
+    """A chunk of a map(): calls the handler registered under `fn_id` on each item.
+
+    Returns (values, elapsed_ns, error): the values computed before the first failure, the
+    time spent (the owner sizes later chunks from it), and the packed failure or None."""
+    entry = _RESOLVER.resolve(fn_id) if _RESOLVER is not None else None
+    if entry is None:
+        from ._errors import RegistryError
+
+        raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
+    fn = entry[0]
+    out: list = []
+    append = out.append
+    t0 = time.perf_counter_ns()
+    try:
+        if star:
+            for x in items:
+                append(fn(*x))
+        else:
+            for x in items:
+                append(fn(x))
+    except Exception as e:
+        return out, time.perf_counter_ns() - t0, pack_error(e)
+    return out, time.perf_counter_ns() - t0, None
 
 
 def pack_error(exc: BaseException) -> bytes:
@@ -90,9 +119,11 @@ def run(name: str, worker_id: int, generation: int) -> int:
     from ._results import TaskResult
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
+    global _RESOLVER
+
     segment = _core.Segment.attach(name)
     _core.arm_worker_exit(segment)
-    resolver = _Resolver(segment)
+    resolver = _RESOLVER = _Resolver(segment)
     try:
         resolver.refresh()
         _prepare(resolver, worker_id)

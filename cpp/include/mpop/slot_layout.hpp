@@ -45,7 +45,11 @@ struct TaskHeader {
   uint8_t nargs = 0;        // positional ints (kSlotInts)
   int64_t enqueue_ns = 0;   // monotonic clock at enqueue (0 when max_performance)
   uint32_t route = 0;       // where the owner delivers the result (echoed in ResultHeader)
-  uint32_t reserved = 0;
+  uint32_t flags = 0;       // TaskFlags
+};
+
+enum TaskFlags : uint32_t {
+  kClaimAlone = 1,  // a long task (e.g. a chunk of map()): never claimed in a batch
 };
 static_assert(sizeof(TaskHeader) == 40);
 

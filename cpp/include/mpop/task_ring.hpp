@@ -34,6 +34,10 @@ enum class RingPoint { kClaimBeforeCas, kClaimAfterCas, kClaimMidCopy, kClaimBef
 struct NoHook {
   void operator()(RingPoint) const {}
 };
+// Whether a cell must be claimed on its own (never batched with others).
+struct NeverAlone {
+  bool operator()(const uint8_t*) const { return false; }
+};
 
 struct alignas(kCacheLine) RingControl {
   alignas(kCacheLine) std::atomic<uint64_t> enqueue_pos;
@@ -169,8 +173,11 @@ class TaskRing {
   // hands each body to sink(i, body) (the copy into the consumer's local queue), then
   // releases them to producers. `claim` (may be null) is raised around the claim window.
   // Returns the number claimed (0 = nothing published).
-  template <class Sink, class Hook = NoHook>
-  uint32_t claim_range(uint32_t max, ClaimState* claim, Sink&& sink, Hook&& hook = {}) {
+  // `alone(body)` marks cells that are claimed by themselves: a range stops before one,
+  // and a range that starts with one is that cell alone.
+  template <class Sink, class Hook = NoHook, class Alone = NeverAlone>
+  uint32_t claim_range(uint32_t max, ClaimState* claim, Sink&& sink, Hook&& hook = {},
+                       Alone&& alone = {}) {
     if (max == 0) return 0;
     if (max > ctl_->capacity) max = ctl_->capacity;
     if (claim) claim->in_claim.store(1, std::memory_order_seq_cst);
@@ -181,7 +188,10 @@ class TaskRing {
       while (k < max) {
         uint64_t s = seq(head + k).load(std::memory_order_acquire);
         if (s != head + k + 1) break;
+        const auto* b = static_cast<const uint8_t*>(body(head + k));
+        if (k > 0 && alone(b)) break;
         ++k;
+        if (k == 1 && alone(b)) break;
       }
       if (k == 0) {
         uint64_t s = seq(head).load(std::memory_order_acquire);

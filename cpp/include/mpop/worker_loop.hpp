@@ -9,6 +9,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -132,6 +133,11 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
   std::vector<uint8_t> value;
   value.reserve(4096);
   auto ring_hook = [&hdr](RingPoint p) { maybe_fault(hdr, fault_for(p)); };
+  auto claim_alone = [](const uint8_t* body) {
+    uint32_t flags;
+    std::memcpy(&flags, body + offsetof(TaskHeader, flags), sizeof flags);
+    return (flags & kClaimAlone) != 0;
+  };
 
   auto stop_now = [&] {
     return hdr.shutdown.load(std::memory_order_acquire) != 0 ||
@@ -171,7 +177,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
       rec.local_next.store(0, std::memory_order_relaxed);
       rec.local_count.store(i + 1, std::memory_order_release);
-    }, ring_hook);
+    }, ring_hook, claim_alone);
 
     if (k == 0) {
       if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
