@@ -358,7 +358,7 @@ class MpopApi:
             self._runtime_ref[0] = rt
             self._dispatcher = Dispatcher(rt.collector, self._handler_name, c,
                                           lambda: rt.producer.submitted)
-            for h in self._registry.handlers():
+            for h in self._registry.handlers(internal=True):
                 self._write_handler(h)
             return rt
 
@@ -521,9 +521,6 @@ class MpopApi:
         if max_in_flight is not None and (not _is_int(max_in_flight) or max_in_flight < 1):
             raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
         h = self._registry.resolve(fn)
-        if h.slot_mode:
-            raise TypeError(f"map() calls handlers with arguments; {h.name!r} is a slot-mode handler "
-                            f"(use enqueue)")
         self.start()
         return self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight, chunksize)
 
@@ -546,6 +543,8 @@ class MpopApi:
         # Read ahead at most max_in_flight items (default: four rings' worth), so memory stays
         # flat for any input length.
         items_limit = max_in_flight or 4 * self._config["queue_slots"]
+        # Keep two chunks per worker in flight within that window.
+        size_cap = max(1, min(self._CHUNK_MAX, items_limit // (2 * self._config["workers"])))
         size = chunksize or 16
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
@@ -591,7 +590,7 @@ class MpopApi:
                     if chunksize is None and values:
                         sample = elapsed_ns / len(values)
                         per_item_ns = sample if per_item_ns is None else 0.5 * per_item_ns + 0.5 * sample
-                        size = int(min(self._CHUNK_MAX, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
+                        size = int(min(size_cap, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
                     if bar is not None:
                         bar.update(len(values) + (1 if error is not None else 0))
                     yield from values

@@ -40,4 +40,4 @@ BUILTIN_HANDLERS = {
     ProcTaskFnID.MULTIPLY: multiply,
 }
 RESERVED_MAX = 0x0FFF  # ids below 0x1000 belong to the runtime
-MAP_CHUNK_ID = 0x0010  # internal: runs a chunk of a map() (mpop._worker.run_chunk)
+MAP_CHUNK_ID = 0x0FF0  # internal: runs a chunk of a map() (mpop._worker.run_chunk)

@@ -58,6 +58,7 @@ class Handler:
     fn: Callable
     slot_class: type | None  # slot mode when set
     builtin: bool = False
+    internal: bool = False  # runtime machinery, not listed
     signature: inspect.Signature | None = None
     min_pos: int = 0
     max_pos: float = float("inf")
@@ -162,7 +163,7 @@ class Registry:
             self._add(int(fn_id), fn, fn_id.name, builtin=True)
         from ._worker import run_chunk
 
-        self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True)
+        self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True).internal = True
 
     def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False) -> Handler:
         slot_class = _slot_mode(fn, self._default_slot)
@@ -267,9 +268,10 @@ class Registry:
         except TypeError:  # unhashable or not weakly referenceable
             return None
 
-    def handlers(self) -> list[Handler]:
+    def handlers(self, internal: bool = False) -> list[Handler]:
         with self._lock:
-            return sorted(self._by_id.values(), key=lambda h: h.fn_id)
+            return sorted((h for h in self._by_id.values() if internal or not h.internal),
+                          key=lambda h: h.fn_id)
 
     def get(self, fn_id: int) -> Handler | None:
         return self._by_id.get(fn_id)

@@ -25,20 +25,43 @@ def run_chunk(fn_id: int, star: bool, items: list) -> tuple:
         from ._errors import RegistryError
 
         raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
-    fn = entry[0]
+    fn, slot_class = entry
+    from ._results import TaskResult
+
     out: list = []
     append = out.append
     t0 = time.perf_counter_ns()
     try:
-        if star:
+        if slot_class is not None:  # slot mode: each item's ints go to slot.args
             for x in items:
-                append(fn(*x))
+                slot = slot_class()
+                slot.fn_id = fn_id
+                for i, v in enumerate(x if star else (x,)):
+                    slot.args[i] = v
+                append(_value_of(fn(slot), TaskResult))
+        elif star:
+            for x in items:
+                r = fn(*x)
+                append(r if r.__class__ is not TaskResult else _value_of(r, TaskResult))
         else:
             for x in items:
-                append(fn(x))
+                r = fn(x)
+                append(r if r.__class__ is not TaskResult else _value_of(r, TaskResult))
     except Exception as e:
         return out, time.perf_counter_ns() - t0, pack_error(e)
     return out, time.perf_counter_ns() - t0, None
+
+
+def _value_of(r, task_result: type):
+    """A handler's return value, unwrapping a TaskResult (raising its error)."""
+    if not isinstance(r, task_result):
+        return r
+    if not r.success:
+        from ._errors import MpopError
+
+        raise r.error if r.error is not None else MpopError(
+            f"handler returned TaskResult(success=False) with value {r.value!r}")
+    return r.value
 
 
 def pack_error(exc: BaseException) -> bytes:
