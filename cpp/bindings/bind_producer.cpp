@@ -19,9 +19,11 @@ class PyProducer {
 
   // Returns the task's seq; 0 when there was no room (non-blocking, or the timeout
   // passed); raises RuntimeError once closed and ValueError for an oversized argument.
+  // While it waits for room it calls `check()` (if given) every 100 ms, so the caller can
+  // give up on a condition only it knows about, by raising.
   uint64_t enqueue(uint32_t fn_id, uint32_t tsk_id, const py::tuple& args, const py::object& kwargs,
                    const py::object& c_args, bool slot_mode, bool blocking, const py::object& timeout,
-                   uint32_t route, bool claim_alone) {
+                   uint32_t route, bool claim_alone, const py::object& check) {
     const SlotLayout& L = seg_->config().slot;
     thread_local std::vector<uint8_t> slot;
     thread_local std::vector<uint8_t> stream;
@@ -102,6 +104,7 @@ class PyProducer {
         }
         if (last) break;
         if (out == PushOutcome::kFull && PyErr_CheckSignals() != 0) throw py::error_already_set();
+        if (out == PushOutcome::kFull && !check.is_none()) check();  // e.g. workers failed to start
       }
     }
     switch (out) {
@@ -159,7 +162,7 @@ void register_producer(py::module_& m) {
       .def("enqueue", &PyProducer::enqueue, py::arg("fn_id"), py::arg("tsk_id"), py::arg("args"),
            py::arg("kwargs") = py::none(), py::arg("c_args") = py::none(),
            py::arg("slot_mode") = false, py::arg("blocking") = true, py::arg("timeout") = py::none(),
-           py::arg("route") = 0, py::arg("claim_alone") = false)
+           py::arg("route") = 0, py::arg("claim_alone") = false, py::arg("check") = py::none())
       .def("start_feeding", [](PyProducer& p) { p.native().start_feeding(); })
       .def("pause_feeding", [](PyProducer& p) { return p.native().pause_feeding(); })
       .def("close", [](PyProducer& p) { p.native().close(); })

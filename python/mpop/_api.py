@@ -429,7 +429,7 @@ class MpopApi:
             self._write_handler(h)
         try:
             return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
-                                       timeout, route, claim_alone)
+                                       timeout, route, claim_alone, self._check_workers)
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
                 raise TypeError(str(e)[6:]) from None

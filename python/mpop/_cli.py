@@ -76,6 +76,24 @@ def _owner_alive(seg) -> bool:
     return _core.Segment.process_start_time(seg.owner_pid) == seg.owner_start_time
 
 
+def _mapped_by_any_process(name: str) -> bool:
+    """Whether any process maps or holds open /dev/shm/NAME (read from /proc)."""
+    path = os.path.join(SHM_DIR, name)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(line.rstrip().endswith(path) for line in f):
+                    return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _cleanup(args: argparse.Namespace) -> int:
     from . import _core
 
@@ -83,6 +101,16 @@ def _cleanup(args: argparse.Namespace) -> int:
     for name in _segments():
         try:
             seg = _core.Segment.attach(name)
+        except _core.LayoutMismatch:
+            # Made by another mpop version: its header cannot be read here, but a segment
+            # that no process maps any more is garbage.
+            if _mapped_by_any_process(name):
+                print(f"kept    {name}: another mpop version's segment, still in use")
+            else:
+                _core.Segment.remove(name)
+                removed += 1
+                print(f"removed {name}: another mpop version's segment, no longer in use")
+            continue
         except Exception as e:
             print(f"skipped {name}: {e}")
             continue

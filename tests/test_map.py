@@ -1,0 +1,188 @@
+"""map(): ordered and unordered results, several iterables, bounded memory for inputs much
+longer than the ring, errors raised from the iterator, progress."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from mpop import MpopApi, ProcTaskFnID
+from _helpers import leak_check
+
+TIMEOUT = 60
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks():
+    with leak_check():
+        yield
+
+
+@pytest.fixture(scope="module")
+def app():
+    with leak_check():
+        a = MpopApi(workers=2, queue_slots=64, auto_terminate=False)
+        a.start()  # before any test's own leak check: the app outlives single tests
+        try:
+            yield a
+        finally:
+            a.shutdown()
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def jittery_square(x: int) -> int:
+    if x % 5 == 0:
+        time.sleep(0.005)
+    return x * x
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def fails_at_five(x: int) -> int:
+    if x == 5:
+        raise KeyError(f"no item {x}")
+    return x
+
+
+def concat(a: str, b: str, c: str = "") -> str:
+    return a + b + c
+
+
+def test_ordered(app):
+    assert list(app.map(jittery_square, range(300))) == [x * x for x in range(300)]
+
+
+def test_unordered_same_multiset(app):
+    got = list(app.map(jittery_square, range(300), ordered=False))
+    assert len(got) == 300
+    assert sorted(got) == sorted(x * x for x in range(300))
+
+
+def test_multiple_iterables(app):
+    assert list(app.map(pow, [2, 3, 4], [5, 2, 3])) == [32, 9, 64]
+    assert list(app.map(concat, ["a", "b"], ["x", "y"], ["1", "2"])) == ["ax1", "by2"]
+    # Like the builtin map: stops at the shortest iterable.
+    assert list(app.map(ProcTaskFnID.ADD, range(10), range(3))) == [0, 2, 4]
+
+
+def test_empty_iterable(app):
+    assert list(app.map(square, [])) == []
+    assert list(app.map(square, iter(()), ordered=False)) == []
+
+
+def test_builtin_by_id(app):
+    assert list(app.map(ProcTaskFnID.INCREMENT, range(5))) == [1, 2, 3, 4, 5]
+
+
+def test_long_generator_input_runs_in_bounded_flight(app):
+    n = 50_000
+    produced = 0
+    in_flight_max = 0
+
+    def source():
+        nonlocal produced
+        for i in range(n):
+            produced += 1
+            yield i
+
+    consumed = 0
+    total = 0
+    for v in app.map(ProcTaskFnID.INCREMENT, source()):
+        total += v
+        consumed += 1
+        in_flight_max = max(in_flight_max, produced - consumed)
+    assert consumed == n and produced == n
+    assert total == sum(range(1, n + 1))
+    # The generator is never read far ahead of the results (queue_slots=64): memory stays flat.
+    assert in_flight_max <= 4 * 64 + 1, in_flight_max
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_max_in_flight(app, ordered):
+    produced = 0
+
+    def source():
+        nonlocal produced
+        for i in range(500):
+            produced += 1
+            yield i
+
+    ahead = []
+    got = []
+    for v in app.map(inc, source(), max_in_flight=8, ordered=ordered):
+        got.append(v)
+        ahead.append(produced - len(got))
+    assert sorted(got) == [i + 1 for i in range(500)]
+    if ordered:
+        assert got == [i + 1 for i in range(500)]
+    assert max(ahead) <= 8, max(ahead)
+
+
+def test_failing_item_raises_from_the_iterator(app):
+    it = app.map(fails_at_five, range(10))
+    got = [next(it) for _ in range(5)]
+    assert got == [0, 1, 2, 3, 4]
+    with pytest.raises(KeyError, match="no item 5"):
+        next(it)
+
+
+def test_failing_item_unordered(app):
+    got = []
+    with pytest.raises(KeyError, match="no item 5"):
+        for v in app.map(fails_at_five, range(10), ordered=False):
+            got.append(v)
+    assert 5 not in got and set(got) <= set(range(10))
+
+
+def test_app_usable_after_abandoned_map(app):
+    it = app.map(jittery_square, range(1000))
+    assert next(it) == 0
+    it.close()  # abandon with tasks still in flight
+    assert list(app.map(inc, range(200), timeout=TIMEOUT)) == [i + 1 for i in range(200)]
+    assert app.submit(inc, 41).result(timeout=TIMEOUT) == 42
+
+
+def slow_identity(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+def test_new_map_while_the_ring_is_full_of_other_work():
+    # The abandoned map leaves the ring full of slow tasks; the next map's first item
+    # finds no room and must wait for room, not for a result it never sent.
+    with MpopApi(workers=1, queue_slots=64, auto_terminate=False) as a:
+        it = a.map(slow_identity, range(1000))
+        assert next(it) == 0
+        it.close()
+        assert list(a.map(inc, range(3), timeout=20)) == [1, 2, 3]
+
+
+def test_map_timeout(app):
+    it = app.map(time.sleep, [2.0, 2.0], timeout=0.2)
+    with pytest.raises(TimeoutError):
+        list(it)
+    assert app.wait(timeout=TIMEOUT)
+
+
+def test_progress(app, capsys):
+    assert list(app.map(square, range(30), progress=True)) == [x * x for x in range(30)]
+    err = capsys.readouterr().err
+    assert "mpop" in err
+    assert re.search(r"\b30(/\S+)?\s*\[|\b30 *task|\b30it|\b30/30", err), err
+
+
+def test_map_starts_workers_by_itself():
+    with MpopApi(workers=1) as a:
+        assert list(a.map(square, range(4))) == [0, 1, 4, 9]
+
+
+def test_map_rejects_no_iterables(app):
+    with pytest.raises(TypeError):
+        app.map(square)

@@ -1,0 +1,93 @@
+"""mpop in a Jupyter notebook: handlers defined in cells, submit/map, the status views and
+shutdown, executed by a real kernel through nbclient."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import _helpers
+from _helpers import PYDIR, leak_check
+
+CELLS = [
+    # 0: the kernel finds this checkout's mpop however it was started
+    f"import sys\nsys.path.insert(0, {str(PYDIR)!r})\nimport mpop\nprint('mpop', mpop.__version__)",
+    # 1: a handler defined in a cell (lives in the kernel's __main__)
+    "def handler(x, k=1):\n    return x * 3 + k",
+    # 2
+    "app = mpop.MpopApi(workers=2, auto_terminate=False)\n"
+    "fut = app.submit(handler, 4, k=2)\n"
+    "print('submit', fut.result(timeout=60))",
+    # 3
+    "print('map', list(app.map(handler, range(6))))",
+    # 4: a lambda and a closure from cells
+    "offset = 100\n"
+    "print('lambda', app.submit(lambda v: v + offset, 1).result(timeout=60))\n"
+    "print('unordered', sorted(app.map(lambda v: -v, range(4), ordered=False)))",
+    # 5
+    "app.print_status()",
+    # 6: the classic enqueue/run loop with a handler from a cell
+    "for i in range(5):\n"
+    "    app.enqueue(handler, args=(i,), tsk_id=i)\n"
+    "print('run', app.run().values())",
+    # 7
+    "name = app.segment_name\n"
+    "app.shutdown()\n"
+    "import os\n"
+    "print('shutdown', app.segment_name, os.path.exists('/dev/shm/' + name))",
+    # 8: the live view while run() blocks, shown in the notebook
+    "live = mpop.MpopApi(workers=1, display=True)\n"
+    "for i in range(3):\n"
+    "    live.enqueue(mpop.ProcTaskFnID.INCREMENT, args=(i,))\n"
+    "print('display-run', live.run().values())\n"
+    "live.shutdown()",
+    # 9: a progress bar in a notebook does not break map
+    "with mpop.MpopApi(workers=1) as a:\n"
+    "    print('progress', sum(a.map(handler, range(10), progress=True)))",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks():
+    with leak_check():
+        yield
+
+
+def _text(output) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    data = output.get("data", {})
+    return data.get("text/plain", "")
+
+
+def test_notebook_end_to_end(monkeypatch, tmp_path):
+    # The kernel inherits the environment: make it find this checkout's mpop too.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PYDIR), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        _helpers.SPAWNED.add(client.km.provisioner.process.pid)  # may own segments
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+    outs = ["".join(_text(o) for o in cell.outputs) for cell in nb.cells]
+    errors = [o for cell in nb.cells for o in cell.outputs if o.get("output_type") == "error"]
+    assert not errors, errors
+
+    assert outs[0].startswith("mpop ")
+    assert outs[2].strip() == "submit 14"
+    assert outs[3].strip() == "map [1, 4, 7, 10, 13, 16]"
+    assert outs[4].splitlines() == ["lambda 101", "unordered [-3, -2, -1, 0]"]
+    for title in ("mpop config", "mpop queue", "mpop workers"):
+        assert title in outs[5]
+    assert outs[6].strip() == "run [1, 4, 7, 10, 13]"
+    assert outs[7].strip() == "shutdown None False"
+    # display=True in a notebook: an updatable display output with the status view.
+    displays = [o for o in nb.cells[8].outputs if o.get("output_type") == "display_data"]
+    assert displays, nb.cells[8].outputs
+    assert any("mpop workers" in _text(o) for o in displays), displays
+    assert "display-run [1, 2, 3]" in outs[8]
+    assert "progress 145" in outs[9]
