@@ -543,9 +543,12 @@ class MpopApi:
         # Read ahead at most max_in_flight items (default: four rings' worth), so memory stays
         # flat for any input length.
         items_limit = max_in_flight or 4 * self._config["queue_slots"]
-        # Keep two chunks per worker in flight within that window.
+        # Keep two chunks per worker in flight within that window. With max_tasks_per_worker,
+        # every item stays one task, so that recycling counts items.
         size_cap = max(1, min(self._CHUNK_MAX, items_limit // (2 * self._config["workers"])))
-        size = chunksize or 16
+        if self._config["max_tasks_per_worker"]:
+            size_cap = 1
+        size = min(chunksize or 16, size_cap)
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
         sent = done = 0
