@@ -3,7 +3,7 @@
 #   make run          set up, then run the demo (python -m mpop demo)
 #   make test         set up, then the native suites (plain, ASan+UBSan, TSan) and pytest
 #   make native-test  only the native GoogleTest suites, in build/{native,asan,tsan}
-#   make bench        set up, then python -m mpop bench
+#   make bench        set up, then python -m mpop bench and the pytest benchmarks
 #   make native-bench the Google Benchmark of the task ring (build/native)
 #   make clean        remove build trees and the install stamp (keeps .venv)
 #   make distclean    clean, and remove .venv
@@ -58,6 +58,7 @@ test: setup native-test pytest
 
 bench: setup
 	$(PY) -m mpop bench
+	$(PY) -m pytest benchmarks -q
 
 setup: apt-deps $(INSTALL_STAMP)
 

@@ -1,0 +1,53 @@
+"""Shared pools for the side-by-side benchmarks, and a closing table of mpop/stdlib ratios.
+
+    python -m pytest benchmarks            # or: make bench (the CLI table)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+import mpop
+from mpop._workloads import inc
+
+_stats: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="session")
+def app():
+    with mpop.MpopApi(workers=2, auto_terminate=False, max_performance=True) as a:
+        a.start()
+        list(a.map(inc, range(1000)))  # warm: workers up, handler loaded
+        yield a
+
+
+@pytest.fixture(scope="session")
+def pool():
+    p = multiprocessing.get_context("fork").Pool(2)
+    p.map(inc, range(1000))
+    yield p
+    p.terminate()
+    p.join()
+
+
+@pytest.fixture
+def record(request):
+    """record(pair, side, benchmark): remember a benchmark's mean for the ratio table."""
+
+    def _record(pair: str, side: str, benchmark) -> None:
+        _stats.setdefault(pair, {})[side] = benchmark.stats.stats.mean
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _stats:
+        return
+    tr = terminalreporter
+    tr.section("mpop vs stdlib (same run; ratio = stdlib time / mpop time)")
+    for pair, sides in sorted(_stats.items()):
+        if "mpop" in sides and "stdlib" in sides:
+            tr.write_line(f"{pair:<40} mpop {sides['mpop'] * 1e3:9.3f} ms   stdlib "
+                          f"{sides['stdlib'] * 1e3:9.3f} ms   ratio {sides['stdlib'] / sides['mpop']:6.2f}x")
