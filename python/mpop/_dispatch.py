@@ -93,7 +93,8 @@ class Dispatcher:
         self.debug = config.get("debug", False) and not config.get("max_performance", False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._work = threading.Event()  # set when a future is registered
+        self._work = threading.Event()  # wakes the background thread
+        self._sleeping = False  # the background thread waits on _work (set it only then)
 
     # -- draining ---------------------------------------------------------------------------
 
@@ -144,7 +145,6 @@ class Dispatcher:
 
     def _run_background(self) -> None:
         while True:
-            self._work.clear()
             if self._stop.is_set():
                 return
             if self.futures:
@@ -155,7 +155,13 @@ class Dispatcher:
                         self._drain_lock.release()
                 continue
             if self._submitted() <= self.finished:
-                self._work.wait(1.0)  # nothing in flight: sleep until work is queued
+                # Nothing in flight: sleep until work is queued. _sleeping goes up before the
+                # re-check, so a producer either sees it and wakes us, or we see its work.
+                self._sleeping = True
+                self._work.clear()
+                if self._submitted() <= self.finished and not self.futures and not self._stop.is_set():
+                    self._work.wait(1.0)
+                self._sleeping = False
                 continue
             # Tasks in flight and no future: callers that block (run, map, wait) drain for
             # themselves; step in only when results sit undrained. A snapshot read, so the
@@ -170,7 +176,7 @@ class Dispatcher:
 
     def notify_work(self) -> None:
         """Called when tasks are queued: wakes the background thread if it sleeps."""
-        if not self._work.is_set():
+        if self._sleeping:
             self._work.set()
 
     def stop_background(self) -> None:
@@ -247,7 +253,7 @@ class Dispatcher:
                 self.futures[seq] = fut
         if rec is not None:
             self._settle(fut, rec)
-        else:
+        elif self._sleeping:
             self._work.set()
 
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> None:
