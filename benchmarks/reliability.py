@@ -20,6 +20,13 @@ from pathlib import Path
 
 LIMIT = 40.0  # seconds a scenario may take before we call it hung
 
+try:  # the children import the same mpop as this script (installed, or ../python)
+    import mpop
+
+    MPOP_DIR = Path(mpop.__file__).resolve().parents[1]
+except ImportError:
+    MPOP_DIR = Path(__file__).resolve().parents[1] / "python"
+
 COMMON = textwrap.dedent("""
     import concurrent.futures as cf, json, multiprocessing as mp, os, signal, sys, time
     import mpop
@@ -135,8 +142,7 @@ def alive(pid: int) -> bool:
 def run_one(kind: str, scenario: str) -> str:
     code = COMMON + f"\nKIND = {kind!r}\n" + textwrap.dedent(SCENARIOS[scenario])
     env = dict(os.environ)
-    repo_python = Path(__file__).resolve().parents[1] / "python"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(repo_python)]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MPOP_DIR), env.get("PYTHONPATH")]))
     import tempfile
 
     # Output goes to a file, not a pipe: orphaned workers holding a pipe open would make

@@ -12,8 +12,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import mpop
+
 REPO = Path(__file__).resolve().parents[1]
-PYDIR = REPO / "python"
+# Where the mpop under test lives: site-packages of the venv under `make test`, python/ in a
+# development tree with a local build. Child interpreters must import that same mpop.
+PYDIR = Path(mpop.__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 SHM = Path("/dev/shm")
 
@@ -23,7 +27,7 @@ SETTLE_TIMEOUT = 10.0
 
 
 def env_with_pythonpath(**extra: str) -> dict:
-    """os.environ with the repository's python/ first on PYTHONPATH."""
+    """os.environ with the mpop under test first on PYTHONPATH."""
     env = dict(os.environ)
     parts = [str(PYDIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
@@ -180,3 +184,36 @@ def leak_check(settle: float = SETTLE_TIMEOUT) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.kill(p, 9)
     assert not problems, "; ".join(problems)
+
+
+# -- per-file leak checks of the unit-style suites ---------------------------------------------
+
+
+def live_children() -> set[int]:
+    """Pids of this process's live (non-zombie) children."""
+    me = os.getpid()
+    out = set()
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            st = _stat(int(p))
+            if st is not None and st[1] == me and st[0] != "Z":
+                out.add(int(p))
+    return out
+
+
+def no_leaks_fixture(prefix: str):
+    """An autouse fixture: each test leaves no /dev/shm segment named `prefix`... and no
+    child process behind."""
+    import pytest
+
+    def entries() -> set:
+        return {e for e in os.listdir(SHM) if e.startswith(prefix)}
+
+    @pytest.fixture(autouse=True)
+    def no_leaks():
+        shm_before, kids_before = entries(), live_children()
+        yield
+        assert entries() - shm_before == set(), "test left /dev/shm segments behind"
+        assert live_children() - kids_before == set(), "test left child processes behind"
+
+    return no_leaks

@@ -7,40 +7,18 @@ import os
 import pytest
 
 import mpop
+from _helpers import live_children, no_leaks_fixture
 
 # Every app of this file uses this segment-name prefix, so the leak check below only looks
 # at segments this test process made (other test runs may share /dev/shm).
 PREFIX = f"mpop-cfg{os.getpid()}"
 
 
+no_leaks = no_leaks_fixture(PREFIX)
+
+
 def _shm_entries() -> set:
     return {e for e in os.listdir("/dev/shm") if e.startswith(PREFIX)}
-
-
-def _live_children() -> set:
-    me = os.getpid()
-    out = set()
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == me:
-            out.add(int(p))
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """Each test must leave no shared-memory segment and no child process behind."""
-    shm_before, kids_before = _shm_entries(), _live_children()
-    yield
-    assert _shm_entries() - shm_before == set(), "test left /dev/shm segments behind"
-    assert _live_children() - kids_before == set(), "test left child processes behind"
 
 
 def make_app(**kw) -> mpop.MpopApi:
@@ -368,10 +346,10 @@ def test_construction_creates_no_segment_until_used():
 
 
 def test_construction_starts_no_process():
-    kids = _live_children()
+    kids = live_children()
     app = make_app(workers=2)
     try:
-        assert _live_children() == kids
+        assert live_children() == kids
     finally:
         app.shutdown()
 

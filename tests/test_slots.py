@@ -7,6 +7,7 @@ import os
 import pytest
 
 import mpop
+from _helpers import no_leaks_fixture
 from mpop._slots import read_meta
 
 PREFIX = f"mpop-slt{os.getpid()}"
@@ -15,33 +16,7 @@ TIMEOUT = 120  # a safety net against hangs, never a performance expectation
 BUILTIN_SLOTS = [mpop.TaskSlot128, mpop.TaskSlot128_cargs, mpop.TaskSlot196, mpop.TaskSlot196_cargs]
 
 
-def _shm_entries() -> set:
-    return {e for e in os.listdir("/dev/shm") if e.startswith(PREFIX)}
-
-
-def _live_children() -> set:
-    me = os.getpid()
-    out = set()
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rfind(")") + 2:].split()[1]) == me:
-            out.add(int(p))
-    return out
-
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """Each test must leave no shared-memory segment and no child process behind."""
-    shm_before, kids_before = _shm_entries(), _live_children()
-    yield
-    assert _shm_entries() - shm_before == set(), "test left /dev/shm segments behind"
-    assert _live_children() - kids_before == set(), "test left child processes behind"
+no_leaks = no_leaks_fixture(PREFIX)
 
 
 def make_app(**kw) -> mpop.MpopApi:
