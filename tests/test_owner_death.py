@@ -89,24 +89,32 @@ def test_exit_without_shutdown_leaves_nothing(tmp_path):
     assert proc.stderr == ""
 
 
-def test_cleanup_removes_segments_of_dead_owners_only(tmp_path):
-    script = tmp_path / "leak.py"
+LEAK = textwrap.dedent("""
+    import os, signal, mpop
+    app = mpop.MpopApi(workers=1)
+    app.enqueue(pow, args=(2, 3))
+    print(app.segment_name, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def _leak_a_segment(tmp_path) -> str:
     # An owner killed before its workers start leaves its segment behind (no worker exists
-    # to remove it): exactly what cleanup is for.
-    script.write_text(textwrap.dedent("""
-        import os, signal, mpop
-        app = mpop.MpopApi(workers=1)
-        app.enqueue(pow, args=(2, 3))
-        print(app.segment_name, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
-    """))
+    # to remove it).
+    script = tmp_path / "leak.py"
+    script.write_text(LEAK)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(),
                           timeout=60)
-    dead_name = proc.stdout.split()[0]
-    assert os.path.exists(f"/dev/shm/{dead_name}")
+    name = proc.stdout.split()[0]
+    assert os.path.exists(f"/dev/shm/{name}")
+    return name
+
+
+def test_cleanup_removes_segments_of_dead_owners_only(tmp_path):
     with mpop.MpopApi(workers=1) as live:
         live.enqueue(pow, args=(2, 3))
         live_name = live.segment_name
+        dead_name = _leak_a_segment(tmp_path)
         out = subprocess.run([sys.executable, "-m", "mpop", "cleanup"], capture_output=True, text=True,
                              env=_env(), timeout=60)
         assert out.returncode == 0, out.stderr
@@ -115,3 +123,14 @@ def test_cleanup_removes_segments_of_dead_owners_only(tmp_path):
         assert not os.path.exists(f"/dev/shm/{dead_name}")
         assert os.path.exists(f"/dev/shm/{live_name}")
         assert live.run().values() == [8]
+
+
+def test_next_start_cleans_up_after_a_dead_owner(tmp_path):
+    dead_name = _leak_a_segment(tmp_path)
+    script = tmp_path / "next.py"
+    script.write_text("import mpop\nwith mpop.MpopApi(workers=1) as app:\n"
+                      "    app.enqueue(pow, args=(2, 5))\n    print(app.run().values())\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(),
+                          timeout=60)
+    assert proc.stdout.strip() == "[32]", proc.stderr
+    assert not os.path.exists(f"/dev/shm/{dead_name}")

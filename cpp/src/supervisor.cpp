@@ -144,6 +144,9 @@ void Supervisor::spawn(uint32_t id) {
   rec.running_since_ns.store(0);
   rec.claim.in_claim.store(0);
   rec.publish.in_claim.store(0);
+  // The last process's pooled result block, if any, was freed or handed on when it died:
+  // the new one starts without, or its own death (before its first result) frees it again.
+  rec.result_ref.store(0);
   rec.start_error[0] = '\0';
   rec.pid.store(0);
   rec.generation.store(c.gen);

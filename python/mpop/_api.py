@@ -57,6 +57,7 @@ class _Runtime:
         self.collector = collector
         self.supervisor = None
         self.forkserver = None
+        self.dispatcher: Dispatcher | None = None
         self.closed = False
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
@@ -68,12 +69,34 @@ class _Runtime:
         if self.closed:
             return
         self.closed = True
+        # First the result thread: at interpreter exit a daemon thread still inside native
+        # code would be killed while retaking the GIL, which aborts the process.
+        if self.dispatcher is not None:
+            self.dispatcher.stop_background()
         self.producer.close()
         self.segment.set_shutdown()
         self.stop_workers(graceful=False, timeout=2.0)
         if self.forkserver is not None:
             self.forkserver.close()
         self.segment.leave()
+
+
+_cleaned = False
+
+
+def _cleanup_dead_owners_once() -> None:
+    """The first app of a process removes segments left by owners that died (API.md: "the
+    next start cleans up after a dead owner")."""
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    try:
+        from ._cleanup import remove_dead_segments
+
+        remove_dead_segments()
+    except Exception as e:  # never let housekeeping stop an app from starting
+        log.debug("cleanup of dead owners' segments failed: %r", e)
 
 
 def _finalize(runtime_ref: list) -> None:
@@ -134,8 +157,6 @@ class MpopApi:
                 bad(str(e))
         if not _is_int(worker_batch_size) or worker_batch_size < 1:
             bad(f"worker_batch_size must be an int >= 1, got {worker_batch_size!r}")
-        elif worker_batch_size > 4096:
-            bad(f"worker_batch_size must be at most 4096, got {worker_batch_size!r}")
         for pname, v in (("display", display), ("auto_terminate", auto_terminate), ("debug", debug),
                          ("max_performance", max_performance)):
             if not isinstance(v, bool):
@@ -221,7 +242,13 @@ class MpopApi:
         self._registry = Registry(slot_class, on_register=self._on_register)
         self._finalizer = weakref.finalize(self, _finalize, self._runtime_ref)
         if handler_module is not None:
-            self.register_handlers(module=handler_module)
+            try:
+                self.register_handlers(module=handler_module)
+            except ImportError as e:
+                raise ConfigError(f"handler_module {self._config['handler_module']!r} cannot be "
+                                  f"imported: {e}") from e
+            except RegistryError as e:
+                raise ConfigError(f"handler_module {self._config['handler_module']!r}: {e}") from e
 
     # -- configuration helpers --------------------------------------------------------------
 
@@ -341,9 +368,11 @@ class MpopApi:
             self._check_open()
             c = self._config
             result_slots = max(c["queue_slots"], 1024)
+            _cleanup_dead_owners_once()
             seg = _core.Segment.create(
                 c["name"], self._layout, c["queue_slots"], result_slots, c["scale_limit"],
-                c["worker_batch_size"], c["pool_bytes"], c["registry_bytes"], debug=c["debug"],
+                # a claim never takes more than the ring holds: size local queues to match
+                min(c["worker_batch_size"], c["queue_slots"]), c["pool_bytes"], c["registry_bytes"], debug=c["debug"],
                 debug_delay=c["debug_delay"], max_performance=c["max_performance"],
                 max_tasks_per_worker=c["max_tasks_per_worker"] or 0)
             rt = _Runtime(seg, _core.Producer(seg), _core.Collector(seg))
@@ -356,8 +385,8 @@ class MpopApi:
             seg.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
             self._runtime = rt
             self._runtime_ref[0] = rt
-            self._dispatcher = Dispatcher(rt.collector, self._handler_name, c,
-                                          lambda: rt.producer.submitted)
+            self._dispatcher = rt.dispatcher = Dispatcher(rt.collector, self._handler_name, c,
+                                                          lambda: rt.producer.submitted)
             for h in self._registry.handlers(internal=True):
                 self._write_handler(h)
             return rt
@@ -543,11 +572,11 @@ class MpopApi:
         # Read ahead at most max_in_flight items (default: four rings' worth), so memory stays
         # flat for any input length.
         items_limit = max_in_flight or 4 * self._config["queue_slots"]
-        # Keep two chunks per worker in flight within that window. With max_tasks_per_worker,
-        # every item stays one task, so that recycling counts items.
+        # Keep two chunks per worker in flight within that window. With max_tasks_per_worker
+        # or task_timeout, every item stays one task.
         size_cap = max(1, min(self._CHUNK_MAX, items_limit // (2 * self._config["workers"])))
-        if self._config["max_tasks_per_worker"]:
-            size_cap = 1
+        if self._config["max_tasks_per_worker"] or self._config["task_timeout"]:
+            size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight

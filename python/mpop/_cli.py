@@ -9,9 +9,6 @@ import time
 
 __all__ = ["main"]
 
-SHM_DIR = "/dev/shm"
-
-
 def _demo(args: argparse.Namespace) -> int:
     import multiprocessing
 
@@ -50,93 +47,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segments() -> list[str]:
-    """Names of the mpop segments here, recognised by their magic number (whatever
-    name= prefix their app used)."""
-    from . import _core
-
-    names = []
-    try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:  # pragma: no cover
-        return []
-    for n in sorted(entries):
-        try:
-            with open(os.path.join(SHM_DIR, n), "rb") as f:
-                if int.from_bytes(f.read(8), "little") == _core.SEGMENT_MAGIC:
-                    names.append(n)
-        except OSError:
-            continue
-    return names
-
-
-def _owner_alive(seg) -> bool:
-    from . import _core
-
-    return _core.Segment.process_start_time(seg.owner_pid) == seg.owner_start_time
-
-
-def _mapped_by_any_process(name: str) -> bool:
-    """Whether any process maps or holds open /dev/shm/NAME (read from /proc)."""
-    path = os.path.join(SHM_DIR, name)
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if any(line.rstrip().endswith(path) for line in f):
-                    return True
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
-                    return True
-        except OSError:
-            continue
-    return False
-
-
 def _cleanup(args: argparse.Namespace) -> int:
-    from . import _core
+    from ._cleanup import remove_dead_segments
 
-    removed = 0
-    for name in _segments():
-        try:
-            seg = _core.Segment.attach(name)
-        except _core.LayoutMismatch:
-            # Made by another mpop version: its header cannot be read here, but a segment
-            # that no process maps any more is garbage.
-            if _mapped_by_any_process(name):
-                print(f"kept    {name}: another mpop version's segment, still in use")
-            else:
-                _core.Segment.remove(name)
-                removed += 1
-                print(f"removed {name}: another mpop version's segment, no longer in use")
-            continue
-        except Exception as e:
-            print(f"skipped {name}: {e}")
-            continue
-        alive = _owner_alive(seg)
-        if alive:
-            print(f"kept    {name}: owner pid {seg.owner_pid} is alive")
-            seg.leave()
-            continue
-        seg.set_shutdown()  # any worker left behind leaves now
-        seg.leave()
-        _core.Segment.remove(name)
-        removed += 1
-        print(f"removed {name}: owner pid {seg.owner_pid} is gone")
-    print(f"{removed} segment(s) removed")
+    removed = remove_dead_segments(report=print)
+    print(f"{len(removed)} segment(s) removed")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from . import _core
+    from ._cleanup import owner_alive, segments
     from ._status import format_status
 
     try:
         seg = _core.Segment.attach(args.name)
     except Exception as e:
         print(f"cannot attach {args.name!r}: {e}", file=sys.stderr)
-        print("segments here: " + (", ".join(_segments()) or "none"), file=sys.stderr)
+        print("segments here: " + (", ".join(segments()) or "none"), file=sys.stderr)
         return 1
     try:
         while True:
@@ -144,8 +72,8 @@ def _status(args: argparse.Namespace) -> int:
             status["queue"]["owner_pid"] = seg.owner_pid
             text = format_status(status, config=False)
             print(f"mpop segment {args.name} (owner pid {seg.owner_pid}, "
-                  f"{'alive' if _owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
-            if args.once or not _owner_alive(seg):
+                  f"{'alive' if owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
+            if args.once or not owner_alive(seg):
                 return 0
             time.sleep(args.interval)
     except KeyboardInterrupt:

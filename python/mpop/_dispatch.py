@@ -209,6 +209,10 @@ class Dispatcher:
         seq, tsk_id, fn_id, worker_id, attempts, status, value, enq, start, end, route = rec
         if self.keep_timings and start:
             self.timings.append(((start - enq) / 1e9 if enq else 0.0, (end - start) / 1e9))
+        if self.debug and route != ROUTE_PLAIN:
+            what = "map chunk" if route >= 2 else "task"
+            log.debug("%s %s %s on worker %s -> %s", what, tsk_id, self._names(fn_id), worker_id,
+                      "ok" if status == OK else ("error", "crashed", "timed out", "cancelled")[status - 1])
         if route >= 2:
             state = self.maps.get(route)
             if state is not None and not state.closed:

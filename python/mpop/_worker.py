@@ -162,8 +162,8 @@ def run(name: str, worker_id: int, generation: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpop._worker SEGMENT WORKER_ID GENERATION`` (spawn start method)."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 3 and argv[0] == "--forkserver":
-        return forkserver_main(argv[1], int(argv[2]))
+    if len(argv) == 4 and argv[0] == "--forkserver":
+        return forkserver_main(argv[1], int(argv[2]), int(argv[3]))
     if len(argv) != 3:
         print("usage: python -m mpop._worker SEGMENT WORKER_ID GENERATION", file=sys.stderr)
         return 2
@@ -186,7 +186,7 @@ def _set_parent_death_signal() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def forkserver_main(name: str, owner_pid: int) -> int:
+def forkserver_main(name: str, owner_pid: int, stdout_fd: int = -1) -> int:
     """A fork server: a fresh interpreter that imports mpop and the handler module once,
     then forks one worker per request line ``ID GENERATION`` on stdin, answering with the
     child's pid. It never imports the owner's ``__main__``; it exits when stdin closes or
@@ -213,7 +213,12 @@ def forkserver_main(name: str, owner_pid: int) -> int:
         if pid == 0:
             try:
                 sys.stdin.close()
-                os.close(1)
+                # fd 1 was our pipe to the owner: give the worker the owner's stdout instead
+                # (closing it would let another file take fd 1 and print() write into it).
+                if stdout_fd >= 0:
+                    os.dup2(stdout_fd, 1)
+                else:
+                    os.dup2(2, 1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _set_parent_death_signal()
                 code = run(name, worker_id, generation)
@@ -240,9 +245,13 @@ class ForkServer:
         import subprocess
 
         if self.proc is None or self.proc.poll() is not None:
+            try:
+                out = sys.stdout.fileno()
+            except (AttributeError, OSError, ValueError):  # e.g. a notebook's stdout
+                out = 2
             self.proc = subprocess.Popen(
-                [*self.argv_prefix, "--forkserver", self.name, str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                [*self.argv_prefix, "--forkserver", self.name, str(os.getpid()), str(out)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(out,))
         self.proc.stdin.write(f"{worker_id} {generation}\n".encode())
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()

@@ -209,11 +209,13 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
         nanosleep(&ts, nullptr);
         runner.after_sleep();
       }
-      int64_t start = timing ? monotonic_ns() : 0;
+      // The start time is kept even with max_performance: task_timeout depends on it.
+      const int64_t began = monotonic_ns();
+      int64_t start = timing ? began : 0;
       rec.running_seq.store(th.seq, std::memory_order_relaxed);
       rec.running_fn.store(fn_id, std::memory_order_relaxed);
       rec.running_tsk.store(tsk_id, std::memory_order_relaxed);
-      rec.running_since_ns.store(start ? start : 1, std::memory_order_relaxed);
+      rec.running_since_ns.store(began, std::memory_order_relaxed);
       e.state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_release);
       if (has_meta) {
         TaskMeta m{th.enqueue_ns, start, 0, static_cast<uint16_t>(th.attempts + 1),
