@@ -496,7 +496,6 @@ class MpopApi:
         label = self._label(tsk_id)
         seq = self._push(h, label, args, kwargs, c_args, blocking, timeout, ROUTE_PLAIN)
         if seq:
-            self._dispatcher.notify_work()
             return True
         if not blocking:
             return False
