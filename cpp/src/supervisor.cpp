@@ -285,10 +285,16 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
       ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
                                   std::move(local_seqs)});
     if (rec.publish.in_claim.load(std::memory_order_seq_cst) &&
-        rec.publish.head < seg_.results().enqueue_pos())
+        rec.publish.head < seg_.results().enqueue_pos()) {
+      // A cell it reserved (count is set once the CAS succeeded) and no longer reserved-
+      // unpublished carries its result: the collector frees that block. Otherwise the
+      // block is freed by the recovery: its cell is voided, or it never got one (another
+      // worker took that position while it was in its window).
+      const bool out = rec.publish.count != 0 &&
+                       !seg_.results().is_reserved_unpublished(rec.publish.head);
       publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
-                                     rec.result_ref.load(), rec.result_len.load()});
-    else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())
+                                     out ? 0 : rec.result_ref.load(), rec.result_len.load()});
+    } else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())
       seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
     rec.restarts.fetch_add(1);
     rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
@@ -354,8 +360,8 @@ void Supervisor::run_recoveries() {
         r.status = ResultStatus::kVoid;
         std::memcpy(body, &r, sizeof r);
       });
-      if (it->value_ref) seg_.pool().free(it->value_ref, it->value_len);
     }
+    if (it->value_ref) seg_.pool().free(it->value_ref, it->value_len);
     it = publish_recoveries_.erase(it);
   }
 }

@@ -22,7 +22,9 @@ constexpr bool is_power_of_two(uint64_t n) { return n >= 1 && (n & (n - 1)) == 0
 // it may have held (see DESIGN.md, "A crash-exact protocol").
 struct alignas(kCacheLine) ClaimState {
   std::atomic<uint32_t> in_claim{0};
-  uint32_t count{0};             // cells in the claim being copied
+  uint32_t count{0};             // cells in the claim being copied (try_push: 0 until the
+                                 // CAS has reserved them, so a dead producer's window tells
+                                 // whether the cells at `head` were ever its own)
   std::atomic<uint64_t> epoch{0};  // bumped after each completed claim
   uint64_t head{0};              // first position of the claim being copied
 };
@@ -30,7 +32,7 @@ struct alignas(kCacheLine) ClaimState {
 // Points inside claim_range / try_push where a fault-injection hook is called (tests kill
 // a worker at each of them to prove recovery exact).
 enum class RingPoint { kClaimBeforeCas, kClaimAfterCas, kClaimMidCopy, kClaimBeforeRelease,
-                       kPushReserved };
+                       kPushReserved, kPushBeforeCas };
 struct NoHook {
   void operator()(RingPoint) const {}
 };
@@ -127,13 +129,15 @@ class TaskRing {
       }
       if (window) {
         window->head = pos;
-        window->count = k;
+        window->count = 0;
         window->in_claim.store(1, std::memory_order_seq_cst);
       }
+      hook(RingPoint::kPushBeforeCas);
       if (ctl_->enqueue_pos.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed))
         break;
       if (window) window->in_claim.store(0, std::memory_order_relaxed);
     }
+    if (window) window->count = k;
     hook(RingPoint::kPushReserved);
     for (uint32_t i = 0; i < k; ++i) fill(i, body(pos + i));
     for (uint32_t i = 0; i < k; ++i) seq(pos + i).store(pos + i + 1, std::memory_order_release);

@@ -73,6 +73,7 @@ enum class FaultStep : uint32_t {
   kAfterPublish = 8,        // result published, task not marked done
   kIdle = 9,                // about to sleep with nothing to do
   kResultPooled = 10,       // a pooled result block allocated and written, not published
+  kPublishBeforeCas = 11,   // publication window raised, result cell not yet reserved
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the
@@ -93,6 +94,7 @@ inline FaultStep fault_for(RingPoint p) {
     case RingPoint::kClaimMidCopy: return FaultStep::kClaimMidCopy;
     case RingPoint::kClaimBeforeRelease: return FaultStep::kClaimBeforeRelease;
     case RingPoint::kPushReserved: return FaultStep::kPublishReserved;
+    case RingPoint::kPushBeforeCas: return FaultStep::kPublishBeforeCas;
   }
   return FaultStep::kNone;
 }
