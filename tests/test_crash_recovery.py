@@ -27,6 +27,8 @@ STEPS = {
     8: "result published, task not marked done",
     9: "idle, about to sleep",
     10: "pooled result block written, not published",
+    11: "publication window raised, result cell not reserved",
+    12: "pooled result block taken, not yet recorded",
 }
 
 
@@ -40,7 +42,7 @@ def pid_of(_: int) -> int:
 
 @pytest.mark.parametrize("step", sorted(STEPS), ids=lambda s: STEPS[s].split(",")[0].replace(" ", "-"))
 def test_worker_killed_at_each_step_loses_nothing(step):
-    fn = big if step == 10 else light
+    fn = big if step in (10, 11, 12) else light
     with mpop.MpopApi(workers=2, auto_terminate=False, max_retries=1) as app:
         app.start()
         assert list(app.map(light, range(50))) == [light(i) for i in range(50)]  # both warm
@@ -64,6 +66,8 @@ def test_worker_killed_at_each_step_loses_nothing(step):
         # A replacement was started and works.
         assert len(set(app.map(pid_of, range(200)))) >= 1
         assert status["queue"]["in_flight"] == 0
+        # Whatever the dead worker held in the argument pool came back.
+        assert status["queue"]["pool_used_bytes"] == 0
 
 
 def test_claim_window_death_recovers_claimed_cells_from_the_ring():

@@ -152,6 +152,7 @@ void register_supervisor(py::module_& m) {
         d["crashed_tasks"] = c.crashed_tasks.load();
         d["recovered_from_ring"] = c.recovered_from_ring.load();
         d["spawn_failures"] = c.spawn_failures.load();
+        d["pool_reclaimed_bytes"] = c.pool_reclaimed_bytes.load();
         return d;
       });
 }

@@ -79,6 +79,8 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
     throw std::invalid_argument("result_slots must be a power of 2 >= 2");
   if (cfg.max_workers < 1 || cfg.batch_size < 1)
     throw std::invalid_argument("max_workers and batch_size must be >= 1");
+  if (cfg.max_workers > ArgPool::kMaxWorkers)
+    throw std::invalid_argument("max_workers must be <= " + std::to_string(ArgPool::kMaxWorkers));
   Geometry g = geometry(cfg);
 
   std::unique_ptr<Segment> seg(new Segment());

@@ -1,5 +1,6 @@
-// ArgPool: blocks of every size from one byte to many bitmap words, a full pool, blocking
-// allocation woken by a free, and many threads allocating and freeing without overlap or leak.
+// ArgPool: blocks of every size from one byte to many tag words, a full pool, blocking
+// allocation woken by a free, many threads allocating and freeing without overlap or leak,
+// owner tags, and reclaiming what a dead owner held.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -22,7 +23,7 @@ using test::SharedMemory;
 using test::SplitMix;
 
 constexpr uint64_t kUnit = ArgPool::kUnit;
-constexpr uint64_t kWord = 64 * kUnit;  // bytes one bitmap word covers
+constexpr uint64_t kWord = ArgPool::kGranule * kUnit;  // the capacity granule (16 KiB)
 
 struct PoolFixture {
   explicit PoolFixture(uint64_t data_bytes)
@@ -47,7 +48,7 @@ bool has_pattern(const uint8_t* p, uint64_t n, uint64_t key) {
   return true;
 }
 
-TEST(ArgPool, GeometryRoundsUpToWholeBitmapWords) {
+TEST(ArgPool, GeometryRoundsUpToWholeGranules) {
   PoolFixture f(1);
   EXPECT_TRUE(f.pool.valid());
   EXPECT_EQ(f.pool.capacity_bytes(), kWord);
@@ -74,8 +75,10 @@ TEST(ArgPool, AllocatesAndFreesEverySize) {
     EXPECT_TRUE(f.in_bounds(off, bytes));
     EXPECT_EQ((off - f.pool.control().data_off) % kUnit, 0u);
     uint64_t units = (bytes + kUnit - 1) / kUnit;
-    uint64_t charged = units <= 64 ? units * kUnit : (units + 63) / 64 * kWord;
+    uint64_t charged = units <= ArgPool::kLanes ? units * kUnit : (units + 3) / 4 * 4 * kUnit;
     EXPECT_EQ(f.pool.used_bytes(), charged);
+    EXPECT_EQ(f.pool.arg_bytes(), charged);
+    EXPECT_EQ(f.pool.tag_of(off), ArgPool::kArgTag);
     fill_pattern(f.pool.data(off), bytes, bytes);
     EXPECT_TRUE(has_pattern(f.pool.data(off), bytes, bytes));
     f.pool.free(off, bytes);
@@ -120,7 +123,7 @@ TEST(ArgPool, FullPoolRefusesUntilAFreeMakesRoom) {
   EXPECT_EQ(f.pool.try_alloc(kUnit), offs[77]);
   EXPECT_EQ(f.pool.try_alloc(1), 0u);
 
-  // Freeing a whole word makes room for a 64-unit block, and only there.
+  // Freeing 64 units in a row makes room for a 64-unit block, and only there.
   for (size_t i = 128; i < 192; ++i) f.pool.free(offs[i], kUnit);
   EXPECT_EQ(f.pool.try_alloc(kWord + 1), 0u);
   EXPECT_EQ(f.pool.try_alloc(kWord), offs[128]);
@@ -135,6 +138,70 @@ TEST(ArgPool, FullPoolRefusesUntilAFreeMakesRoom) {
   EXPECT_EQ(f.pool.try_alloc(1), 0u);
   f.pool.free(all, f.pool.capacity_bytes());
   EXPECT_EQ(f.pool.used_bytes(), 0u);
+}
+
+// Every block carries its owner's tag; only arguments (kArgTag) count against the
+// producer's cap, and a retag moves a block between owners without freeing it.
+TEST(ArgPool, TagsSayWhoHoldsABlockAndOnlyArgumentsAreCapped) {
+  PoolFixture f(4 * kWord);
+  const uint16_t w3 = ArgPool::worker_tag(3);
+  uint64_t arg = f.pool.try_alloc(3 * kUnit);
+  uint64_t small = f.pool.try_alloc(100, UINT64_MAX, w3);
+  uint64_t big = f.pool.try_alloc(2 * kWord + 1, UINT64_MAX, w3);
+  ASSERT_TRUE(arg && small && big);
+  EXPECT_EQ(f.pool.tag_of(arg), ArgPool::kArgTag);
+  EXPECT_EQ(f.pool.tag_of(small), w3);
+  EXPECT_EQ(f.pool.tag_of(big), w3);
+  EXPECT_EQ(f.pool.arg_bytes(), 3 * kUnit);
+  EXPECT_EQ(f.pool.bytes_tagged(w3), kUnit + ArgPool::span_units(2 * kWord + 1) * kUnit);
+  // The cap counts arguments only: worker blocks do not stop the producer.
+  const uint64_t cap = 4 * kUnit;
+  EXPECT_NE(f.pool.try_alloc(kUnit, cap), 0u);
+  EXPECT_EQ(f.pool.try_alloc(kUnit, cap), 0u);
+  EXPECT_EQ(f.pool.arg_bytes(), 4 * kUnit);
+
+  f.pool.retag(big, 2 * kWord + 1, ArgPool::kResultTag);
+  EXPECT_EQ(f.pool.tag_of(big), ArgPool::kResultTag);
+  f.pool.retag(arg, 3 * kUnit, ArgPool::kResultTag);  // e.g. arguments pinned by a handler
+  EXPECT_EQ(f.pool.arg_bytes(), kUnit);
+  f.pool.retag(arg, 3 * kUnit, ArgPool::kArgTag);
+  EXPECT_EQ(f.pool.arg_bytes(), 4 * kUnit);
+  EXPECT_EQ(f.pool.bytes_tagged(w3), kUnit);
+}
+
+// What a dead owner held (whole blocks, and the words of a run it was halfway through
+// taking) comes back with reclaim(); nobody else's blocks are touched.
+TEST(ArgPool, ReclaimFreesExactlyTheDeadOwnersUnits) {
+  PoolFixture f(8 * kWord);
+  const uint16_t dead = ArgPool::worker_tag(0), alive = ArgPool::worker_tag(1);
+  std::vector<std::pair<uint64_t, uint64_t>> keep;
+  for (uint64_t bytes : {1ul, 300ul, 1000ul, 5 * kUnit, kWord + 3}) {
+    uint64_t a = f.pool.try_alloc(bytes);
+    uint64_t d = f.pool.try_alloc(bytes, UINT64_MAX, dead);
+    uint64_t o = f.pool.try_alloc(bytes, UINT64_MAX, alive);
+    ASSERT_TRUE(a && d && o);
+    fill_pattern(f.pool.data(a), bytes, a);
+    fill_pattern(f.pool.data(o), bytes, o);
+    keep.emplace_back(a, bytes);
+    keep.emplace_back(o, bytes);
+  }
+  uint64_t held = f.pool.bytes_tagged(dead);
+  EXPECT_GT(held, 0u);
+  uint64_t before = f.pool.used_bytes();
+  EXPECT_EQ(f.pool.reclaim(dead), held);
+  EXPECT_EQ(f.pool.bytes_tagged(dead), 0u);
+  EXPECT_EQ(f.pool.used_bytes(), before - held);
+  EXPECT_EQ(f.pool.reclaim(dead), 0u);
+  EXPECT_EQ(f.pool.reclaim(ArgPool::kArgTag), 0u);  // refused: the owner's tags are never swept
+  for (auto& [off, bytes] : keep) {
+    EXPECT_TRUE(has_pattern(f.pool.data(off), bytes, off));
+    f.pool.free(off, bytes);
+  }
+  EXPECT_EQ(f.pool.used_bytes(), 0u);
+  EXPECT_EQ(f.pool.arg_bytes(), 0u);
+  uint64_t all = f.pool.try_alloc(f.pool.capacity_bytes());
+  EXPECT_NE(all, 0u);
+  f.pool.free(all, f.pool.capacity_bytes());
 }
 
 // A deterministic mix of sizes until the pool is full: blocks never overlap, and content
@@ -222,8 +289,7 @@ TEST(ArgPool, ConcurrentThreadsNeverOverlapAndLeakNothing) {
 
   auto first_unit = [&](uint64_t off) { return (off - f.pool.control().data_off) / kUnit; };
   auto unit_span = [](uint64_t bytes) {
-    uint64_t n = (bytes + kUnit - 1) / kUnit;
-    return n <= 64 ? n : (n + 63) / 64 * 64;
+    return ArgPool::span_units(bytes);
   };
 
   std::vector<std::thread> threads;
@@ -280,7 +346,7 @@ TEST(ArgPool, ConcurrentThreadsNeverOverlapAndLeakNothing) {
   EXPECT_EQ(f.pool.used_bytes(), 0u);
   // Every unit is free again: the whole pool is one block.
   uint64_t all = f.pool.try_alloc(f.pool.capacity_bytes());
-  EXPECT_NE(all, 0u) << "a unit was left marked in the bitmap";
+  EXPECT_NE(all, 0u) << "a unit was left tagged";
   f.pool.free(all, f.pool.capacity_bytes());
   RecordProperty("waits_for_room", std::to_string(waits.load()));
 }

@@ -628,6 +628,7 @@ const FaultCase kFaultCases[] = {
     // Whether the other worker took the cell before the supervisor looked is luck: four
     // rounds make it all but certain that one of them covers that case.
     {FaultStep::kPublishBeforeCas, "PublishBeforeCas", 50, true, false, 4},
+    {FaultStep::kResultAllocated, "ResultAllocated", 10, true, false},
 };
 
 void arm(Segment& seg, FaultStep step, uint32_t countdown) {
@@ -646,7 +647,8 @@ TEST_P(FaultTest, RecoversExactlyWhatTheDeadWorkerHeld) {
   // arguments. (Dying before the CAS of its publication, a worker usually sees the other
   // one take that cell before the supervisor looks: its block is then referenced by no
   // cell at all.)
-  const bool publishing = fc.step == FaultStep::kPublishReserved || fc.step == FaultStep::kPublishBeforeCas;
+  const bool publishing = fc.step == FaultStep::kPublishReserved || fc.step == FaultStep::kPublishBeforeCas ||
+                          fc.step == FaultStep::kResultAllocated;
   size_t big_every = publishing ? 1 : 3;
   Book b(mixed_tasks(scaled(4000, 600), 5, big_every, 11));
   uint64_t pool_before = p.seg().pool().used_bytes();
@@ -754,6 +756,7 @@ const FaultCase kResultFaults[] = {
     {FaultStep::kPublishReserved, "PublishReserved", 1, true, false},
     {FaultStep::kResultPooled, "ResultPooled", 1, true, false},
     {FaultStep::kPublishBeforeCas, "PublishBeforeCas", 1, true, false},
+    {FaultStep::kResultAllocated, "ResultAllocated", 1, true, false},
 };
 INSTANTIATE_TEST_SUITE_P(PooledResult, CrashAfterCrashTest, ::testing::ValuesIn(kResultFaults),
                          [](const ::testing::TestParamInfo<FaultCase>& i) { return std::string(i.param.name); });

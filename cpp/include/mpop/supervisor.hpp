@@ -36,6 +36,7 @@ struct SupervisorCounters {
   std::atomic<uint64_t> crashed_tasks{0};
   std::atomic<uint64_t> recovered_from_ring{0};
   std::atomic<uint64_t> spawn_failures{0};
+  std::atomic<uint64_t> pool_reclaimed_bytes{0};  // pool blocks a dead worker held untracked
 };
 
 class Supervisor {

@@ -74,6 +74,7 @@ enum class FaultStep : uint32_t {
   kIdle = 9,                // about to sleep with nothing to do
   kResultPooled = 10,       // a pooled result block allocated and written, not published
   kPublishBeforeCas = 11,   // publication window raised, result cell not yet reserved
+  kResultAllocated = 12,    // a pooled result block taken (tagged), not yet recorded
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the
@@ -126,6 +127,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
   TaskRing& tasks = seg.tasks();
   TaskRing& results = seg.results();
   ArgPool& pool = seg.pool();
+  const uint16_t tag = ArgPool::worker_tag(id);  // blocks we take are ours until handed on
   const WorkerTable& table = seg.workers();
   WorkerRecord& rec = table.record(id);
   OwnerWatch owner(hdr);
@@ -263,7 +265,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
                 std::to_string(pool.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
         } else {
           off = pool.alloc(value.size(), monotonic_ns() + kResultWaitNs,
-                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; });
+                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; }, UINT64_MAX, tag);
           if (!off && (!owner.alive() || hdr.shutdown.load() != 0)) return exit_with(WorkerExit::kOwnerDied);
           if (!off)
             why = "the result takes " + std::to_string(value.size()) + " bytes encoded and found no room in the argument pool (" +
@@ -271,9 +273,13 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
                   " bytes in use) for 10 s; pass a larger pool_bytes to MpopApi";
         }
         if (off) {
+          maybe_fault(hdr, FaultStep::kResultAllocated);
           rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
           rec.result_ref.store(off, std::memory_order_release);
           std::memcpy(pool.data(off), value.data(), value.size());
+          // Handed on: from here the supervisor tracks it through result_ref, and a death
+          // no longer leaves it tagged as ours.
+          pool.retag(off, value.size(), ArgPool::kResultTag);
           r.value_encoding = ValueEncoding::kPooled;
           r.value_ref = off;
           r.value_len = static_cast<uint32_t>(value.size());
@@ -283,11 +289,12 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
           // failing both, a message short enough to go inline.
           value.clear();
           r.status = status = runner.fail(why, value);
-          uint64_t eoff = value.size() > kResultInlineBytes ? pool.try_alloc(value.size()) : 0;
+          uint64_t eoff = value.size() > kResultInlineBytes ? pool.try_alloc(value.size(), UINT64_MAX, tag) : 0;
           if (eoff) {
             rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
             rec.result_ref.store(eoff, std::memory_order_release);
             std::memcpy(pool.data(eoff), value.data(), value.size());
+            pool.retag(eoff, value.size(), ArgPool::kResultTag);
             r.value_encoding = ValueEncoding::kPooled;
             r.value_ref = eoff;
             r.value_len = static_cast<uint32_t>(value.size());
