@@ -4,7 +4,10 @@ Each pair shares a name in the closing ratio table; the goals are issue #4's."""
 
 from __future__ import annotations
 
-from mpop._workloads import inc, medium
+import numpy as np
+import pytest
+
+from mpop._workloads import array_sum, inc, medium
 
 
 def test_map_trivial_mpop(benchmark, app, record):
@@ -53,3 +56,20 @@ def test_cpu_bound_mpop(benchmark, app, record):
 def test_cpu_bound_pool(benchmark, pool, record):
     benchmark.pedantic(lambda: pool.map(medium, range(1000)), rounds=3, warmup_rounds=1)
     record("medium x 1000", "stdlib", benchmark)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    """50 float64 arrays of 8 MB each (four distinct ones, repeated)."""
+    distinct = [np.random.default_rng(i).random(1_000_000) for i in range(4)]
+    return [distinct[i % 4] for i in range(50)]
+
+
+def test_numpy_8mb_mpop(benchmark, app, record, arrays):
+    benchmark.pedantic(lambda: list(app.map(array_sum, arrays)), rounds=5, warmup_rounds=1)
+    record("50 x 8 MB array sum (map)", "mpop", benchmark)
+
+
+def test_numpy_8mb_pool(benchmark, pool, record, arrays):
+    benchmark.pedantic(lambda: pool.map(array_sum, arrays), rounds=5, warmup_rounds=1)
+    record("50 x 8 MB array sum (map)", "stdlib", benchmark)

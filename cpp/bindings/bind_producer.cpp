@@ -27,11 +27,13 @@ class PyProducer {
     const SlotLayout& L = seg_->config().slot;
     thread_local std::vector<uint8_t> slot;
     thread_local std::vector<uint8_t> stream;
+    thread_local std::vector<ExternalPiece> pieces;
     slot.assign(L.size, 0);
     write_uint(slot.data() + L.fn_id_off, L.fn_id_size, fn_id);
     write_uint(slot.data() + L.tsk_id_off, L.tsk_id_size, tsk_id);
     uint32_t used = std::max(L.fn_id_off + L.fn_id_size, L.tsk_id_off + L.tsk_id_size);
 
+    std::vector<py::object> keep;  // contiguous copies of arrays that were not, until submitted
     TaskDraft d;
     d.header.route = route;
     d.header.flags = claim_alone ? uint32_t{kClaimAlone} : uint32_t{0};
@@ -63,19 +65,22 @@ class PyProducer {
                            std::to_string(L.args_count) + ", no keywords)");
     } else {
       std::memset(slot.data() + L.args_off, 0, 8 * L.args_count);
-      StreamWriter w(stream);
-      py_codec::encode_call(args, kwargs, w);
-      if (stream.size() <= L.arg_area_len()) {
+      // Arrays' data stay where they are (args keeps them alive) until copied into place.
+      StreamWriter w(stream, &pieces);
+      py_codec::encode_call(args, kwargs, w, &keep);
+      const size_t total = w.size();
+      if (total <= L.arg_area_len()) {
         d.header.encoding = ArgEncoding::kPacked;
-        std::memcpy(slot.data() + L.arg_area_off(), stream.data(), stream.size());
-        used = std::max(used, L.arg_area_off() + static_cast<uint32_t>(stream.size()));
+        w.gather_to(slot.data() + L.arg_area_off());
+        used = std::max(used, L.arg_area_off() + static_cast<uint32_t>(total));
       } else {
+        if (total > UINT32_MAX) throw py::value_error("mpop: arguments larger than 4 GiB");
         d.header.encoding = ArgEncoding::kPooled;
         d.stream = stream.data();
-        d.stream_len = static_cast<uint32_t>(stream.size());
-        if (stream.size() > UINT32_MAX) throw py::value_error("mpop: arguments larger than 4 GiB");
+        d.stream_len = static_cast<uint32_t>(total);
+        d.pieces = &pieces;
       }
-      d.header.stream_len = static_cast<uint32_t>(stream.size());
+      d.header.stream_len = static_cast<uint32_t>(total);
     }
     if (!c_args.is_none()) {
       if (L.cargs_len == 0) throw py::value_error("mpop: this slot class has no c_args field");

@@ -44,16 +44,28 @@ struct Handler {
 
 class PyRunner {
  public:
-  PyRunner(Segment& seg, py::object resolve, py::object pack_error, py::object task_result,
+  PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result,
            py::object on_task)
-      : seg_(seg),
+      : seg_(*seg),
+        seg_ptr_(std::move(seg)),
         resolve_(std::move(resolve)),
         pack_error_(std::move(pack_error)),
         task_result_(std::move(task_result)),
         on_task_(std::move(on_task)) {}
 
   ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
+    after_publish();
+    if (t.header && t.header->encoding == ArgEncoding::kPooled)
+      lease_ = std::make_shared<py_codec::BlockLease>(
+          py_codec::BlockLease{seg_ptr_, t.header->pool_ref, t.stream_len, false});
     ResultStatus status = run_handler(t, value);
+    if (status != ResultStatus::kOk) {
+      value_pieces_.clear();
+      last_ret_ = py::object();
+    }
+    // A zero-copy array (or a view of one) outlived the call: its block stays until the
+    // last such view is gone, and the worker loop keeps the collector from freeing it.
+    if (lease_ && lease_.use_count() > 1) pinned_ = lease_->pinned = true;
     if (!on_task_.is_none()) {
       try {
         on_task_(t.fn_id, t.tsk_id, static_cast<int>(status));
@@ -72,6 +84,17 @@ class PyRunner {
     saved_ = nullptr;
   }
   bool interrupted() { return PyErr_CheckSignals() != 0; }
+  const std::vector<ExternalPiece>* value_pieces() const { return &value_pieces_; }
+  // The result has been copied out and the arguments settled: drop our hold on both (this
+  // frees a pinned block whose views are all gone, e.g. one the handler returned).
+  void after_publish() {
+    value_pieces_.clear();
+    keep_.clear();
+    last_ret_ = py::object();
+    pinned_ = false;
+    lease_.reset();
+  }
+  bool args_pinned() const { return pinned_; }
 
  private:
   Handler* lookup(uint32_t fn_id) {
@@ -119,7 +142,8 @@ class PyRunner {
         if (!r) throw py::error_already_set();
         ret = py::reinterpret_steal<py::object>(r);
       } else {
-        auto [args, kwargs] = py_codec::decode_call(t.stream, t.stream_len);
+        // Arrays in a pooled stream arrive as read-only views over the pool (no copy).
+        auto [args, kwargs] = py_codec::decode_call(t.stream, t.stream_len, &lease_);
         PyObject* r = PyObject_Call(h->fn.ptr(), args.ptr(), kwargs.is_none() ? nullptr : kwargs.ptr());
         if (!r) throw py::error_already_set();
         ret = py::reinterpret_steal<py::object>(r);
@@ -135,8 +159,10 @@ class PyRunner {
         }
         ret = ret.attr("value");
       }
-      StreamWriter w(value);
-      py_codec::encode_value(ret, w);
+      // An array result's data is copied once, by the worker loop, straight to its place.
+      StreamWriter w(value, &value_pieces_);
+      py_codec::encode_value(ret, w, &keep_);
+      last_ret_ = std::move(ret);
       return ResultStatus::kOk;
     } catch (py::error_already_set& e) {
       // SystemExit and KeyboardInterrupt raised by a handler are that task's error too.
@@ -149,6 +175,12 @@ class PyRunner {
   }
 
   Segment& seg_;
+  SegmentPtr seg_ptr_;
+  std::shared_ptr<py_codec::BlockLease> lease_;  // the running task's pooled arguments
+  bool pinned_ = false;
+  std::vector<ExternalPiece> value_pieces_;  // the last result's data left in place...
+  std::vector<py::object> keep_;             // ...in these objects
+  py::object last_ret_;
   py::object resolve_, pack_error_, task_result_, on_task_;
   std::unordered_map<uint32_t, Handler> handlers_;
   PyThreadState* saved_ = nullptr;
@@ -162,7 +194,7 @@ void register_worker(py::module_& m) {
       [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
          py::object task_result, py::object on_task) {
         if (id >= seg->workers().count) throw py::value_error("worker id out of range");
-        PyRunner runner(*seg, std::move(resolve), std::move(pack_error), std::move(task_result),
+        PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result),
                         std::move(on_task));
         WorkerExit e = run_worker(*seg, id, runner);
         if (PyErr_Occurred()) throw py::error_already_set();

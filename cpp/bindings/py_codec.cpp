@@ -15,9 +15,60 @@ py::object& pickle_loads() {
   static py::object* f = new py::object(py::module_::import("pickle").attr("loads"));
   return *f;
 }
+
+// A read-only buffer over memory someone else owns (a pool block): what a zero-copy array
+// argument's data hangs from. Its reference count tells whether any view still uses it.
+struct SharedBuffer {
+  const uint8_t* data;
+  size_t len;
+  std::shared_ptr<BlockLease> lease;
+};
+
+// numpy is imported only once an array is seen, so that mpop does not depend on it.
+struct Numpy {
+  py::object ndarray, frombuffer, ascontiguousarray, dtype;
+};
+Numpy& numpy() {
+  static Numpy* np = [] {
+    py::module_ m = py::module_::import("numpy");
+    return new Numpy{m.attr("ndarray"), m.attr("frombuffer"), m.attr("ascontiguousarray"), m.attr("dtype")};
+  }();
+  return *np;
+}
+
+// Exactly numpy.ndarray (subclasses are pickled, so they come back as themselves), without
+// importing numpy to find out.
+bool is_plain_ndarray(PyObject* o) { return std::strcmp(Py_TYPE(o)->tp_name, "numpy.ndarray") == 0; }
+
+// Encodes an array natively if its dtype round-trips through dtype.str (no objects, no
+// named fields); returns false to have it pickled.
+bool encode_array(py::handle arr, StreamWriter& w, std::vector<py::object>* keep) {
+  py::object dt = arr.attr("dtype");
+  if (dt.attr("hasobject").cast<bool>() || !dt.attr("names").is_none() || !dt.attr("subdtype").is_none() ||
+      dt.attr("itemsize").cast<size_t>() == 0)
+    return false;
+  py::object a = py::reinterpret_borrow<py::object>(arr);
+  bool copied = false;
+  if (!a.attr("flags").attr("c_contiguous").cast<bool>()) {
+    a = numpy().ascontiguousarray(a);
+    copied = true;
+    if (keep) keep->push_back(a);
+  }
+  py::tuple shape = a.attr("shape");
+  if (shape.size() > 64) return false;
+  int64_t dims[64];
+  for (size_t i = 0; i < shape.size(); ++i) dims[i] = shape[i].cast<int64_t>();
+  std::string dtype = dt.attr("str").cast<std::string>();
+  size_t nbytes = a.attr("nbytes").cast<size_t>();
+  py::tuple data = a.attr("__array_interface__")["data"];
+  auto* ptr = reinterpret_cast<const void*>(data[0].cast<uintptr_t>());
+  // A temporary copy nobody keeps must be copied into the stream now.
+  w.array(dtype, dims, static_cast<uint8_t>(shape.size()), ptr, nbytes, /*in_place=*/!copied || keep);
+  return true;
+}
 }  // namespace
 
-void encode_value(py::handle obj, StreamWriter& w) {
+void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep) {
   PyObject* o = obj.ptr();
   if (o == Py_None) return w.none();
   if (o == Py_True) return w.boolean(true);
@@ -35,6 +86,8 @@ void encode_value(py::handle obj, StreamWriter& w) {
     PyErr_Clear();  // lone surrogates (e.g. undecodable file names) are not UTF-8: pickle it
   } else if (PyBytes_CheckExact(o)) {
     return w.blob(Tag::kBytes, PyBytes_AS_STRING(o), static_cast<size_t>(PyBytes_GET_SIZE(o)));
+  } else if (is_plain_ndarray(o) && encode_array(obj, w, keep)) {
+    return;
   }
   py::bytes pickled = pickle_dumps()(obj, 5);
   char* data = nullptr;
@@ -43,12 +96,12 @@ void encode_value(py::handle obj, StreamWriter& w) {
   w.blob(Tag::kPickle, data, static_cast<size_t>(n));
 }
 
-void encode_call(py::handle args, py::handle kwargs, StreamWriter& w) {
+void encode_call(py::handle args, py::handle kwargs, StreamWriter& w, std::vector<py::object>* keep) {
   Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
   Py_ssize_t nkw = kwargs.is_none() ? 0 : PyDict_GET_SIZE(kwargs.ptr());
   if (npos > 255 || nkw > 255) throw py::type_error("mpop: at most 255 positional and 255 keyword arguments");
   w.counts(static_cast<uint8_t>(npos), static_cast<uint8_t>(nkw));
-  for (Py_ssize_t i = 0; i < npos; ++i) encode_value(PyTuple_GET_ITEM(args.ptr(), i), w);
+  for (Py_ssize_t i = 0; i < npos; ++i) encode_value(PyTuple_GET_ITEM(args.ptr(), i), w, keep);
   if (nkw) {
     PyObject *key, *value;
     Py_ssize_t pos = 0;
@@ -57,12 +110,12 @@ void encode_call(py::handle args, py::handle kwargs, StreamWriter& w) {
       const char* s = PyUnicode_AsUTF8AndSize(key, &n);
       if (!s) throw py::error_already_set();
       w.keyword(std::string_view(s, static_cast<size_t>(n)));
-      encode_value(value, w);
+      encode_value(value, w, keep);
     }
   }
 }
 
-py::object decode_item(const Item& it) {
+py::object decode_item(const Item& it, const std::shared_ptr<BlockLease>* lease) {
   switch (it.tag) {
     case Tag::kNone: return py::none();
     case Tag::kTrue: return py::bool_(true);
@@ -82,17 +135,39 @@ py::object decode_item(const Item& it) {
           reinterpret_cast<char*>(const_cast<uint8_t*>(it.data)), it.len, PyBUF_READ));
       return pickle_loads()(mv);
     }
+    case Tag::kArray: {
+      Numpy& np = numpy();
+      py::tuple shape(it.ndim);
+      for (uint8_t i = 0; i < it.ndim; ++i) {
+        int64_t d;
+        std::memcpy(&d, it.shape + 8 * i, 8);
+        PyTuple_SET_ITEM(shape.ptr(), i, PyLong_FromLongLong(d));
+      }
+      py::object dtype = np.dtype(py::str(it.dtype.data(), it.dtype.size()));
+      if (lease && *lease && it.len) {
+        // No copy: a read-only array over the pool block, holding the block's lease.
+        py::object owner = py::cast(SharedBuffer{it.data, it.len, *lease});
+        return np.frombuffer(owner, dtype).attr("reshape")(shape);
+      }
+      py::object a = np.ndarray(shape, dtype);
+      py::dict iface = a.attr("__array_interface__");
+      auto* dst = reinterpret_cast<void*>(py::tuple(iface["data"])[0].cast<uintptr_t>());
+      if (it.len) std::memcpy(dst, it.data, it.len);
+      if (lease) a.attr("setflags")(py::arg("write") = false);  // arguments are read-only alike
+      return a;
+    }
   }
   throw std::runtime_error("mpop: corrupt stream");
 }
 
-std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n) {
+std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n,
+                                             const std::shared_ptr<BlockLease>* lease) {
   StreamReader r(p, n);
   uint8_t npos = 0, nkw = 0;
   r.counts(npos, nkw);
   py::tuple args(npos);
   for (uint8_t i = 0; i < npos; ++i) {
-    py::object v = decode_item(r.item());
+    py::object v = decode_item(r.item(), lease);
     PyTuple_SET_ITEM(args.ptr(), i, v.release().ptr());
   }
   py::object kwargs = py::none();
@@ -100,7 +175,7 @@ std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n) {
     py::dict d;
     for (uint8_t i = 0; i < nkw; ++i) {
       std::string_view k = r.keyword();
-      d[py::str(k.data(), k.size())] = decode_item(r.item());
+      d[py::str(k.data(), k.size())] = decode_item(r.item(), lease);
     }
     kwargs = d;
   }
@@ -110,6 +185,16 @@ std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n) {
 py::object decode_value(const uint8_t* p, size_t n) {
   StreamReader r(p, n);
   return decode_item(r.item());
+}
+
+void register_codec(py::module_& m) {
+  py::class_<SharedBuffer>(m, "SharedBuffer", py::buffer_protocol(),
+                           "A read-only window on shared memory (the data of a zero-copy array).")
+      .def_buffer([](SharedBuffer& b) {
+        return py::buffer_info(const_cast<uint8_t*>(b.data), 1, "B", 1, {static_cast<py::ssize_t>(b.len)}, {1},
+                               /*readonly=*/true);
+      })
+      .def("__len__", [](const SharedBuffer& b) { return b.len; });
 }
 
 }  // namespace mpop::py_codec

@@ -3,22 +3,47 @@
 
 #include <pybind11/pybind11.h>
 
+#include <memory>
 #include <vector>
 
 #include "mpop/codec.hpp"
+#include "mpop/segment.hpp"
 
 namespace mpop::py_codec {
 
 namespace py = pybind11;
 
-// Appends one value: scalars, str and bytes natively; anything else pickled (protocol 5).
-void encode_value(py::handle obj, StreamWriter& w);
+// A task's pooled argument block as seen by the zero-copy arrays made over it. Normally the
+// collector frees the block once the task's result is out; if a view outlives the handler
+// call, the worker marks the lease `pinned` and the block is freed here, when the last
+// view goes.
+struct BlockLease {
+  std::shared_ptr<Segment> seg;
+  uint64_t off = 0;
+  uint64_t len = 0;
+  bool pinned = false;
+  ~BlockLease() {
+    if (pinned) seg->pool().free(off, len);
+  }
+};
+
+// Appends one value: scalars, str, bytes and numpy arrays natively (an array's data as an
+// external piece when the writer takes pieces: the caller keeps `obj` alive until gather);
+// anything else pickled (protocol 5). `keep` holds temporaries the pieces point into.
+void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep = nullptr);
 // Encodes positional args (a tuple) and keyword args (a dict or None) as one stream.
-void encode_call(py::handle args, py::handle kwargs, StreamWriter& w);
-py::object decode_item(const Item& it);
+void encode_call(py::handle args, py::handle kwargs, StreamWriter& w, std::vector<py::object>* keep = nullptr);
+// With a `lease` (a handler's arguments), arrays are read-only: views over the stream's own
+// memory (a pool block) each holding the lease, or, if the lease is empty (the stream is in
+// a slot), read-only copies. Without, arrays are copies the caller may keep and change.
+py::object decode_item(const Item& it, const std::shared_ptr<BlockLease>* lease = nullptr);
 // Decodes a stream written by encode_call into (args tuple, kwargs dict or None).
-std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n);
+std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n,
+                                             const std::shared_ptr<BlockLease>* lease = nullptr);
 // Decodes a single value written by encode_value.
 py::object decode_value(const uint8_t* p, size_t n);
+
+// Registers the read-only buffer type that views over shared memory use.
+void register_codec(py::module_& m);
 
 }  // namespace mpop::py_codec

@@ -52,7 +52,7 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
     uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop, cap)
                             : pool_.try_alloc(d.stream_len, cap);
     if (!off) return cancelled() ? PushOutcome::kClosed : PushOutcome::kFull;
-    std::memcpy(pool_.data(off), d.stream, d.stream_len);
+    d.copy_stream(pool_.data(off));
     d.header.pool_ref = off;
   }
   // The seq is taken only once the cell is ours, so a failed attempt leaves no gap.
@@ -87,7 +87,7 @@ void Producer::append_backlog(const TaskDraft& d) {
   std::memcpy(p + 4, &stream_len, 4);
   std::memcpy(p + 8, &d.header, sizeof d.header);
   std::memcpy(p + 8 + sizeof d.header, d.slot, d.slot_used);
-  if (stream_len) std::memcpy(p + 8 + sizeof d.header + d.slot_used, d.stream, stream_len);
+  if (stream_len) d.copy_stream(p + 8 + sizeof d.header + d.slot_used);
   backlog_count_.fetch_add(1, std::memory_order_release);
 }
 

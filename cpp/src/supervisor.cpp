@@ -256,6 +256,13 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
       uint8_t* body = table.entry_body(id, j);
       TaskHeader th;
       std::memcpy(&th, body, sizeof th);
+      // Arguments it had pinned (a handler kept an array view) belong to the task again,
+      // unless its result is out: then they were the dead worker's alone, and go below.
+      const bool result_out = st == LocalState::kRunning && published && result_seq == th.seq;
+      if (th.encoding == ArgEncoding::kPooled && !result_out &&
+          (st == LocalState::kPending || st == LocalState::kRunning) &&
+          seg_.pool().tag_of(th.pool_ref) == ArgPool::worker_tag(id))
+        seg_.pool().retag(th.pool_ref, th.stream_len, ArgPool::kArgTag);
       if (st == LocalState::kPending) {
         local_seqs.push_back(th.seq);
         if (cancel)

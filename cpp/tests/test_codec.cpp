@@ -264,5 +264,57 @@ TEST(Codec, CorruptLengthsThrowInsteadOfOverreading) {
   EXPECT_TRUE(empty.done());
 }
 
+// An array's data lands at a 64-byte stream offset, and a writer that leaves it in place
+// (external pieces) gathers exactly the bytes a copying writer produces.
+TEST(Codec, ArraysAlignTheirDataAndGatherLikeACopy) {
+  std::vector<double> data(1000);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = 0.5 * static_cast<double>(i);
+  const int64_t shape[2] = {20, 50};
+  std::vector<uint8_t> copied, buf;
+  std::vector<ExternalPiece> pieces;
+  for (int with_pieces = 0; with_pieces < 2; ++with_pieces) {
+    StreamWriter w(with_pieces ? buf : copied, with_pieces ? &pieces : nullptr);
+    w.counts(3, 0);
+    w.blob(Tag::kStr, "abc", 3);
+    w.array("<f8", shape, 2, data.data(), data.size() * 8);
+    w.integer(-7);
+    if (with_pieces) {
+      ASSERT_EQ(pieces.size(), 1u);
+      EXPECT_EQ(w.size(), buf.size() + data.size() * 8);
+    }
+  }
+  std::vector<uint8_t> gathered(buf.size() + data.size() * 8);
+  gather(buf.data(), buf.size(), pieces, gathered.data());
+  ASSERT_EQ(gathered, copied);
+
+  StreamReader r(gathered.data(), gathered.size());
+  uint8_t npos = 0, nkw = 0;
+  r.counts(npos, nkw);
+  EXPECT_EQ(r.item().tag, Tag::kStr);
+  Item a = r.item();
+  ASSERT_EQ(a.tag, Tag::kArray);
+  EXPECT_EQ(a.dtype, "<f8");
+  ASSERT_EQ(a.ndim, 2);
+  int64_t d1;
+  std::memcpy(&d1, a.shape + 8, 8);
+  EXPECT_EQ(d1, 50);
+  EXPECT_EQ(static_cast<size_t>(a.data - gathered.data()) % kArrayAlign, 0u);
+  ASSERT_EQ(a.len, data.size() * 8);
+  EXPECT_EQ(std::memcmp(a.data, data.data(), a.len), 0);
+  EXPECT_EQ(r.item().i, -7);
+  EXPECT_TRUE(r.done());
+  // Every truncation of it is refused.
+  for (size_t n = 0; n < gathered.size(); ++n) {
+    StreamReader t(gathered.data(), n);
+    EXPECT_THROW(
+        {
+          t.counts(npos, nkw);
+          for (int k = 0; k < 3; ++k) t.item();
+        },
+        std::runtime_error)
+        << n;
+  }
+}
+
 }  // namespace
 }  // namespace mpop

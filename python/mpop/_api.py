@@ -554,6 +554,7 @@ class MpopApi:
 
     _CHUNK_TARGET_NS = 2_000_000  # worker time per chunk once the cost of an item is known
     _CHUNK_MAX = 16384
+    _SPREAD_MAX = 250  # a task carries at most 255 positional arguments
 
     def _map_iter(self, h: Handler, iterables: tuple, ordered: bool, progress: bool,
                   timeout: float | None, max_in_flight: int | None,
@@ -577,6 +578,7 @@ class MpopApi:
         if self._config["max_tasks_per_worker"] or self._config["task_timeout"]:
             size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
+        spread = False  # items as separate arguments (arrays): at most _SPREAD_MAX a chunk
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
         sent = done = 0
@@ -593,7 +595,18 @@ class MpopApi:
                     if not checked:
                         h.check_args((items[0],) if single else tuple(items[0]), None)
                         checked = True
-                    args = (h.fn_id, not single, items)
+                        # numpy arrays go as arguments of their own, so that they travel
+                        # through the pool without pickling and reach the handler as views.
+                        spread = single and type(items[0]).__name__ == "ndarray"
+                        if spread:
+                            # A chunk's arrays take at most an eighth of the pool.
+                            fit = self._config["pool_bytes"] // (8 * max(1, items[0].nbytes))
+                            size_cap = max(1, min(size_cap, self._SPREAD_MAX, fit))
+                            size = min(size, size_cap)
+                            if len(items) > size:
+                                source = itertools.chain(items[size:], source)
+                                items = items[:size]
+                    args = (h.fn_id, False, None, *items) if spread else (h.fn_id, not single, items)
                     key = sent & _MAX_TSK_ID
                     if not self._push(runner, key, args, None, None, False, None, route, True):
                         self._wait_map(state, ordered, done, deadline)

@@ -15,8 +15,11 @@ BOOT_FN_ID = 0xFFFFFFFF
 _RESOLVER = None  # this worker's handler table, for run_chunk
 
 
-def run_chunk(fn_id: int, star: bool, items: list) -> tuple:
+def run_chunk(fn_id: int, star: bool, items: list | None, *spread) -> tuple:
     """A chunk of a map(): calls the handler registered under `fn_id` on each item.
+
+    The items come as one list, or (items None) as separate arguments, so that each array
+    among them travels natively (zero-copy) rather than inside the list's pickle.
 
     Returns (values, elapsed_ns, error): the values computed before the first failure, the
     time spent (the owner sizes later chunks from it), and the packed failure or None."""
@@ -27,6 +30,9 @@ def run_chunk(fn_id: int, star: bool, items: list) -> tuple:
         raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
     fn, slot_class = entry
     from ._results import TaskResult
+
+    if items is None:
+        items = spread
 
     out: list = []
     append = out.append

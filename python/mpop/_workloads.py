@@ -3,7 +3,7 @@ import them by reference)."""
 
 from __future__ import annotations
 
-__all__ = ["inc", "lcg_rounds", "light", "medium", "heavy"]
+__all__ = ["inc", "lcg_rounds", "light", "medium", "heavy", "array_sum"]
 
 
 def inc(x: int) -> int:
@@ -32,3 +32,8 @@ def medium(x: int) -> int:
 def heavy(x: int) -> int:
     """The prototype's heavy workload."""
     return lcg_rounds(x, 3000)
+
+
+def array_sum(a) -> float:
+    """The sum of a numpy array (the large-argument benchmark's task)."""
+    return float(a.sum())

@@ -1,6 +1,11 @@
 // Codec: the byte format of argument and result streams. A stream is a count of positional
-// and keyword items, then tagged items: scalars inline, str/bytes/pickles as length + bytes.
+// and keyword items, then tagged items: scalars inline, str/bytes/pickles as length + bytes,
+// arrays as a small header (dtype, shape) and their raw data at a 64-byte aligned offset.
 // Plain C++ over byte spans; the bindings map Python objects to and from these items.
+//
+// Large data need not be copied into the writer's buffer: external() records a piece the
+// caller keeps alive until gather() copies the whole stream to its destination (a pool
+// block or a slot), so an array is copied once on its way.
 #pragma once
 
 #include <cstdint>
@@ -20,13 +25,44 @@ enum class Tag : uint8_t {
   kStr = 5,     // utf-8
   kBytes = 6,
   kPickle = 7,  // a pickle of anything else (protocol 5)
+  kArray = 8,   // u32 data length, u8 dtype length, dtype, u8 ndim, u64 shape[ndim], padding
+                // to a 64-byte stream offset, data (C order)
 };
+
+constexpr size_t kArrayAlign = 64;
+
+// A piece of a stream that stays where the caller has it until gather().
+struct ExternalPiece {
+  size_t at;  // offset in the writer's own buffer where the piece goes
+  const uint8_t* data;
+  size_t len;
+};
+
+// Copies a stream made of `buf` with `pieces` spliced in, to `dst` (buf.size() + the
+// pieces' lengths bytes).
+inline void gather(const uint8_t* buf, size_t buf_len, const std::vector<ExternalPiece>& pieces,
+                   uint8_t* dst) {
+  size_t from = 0;
+  for (const ExternalPiece& x : pieces) {
+    std::memcpy(dst, buf + from, x.at - from);
+    dst += x.at - from;
+    from = x.at;
+    if (x.len) std::memcpy(dst, x.data, x.len);
+    dst += x.len;
+  }
+  if (buf_len > from) std::memcpy(dst, buf + from, buf_len - from);
+}
 
 // Appends items to a growable buffer that is reused between tasks (no allocation once it
 // has grown to the largest stream seen).
 class StreamWriter {
  public:
-  explicit StreamWriter(std::vector<uint8_t>& buf) : buf_(buf) { buf_.clear(); }
+  // Without `pieces`, external data is copied into `buf` like everything else.
+  explicit StreamWriter(std::vector<uint8_t>& buf, std::vector<ExternalPiece>* pieces = nullptr)
+      : buf_(buf), pieces_(pieces) {
+    buf_.clear();
+    if (pieces_) pieces_->clear();
+  }
 
   void counts(uint8_t npos, uint8_t nkw) {
     put(&npos, 1);
@@ -55,7 +91,41 @@ class StreamWriter {
     put(&len, 1);
     put(name.data(), name.size());
   }
-  size_t size() const { return buf_.size(); }
+  // An array: `dtype` is numpy's dtype.str, `data` its `len` bytes in C order.
+  // `in_place`: the data stays where it is until gather() (if the writer takes pieces).
+  void array(std::string_view dtype, const int64_t* shape, uint8_t ndim, const void* data, size_t len,
+             bool in_place = true) {
+    if (len > UINT32_MAX) throw std::length_error("mpop: a single argument is larger than 4 GiB");
+    if (dtype.size() > 255) throw std::length_error("mpop: dtype string longer than 255 bytes");
+    tag(Tag::kArray);
+    uint32_t n = static_cast<uint32_t>(len);
+    put(&n, 4);
+    uint8_t dl = static_cast<uint8_t>(dtype.size());
+    put(&dl, 1);
+    put(dtype.data(), dtype.size());
+    put(&ndim, 1);
+    put(shape, 8 * size_t{ndim});
+    static const uint8_t zeros[kArrayAlign] = {};
+    put(zeros, (kArrayAlign - size() % kArrayAlign) % kArrayAlign);
+    if (in_place) external(data, len);
+    else put(data, len);
+  }
+  // Appends `n` bytes the caller keeps alive until gather() (or copies them now).
+  void external(const void* p, size_t n) {
+    if (!pieces_) return put(p, n);
+    pieces_->push_back({buf_.size(), static_cast<const uint8_t*>(p), n});
+    external_bytes_ += n;
+  }
+  // The stream's length, external pieces included.
+  size_t size() const { return buf_.size() + external_bytes_; }
+  // Copies the whole stream to `dst` (size() bytes).
+  void gather_to(uint8_t* dst) const {
+    if (!pieces_ || pieces_->empty()) {
+      if (!buf_.empty()) std::memcpy(dst, buf_.data(), buf_.size());
+      return;
+    }
+    gather(buf_.data(), buf_.size(), *pieces_, dst);
+  }
 
  private:
   void tag(Tag t) { put(&t, 1); }
@@ -65,6 +135,8 @@ class StreamWriter {
     if (n) std::memcpy(buf_.data() + at, p, n);
   }
   std::vector<uint8_t>& buf_;
+  std::vector<ExternalPiece>* pieces_;
+  size_t external_bytes_ = 0;
 };
 
 struct Item {
@@ -73,12 +145,16 @@ struct Item {
   double f = 0;
   const uint8_t* data = nullptr;
   uint32_t len = 0;
+  // kArray: numpy's dtype string and the shape (ndim u64s, unaligned).
+  std::string_view dtype;
+  uint8_t ndim = 0;
+  const uint8_t* shape = nullptr;
 };
 
 // Reads a stream written by StreamWriter; throws std::runtime_error on a malformed stream.
 class StreamReader {
  public:
-  StreamReader(const uint8_t* p, size_t n) : p_(p), end_(p + n) {}
+  StreamReader(const uint8_t* p, size_t n) : begin_(p), p_(p), end_(p + n) {}
 
   void counts(uint8_t& npos, uint8_t& nkw) {
     need(2);
@@ -123,6 +199,26 @@ class StreamReader {
         it.data = p_;
         p_ += it.len;
         break;
+      case Tag::kArray: {
+        need(4 + 1);
+        std::memcpy(&it.len, p_, 4);
+        p_ += 4;
+        uint8_t dl = *p_++;
+        need(dl + 1);
+        it.dtype = std::string_view(reinterpret_cast<const char*>(p_), dl);
+        p_ += dl;
+        it.ndim = *p_++;
+        need(8 * size_t{it.ndim});
+        it.shape = p_;
+        p_ += 8 * size_t{it.ndim};
+        size_t at = static_cast<size_t>(p_ - begin_);
+        size_t pad = (kArrayAlign - at % kArrayAlign) % kArrayAlign;
+        need(pad + it.len);
+        p_ += pad;
+        it.data = p_;
+        p_ += it.len;
+        break;
+      }
       default:
         throw std::runtime_error("mpop: corrupt argument stream (unknown tag)");
     }
@@ -135,6 +231,7 @@ class StreamReader {
     if (static_cast<size_t>(end_ - p_) < n)
       throw std::runtime_error("mpop: corrupt argument stream (truncated)");
   }
+  const uint8_t* begin_;
   const uint8_t* p_;
   const uint8_t* end_;
 };

@@ -12,18 +12,31 @@
 #include <thread>
 #include <vector>
 
+#include "mpop/codec.hpp"
 #include "mpop/segment.hpp"
 
 namespace mpop {
 
 // A task as the caller built it: the header (seq is assigned here), the full slot bytes,
-// and for ArgEncoding::kPooled the stream to copy into the pool.
+// and for ArgEncoding::kPooled the stream to copy into the pool: `stream` with `pieces`
+// (large data the caller keeps alive, e.g. an array's) spliced in, stream_len bytes in all.
 struct TaskDraft {
   TaskHeader header;
   const uint8_t* slot = nullptr;
   uint32_t slot_used = 0;  // bytes of `slot` that matter (the rest is zero)
   const uint8_t* stream = nullptr;
   uint32_t stream_len = 0;
+  const std::vector<ExternalPiece>* pieces = nullptr;
+
+  void copy_stream(uint8_t* dst) const {
+    if (!pieces || pieces->empty()) {
+      std::memcpy(dst, stream, stream_len);
+      return;
+    }
+    size_t external = 0;
+    for (const ExternalPiece& x : *pieces) external += x.len;
+    gather(stream, stream_len - external, *pieces, dst);
+  }
 };
 
 enum class PushOutcome { kRing, kBacklog, kFull, kClosed, kTooLarge };

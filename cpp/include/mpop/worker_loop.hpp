@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "mpop/codec.hpp"
 #include "mpop/segment.hpp"
 
 #ifndef SYS_pidfd_open
@@ -120,6 +121,10 @@ inline const char* to_string(WorkerExit e) {
 //   ResultStatus fail(const std::string& why, std::vector<uint8_t>& value) -- an error value
 //   void before_sleep(); void after_sleep();   -- e.g. release / re-take the GIL
 //   bool interrupted();                         -- leave the loop now
+// and optionally:
+//   const std::vector<ExternalPiece>* value_pieces();  -- data `value` leaves in place
+//   bool args_pinned();       -- the handler kept a view of its pooled arguments
+//   void after_publish();     -- the result is out: let go of what it was copied from
 template <class Runner>
 WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
   const SegmentConfig& cfg = seg.config();
@@ -234,14 +239,34 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       value.clear();
       maybe_fault(hdr, FaultStep::kBeforeRun);
       ResultStatus status = ResultStatus::kCancelled;
-      if (th.seq >= hdr.cancel_below.load(std::memory_order_relaxed)) status = runner.run(run, value);
+      const bool ran = th.seq >= hdr.cancel_below.load(std::memory_order_relaxed);
+      if (ran) status = runner.run(run, value);
       maybe_fault(hdr, FaultStep::kAfterRun);
       int64_t end = timing ? monotonic_ns() : 0;
+      // Pieces of the value the runner left in place (an array's data), copied below
+      // straight to where the value goes.
+      const std::vector<ExternalPiece>* pieces = nullptr;
+      if constexpr (requires { runner.value_pieces(); }) {
+        if (ran) pieces = runner.value_pieces();
+      }
+      size_t vlen = value.size();
+      if (pieces) for (const ExternalPiece& x : *pieces) vlen += x.len;
+      auto copy_value = [&](uint8_t* dst, size_t n) {
+        if (pieces && !pieces->empty()) gather(value.data(), value.size(), *pieces, dst);
+        else if (n) std::memcpy(dst, value.data(), n);
+      };
+      // Arguments the handler kept a view of (an array) stay ours until it lets go: the
+      // collector must not free them, and our death must.
+      bool pinned = false;
+      if constexpr (requires { runner.args_pinned(); }) {
+        pinned = ran && th.encoding == ArgEncoding::kPooled && runner.args_pinned();
+      }
+      if (pinned) pool.retag(th.pool_ref, th.stream_len, tag);
 
       ResultHeader r;
       r.seq = th.seq;
-      r.arg_ref = th.encoding == ArgEncoding::kPooled ? th.pool_ref : 0;
-      r.arg_len = th.encoding == ArgEncoding::kPooled ? th.stream_len : 0;
+      r.arg_ref = th.encoding == ArgEncoding::kPooled && !pinned ? th.pool_ref : 0;
+      r.arg_len = th.encoding == ArgEncoding::kPooled && !pinned ? th.stream_len : 0;
       r.tsk_id = tsk_id;
       r.fn_id = fn_id;
       r.worker_id = static_cast<uint16_t>(id);
@@ -254,41 +279,43 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       rec.result_ref.store(0, std::memory_order_relaxed);
       rec.result_epoch.store(rec.publish.epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
       rec.result_seq.store(th.seq, std::memory_order_release);
-      if (value.size() > kResultInlineBytes) {
+      if (vlen > kResultInlineBytes) {
         // A result too large for the pool fails its task; one that does not find room
         // within kResultWaitNs (every worker blocked on large results while queued tasks'
         // arguments hold the rest) fails too, instead of waiting for ever.
         uint64_t off = 0;
         std::string why;
-        if (value.size() > pool.capacity_bytes()) {
-          why = "the result takes " + std::to_string(value.size()) + " bytes encoded, more than the whole argument pool (" +
+        if (vlen > pool.capacity_bytes()) {
+          why = "the result takes " + std::to_string(vlen) + " bytes encoded, more than the whole argument pool (" +
                 std::to_string(pool.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
         } else {
-          off = pool.alloc(value.size(), monotonic_ns() + kResultWaitNs,
+          off = pool.alloc(vlen, monotonic_ns() + kResultWaitNs,
                            [&] { return !owner.alive() || hdr.shutdown.load() != 0; }, UINT64_MAX, tag);
           if (!off && (!owner.alive() || hdr.shutdown.load() != 0)) return exit_with(WorkerExit::kOwnerDied);
           if (!off)
-            why = "the result takes " + std::to_string(value.size()) + " bytes encoded and found no room in the argument pool (" +
+            why = "the result takes " + std::to_string(vlen) + " bytes encoded and found no room in the argument pool (" +
                   std::to_string(pool.used_bytes()) + " of " + std::to_string(pool.capacity_bytes()) +
                   " bytes in use) for 10 s; pass a larger pool_bytes to MpopApi";
         }
         if (off) {
           maybe_fault(hdr, FaultStep::kResultAllocated);
-          rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
+          rec.result_len.store(static_cast<uint32_t>(vlen), std::memory_order_relaxed);
           rec.result_ref.store(off, std::memory_order_release);
-          std::memcpy(pool.data(off), value.data(), value.size());
+          copy_value(pool.data(off), vlen);
           // Handed on: from here the supervisor tracks it through result_ref, and a death
           // no longer leaves it tagged as ours.
-          pool.retag(off, value.size(), ArgPool::kResultTag);
+          pool.retag(off, vlen, ArgPool::kResultTag);
           r.value_encoding = ValueEncoding::kPooled;
           r.value_ref = off;
-          r.value_len = static_cast<uint32_t>(value.size());
+          r.value_len = static_cast<uint32_t>(vlen);
           maybe_fault(hdr, FaultStep::kResultPooled);
         } else {
           // The error itself must be placed: inline, or in the pool if there is room now;
           // failing both, a message short enough to go inline.
           value.clear();
+          pieces = nullptr;
           r.status = status = runner.fail(why, value);
+          vlen = value.size();
           uint64_t eoff = value.size() > kResultInlineBytes ? pool.try_alloc(value.size(), UINT64_MAX, tag) : 0;
           if (eoff) {
             rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
@@ -302,17 +329,18 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
             value.clear();
             runner.fail("result too large for the argument pool; raise pool_bytes", value);
             if (value.size() > kResultInlineBytes) value.clear();
+            vlen = value.size();
           }
         }
       }
       if (r.value_encoding != ValueEncoding::kPooled) {
         r.value_encoding = ValueEncoding::kInline;
-        r.inline_len = static_cast<uint16_t>(value.size());
+        r.inline_len = static_cast<uint16_t>(vlen);
       }
       auto fill = [&](uint32_t, void* out) {
         auto* o = static_cast<uint8_t*>(out);
         std::memcpy(o, &r, sizeof r);
-        if (r.inline_len) std::memcpy(o + sizeof r, value.data(), r.inline_len);
+        if (r.inline_len) copy_value(o + sizeof r, r.inline_len);
       };
       while (results.try_push(1, fill, &rec.publish, ring_hook) == 0) {
         if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
@@ -324,6 +352,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       }
 
       maybe_fault(hdr, FaultStep::kAfterPublish);
+      if constexpr (requires { runner.after_publish(); }) runner.after_publish();
       e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
       rec.local_next.store(j + 1, std::memory_order_release);
       rec.running_since_ns.store(0, std::memory_order_relaxed);
