@@ -217,3 +217,33 @@ def no_leaks_fixture(prefix: str):
         assert live_children() - kids_before == set(), "test left child processes behind"
 
     return no_leaks
+
+
+# -- apps of the unit-style suites ------------------------------------------------------------
+
+
+def app_factory(prefix: str) -> Callable[..., mpop.MpopApi]:
+    """`make_app(**kw)`: an MpopApi with one worker whose segments are named `prefix`... (the
+    prefix its file's `no_leaks_fixture` watches), unless `kw` says otherwise."""
+
+    def make_app(**kw) -> mpop.MpopApi:
+        kw.setdefault("workers", 1)
+        kw.setdefault("name", prefix)
+        return mpop.MpopApi(**kw)
+
+    return make_app
+
+
+def app_fixture(make_app: Callable[..., mpop.MpopApi]):
+    """A fixture: a fresh app from `make_app()` for each test, shut down after it."""
+    import pytest
+
+    @pytest.fixture
+    def app():
+        a = make_app()
+        try:
+            yield a
+        finally:
+            a.shutdown()
+
+    return app

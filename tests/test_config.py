@@ -7,7 +7,7 @@ import os
 import pytest
 
 import mpop
-from _helpers import live_children, no_leaks_fixture
+from _helpers import app_factory, live_children, no_leaks_fixture
 
 # Every app of this file uses this segment-name prefix, so the leak check below only looks
 # at segments this test process made (other test runs may share /dev/shm).
@@ -21,10 +21,7 @@ def _shm_entries() -> set:
     return {e for e in os.listdir("/dev/shm") if e.startswith(PREFIX)}
 
 
-def make_app(**kw) -> mpop.MpopApi:
-    kw.setdefault("workers", 1)
-    kw.setdefault("name", PREFIX)
-    return mpop.MpopApi(**kw)
+make_app = app_factory(PREFIX)
 
 
 def increment(x, step=1):

@@ -14,28 +14,15 @@ from collections import OrderedDict
 import pytest
 
 import mpop
-from _helpers import no_leaks_fixture
+from _helpers import app_factory, app_fixture, no_leaks_fixture
 
 PREFIX = f"mpop-enq{os.getpid()}"
 TIMEOUT = 300  # a safety net against hangs, never a performance expectation
 
 
 no_leaks = no_leaks_fixture(PREFIX)
-
-
-def make_app(**kw) -> mpop.MpopApi:
-    kw.setdefault("workers", 1)
-    kw.setdefault("name", PREFIX)
-    return mpop.MpopApi(**kw)
-
-
-@pytest.fixture
-def app():
-    a = make_app()
-    try:
-        yield a
-    finally:
-        a.shutdown()
+make_app = app_factory(PREFIX)
+app = app_fixture(make_app)
 
 
 def _poll(cond, what):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import mpop
-from _helpers import no_leaks_fixture
+from _helpers import app_factory, no_leaks_fixture
 from mpop._slots import read_meta
 
 PREFIX = f"mpop-slt{os.getpid()}"
@@ -17,12 +17,7 @@ BUILTIN_SLOTS = [mpop.TaskSlot128, mpop.TaskSlot128_cargs, mpop.TaskSlot196, mpo
 
 
 no_leaks = no_leaks_fixture(PREFIX)
-
-
-def make_app(**kw) -> mpop.MpopApi:
-    kw.setdefault("workers", 1)
-    kw.setdefault("name", PREFIX)
-    return mpop.MpopApi(**kw)
+make_app = app_factory(PREFIX)
 
 
 # -- users' own slot classes (module level: workers import them by reference) ------------------

@@ -44,14 +44,12 @@ struct Handler {
 
 class PyRunner {
  public:
-  PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result,
-           py::object on_task)
+  PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result)
       : seg_(*seg),
         seg_ptr_(std::move(seg)),
         resolve_(std::move(resolve)),
         pack_error_(std::move(pack_error)),
-        task_result_(std::move(task_result)),
-        on_task_(std::move(on_task)) {}
+        task_result_(std::move(task_result)) {}
 
   ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
     after_publish();
@@ -66,12 +64,6 @@ class PyRunner {
     // A zero-copy array (or a view of one) outlived the call: its block stays until the
     // last such view is gone, and the worker loop keeps the collector from freeing it.
     if (lease_ && lease_.use_count() > 1) pinned_ = lease_->pinned = true;
-    if (!on_task_.is_none()) {
-      try {
-        on_task_(t.fn_id, t.tsk_id, static_cast<int>(status));
-      } catch (py::error_already_set&) {
-      }
-    }
     return status;
   }
   ResultStatus fail(const std::string& why, std::vector<uint8_t>& value) {
@@ -181,7 +173,7 @@ class PyRunner {
   std::vector<ExternalPiece> value_pieces_;  // the last result's data left in place...
   std::vector<py::object> keep_;             // ...in these objects
   py::object last_ret_;
-  py::object resolve_, pack_error_, task_result_, on_task_;
+  py::object resolve_, pack_error_, task_result_;
   std::unordered_map<uint32_t, Handler> handlers_;
   PyThreadState* saved_ = nullptr;
 };
@@ -192,16 +184,15 @@ void register_worker(py::module_& m) {
   m.def(
       "worker_loop",
       [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
-         py::object task_result, py::object on_task) {
+         py::object task_result) {
         if (id >= seg->workers().count) throw py::value_error("worker id out of range");
-        PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result),
-                        std::move(on_task));
+        PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result));
         WorkerExit e = run_worker(*seg, id, runner);
         if (PyErr_Occurred()) throw py::error_already_set();
         return std::string(to_string(e));
       },
       py::arg("segment"), py::arg("worker_id"), py::arg("resolve"), py::arg("pack_error"),
-      py::arg("task_result"), py::arg("on_task") = py::none());
+      py::arg("task_result"));
 
   // Called by a worker right after it attaches: on SIGTERM (the parent-death signal) leave
   // the segment, remove it if this is the last process out, and exit at once, even inside

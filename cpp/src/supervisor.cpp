@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
 #include <cstring>
 #include <stdexcept>
 
@@ -20,10 +19,6 @@
 #endif
 
 namespace mpop {
-
-namespace {
-std::condition_variable g_started_cv;  // start() waits on the first spawn round
-}  // namespace
 
 Supervisor::Supervisor(Segment& seg, SupervisorOptions opts)
     : seg_(seg), opts_(std::move(opts)) {
@@ -68,7 +63,7 @@ void Supervisor::start() {
   for (auto& c : children_) c = Child{};
   thread_ = std::thread([this] { loop(); });
   std::unique_lock<std::mutex> lock(mutex_);
-  g_started_cv.wait(lock, [this] { return started_; });
+  started_cv_.wait(lock, [this] { return started_; });
   if (!error_.empty()) {
     std::string e = error_;
     lock.unlock();
@@ -404,7 +399,7 @@ void Supervisor::loop() {
     std::lock_guard<std::mutex> lock(mutex_);
     started_ = true;
   }
-  g_started_cv.notify_all();
+  started_cv_.notify_all();
 
   bool asked_to_stop = false;
   std::vector<pollfd> fds;

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -112,6 +113,7 @@ class Supervisor {
   std::deque<uint32_t> kill_requests_;
   bool scale_pending_ = false;
   bool started_ = false;
+  std::condition_variable started_cv_;  // start() waits on the first spawn round
   std::string error_;
   std::atomic<int> spawned_round_{0};
 
