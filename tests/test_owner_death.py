@@ -134,3 +134,21 @@ def test_next_start_cleans_up_after_a_dead_owner(tmp_path):
                           timeout=60)
     assert proc.stdout.strip() == "[32]", proc.stderr
     assert not os.path.exists(f"/dev/shm/{dead_name}")
+
+
+def test_cleanup_leaves_a_segment_still_being_created_alone():
+    # Its creator writes the magic number last, so a sweep that runs meanwhile (another
+    # process's start-up, `mpop cleanup`) does not take a half-written header for a dead
+    # owner's segment.
+    from mpop import _cleanup
+
+    name = f"mpop-creating{os.getpid()}"
+    path = f"/dev/shm/{name}"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 65536)  # sized, header not yet written
+    try:
+        assert name not in _cleanup.segments()
+        assert name not in _cleanup.remove_dead_segments()
+        assert os.path.exists(path)
+    finally:
+        os.unlink(path)

@@ -109,8 +109,11 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
   seg->base_ = static_cast<uint8_t*>(static_cast<bip::mapped_region*>(seg->region_.get())->get_address());
   seg->size_ = g.total;
 
+  // The magic goes in last (below): until then another process that opens the segment
+  // (`python -m mpop cleanup`, or any app's start-up sweep) sees no mpop segment yet, never
+  // a half-written header (an owner_pid without its start time looks like a dead owner).
   auto* h = new (seg->base_) SegmentHeader();
-  h->magic = kSegmentMagic;
+  h->magic = 0;
   h->layout_version = kLayoutVersion;
   h->task_stride = g.task_stride;
   h->config = cfg;
@@ -137,7 +140,7 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
   }
   seg->bind_views();
   seg->unlink_on_close_ = true;
-  std::atomic_thread_fence(std::memory_order_release);
+  std::atomic_ref<uint64_t>(h->magic).store(kSegmentMagic, std::memory_order_release);
   return seg;
 }
 
@@ -154,9 +157,9 @@ std::unique_ptr<Segment> Segment::attach(const std::string& name) {
   seg->base_ = static_cast<uint8_t*>(region->get_address());
   seg->size_ = static_cast<uint64_t>(size);
   auto* h = reinterpret_cast<SegmentHeader*>(seg->base_);
-  std::atomic_thread_fence(std::memory_order_acquire);
-  if (h->magic != kSegmentMagic)
-    throw LayoutMismatch("mpop: segment '" + name + "' has a bad magic number: not an mpop segment");
+  if (std::atomic_ref<uint64_t>(h->magic).load(std::memory_order_acquire) != kSegmentMagic)
+    throw LayoutMismatch("mpop: segment '" + name +
+                         "' has a bad magic number: not an mpop segment (or one still being created)");
   if (h->layout_version != kLayoutVersion)
     throw LayoutMismatch("mpop: segment '" + name + "' has layout version " +
                          std::to_string(h->layout_version) + ", this build expects " +
