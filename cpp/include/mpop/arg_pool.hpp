@@ -1,6 +1,10 @@
 // ArgPool: a shared-memory arena for argument and result streams too large for a slot.
 // Units of 256 bytes tracked by a bitmap of atomic words; allocation is a CAS on one word
 // (or a run of whole words for large blocks), so there is no lock a dead process can hold.
+// Placement is address-ordered first fit: a block goes to the lowest room that fits, so a
+// long run reuses the units it just freed and every process touches only as many pages of
+// the pool as it ever holds at once (next fit walked the whole arena, and a few million
+// tasks later each process had all of it resident).
 #pragma once
 
 #include <atomic>
@@ -16,7 +20,7 @@ struct alignas(kCacheLine) PoolControl {
   uint64_t units = 0;      // number of allocation units
   uint64_t words = 0;      // bitmap words (units / 64)
   uint64_t data_off = 0;   // from the start of the pool region
-  std::atomic<uint64_t> hint{0};       // word where the next search starts
+  std::atomic<uint64_t> hint{0};       // no word below it has a free unit (a lower bound)
   std::atomic<uint64_t> used_units{0};
   alignas(kCacheLine) EventCount freed;  // producers waiting for room sleep here
 };
@@ -61,7 +65,7 @@ class ArgPool {
     if (cap_bytes != UINT64_MAX &&
         (ctl_->used_units.load(std::memory_order_relaxed) + n) * kUnit > cap_bytes)
       return 0;
-    uint64_t start = ctl_->hint.load(std::memory_order_relaxed) % ctl_->words;
+    uint64_t start = first_free_word();
     uint64_t off = n <= 64 ? alloc_in_word(n, start) : alloc_words((n + 63) / 64, start);
     if (off) ctl_->used_units.fetch_add(n <= 64 ? n : (n + 63) / 64 * 64, std::memory_order_relaxed);
     return off;
@@ -100,16 +104,18 @@ class ArgPool {
     if (!off || !bytes) return;
     uint64_t n = (bytes + kUnit - 1) / kUnit;
     uint64_t unit = (off - ctl_->data_off) / kUnit;
+    // seq_cst, then the hint: see first_free_word().
     if (n <= 64) {
       uint64_t mask = (n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1)) << (unit % 64);
-      bitmap_[unit / 64].fetch_and(~mask, std::memory_order_release);
+      bitmap_[unit / 64].fetch_and(~mask, std::memory_order_seq_cst);
       ctl_->used_units.fetch_sub(n, std::memory_order_relaxed);
     } else {
       uint64_t words = (n + 63) / 64;
       for (uint64_t w = 0; w < words; ++w)
-        bitmap_[unit / 64 + w].store(0, std::memory_order_release);
+        bitmap_[unit / 64 + w].store(0, std::memory_order_seq_cst);
       ctl_->used_units.fetch_sub(words * 64, std::memory_order_relaxed);
     }
+    lower_hint(unit / 64);
     ctl_->freed.notify_all();
   }
 
@@ -124,12 +130,39 @@ class ArgPool {
 
   uint64_t offset_of_unit(uint64_t unit) const { return ctl_->data_off + unit * kUnit; }
 
+  // The lowest word that may have a free unit, where a search starts; moves the hint past
+  // words found full. The hint is only a place to start (a search still wraps around the
+  // whole bitmap), but a hint left above free units would send blocks ever higher, so a
+  // word freed while the hint passes it must not be skipped. Both sides are seq_cst: a free
+  // clears its bits, then lowers the hint; we raise the hint, then look at the word again.
+  // Either we see the bits cleared, or the free sees the raised hint, and the hint comes
+  // back down.
+  uint64_t first_free_word() {
+    uint64_t h = ctl_->hint.load(std::memory_order_seq_cst);
+    while (h < ctl_->words && bitmap_[h].load(std::memory_order_relaxed) == ~uint64_t{0}) {
+      if (!ctl_->hint.compare_exchange_weak(h, h + 1, std::memory_order_seq_cst))
+        continue;  // h now holds the current hint
+      if (bitmap_[h].load(std::memory_order_seq_cst) != ~uint64_t{0}) {
+        lower_hint(h);
+        return h;
+      }
+      ++h;
+    }
+    return h < ctl_->words ? h : 0;
+  }
+
+  void lower_hint(uint64_t word) {
+    uint64_t h = ctl_->hint.load(std::memory_order_seq_cst);
+    while (word < h && !ctl_->hint.compare_exchange_weak(h, word, std::memory_order_seq_cst)) {
+    }
+  }
+
   uint64_t alloc_in_word(uint64_t n, uint64_t start) {
     uint64_t mask_n = n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1);
     for (uint64_t i = 0; i < ctl_->words; ++i) {
       uint64_t w = (start + i) % ctl_->words;
       uint64_t v = bitmap_[w].load(std::memory_order_relaxed);
-      while (v != ~uint64_t{0}) {
+      while (static_cast<uint64_t>(std::popcount(~v)) >= n) {
         // Bits b of `runs` mark a run of n free units starting at b within this word.
         uint64_t runs = ~v;
         for (uint64_t s = 1; s < n && runs; ++s) runs &= (~v) >> s;
@@ -137,10 +170,8 @@ class ArgPool {
         int b = std::countr_zero(runs);
         uint64_t mask = mask_n << b;
         if (bitmap_[w].compare_exchange_weak(v, v | mask, std::memory_order_acquire,
-                                             std::memory_order_relaxed)) {
-          if ((v | mask) == ~uint64_t{0}) ctl_->hint.store(w + 1, std::memory_order_relaxed);
+                                             std::memory_order_relaxed))
           return offset_of_unit(w * 64 + static_cast<uint64_t>(b));
-        }
       }
     }
     return 0;
@@ -158,11 +189,10 @@ class ArgPool {
                                                           std::memory_order_acquire))
           break;
       }
-      if (got == k) {
-        ctl_->hint.store(first + k, std::memory_order_relaxed);
-        return offset_of_unit(first * 64);
-      }
-      for (uint64_t j = 0; j < got; ++j) bitmap_[first + j].store(0, std::memory_order_release);
+      if (got == k) return offset_of_unit(first * 64);
+      // Words taken only to probe are free again: like a free, clear them, then the hint.
+      for (uint64_t j = 0; j < got; ++j) bitmap_[first + j].store(0, std::memory_order_seq_cst);
+      if (got) lower_hint(first);
       first += got + 1;
     }
     return 0;
