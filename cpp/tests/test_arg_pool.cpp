@@ -351,6 +351,113 @@ TEST(ArgPool, ConcurrentThreadsNeverOverlapAndLeakNothing) {
   RecordProperty("waits_for_room", std::to_string(waits.load()));
 }
 
+// Placement is first fit by address: room that was freed is taken again before room never
+// used, for blocks within one word and for blocks of whole words.
+TEST(ArgPool, FreedRoomIsReusedBeforeFreshRoom) {
+  PoolFixture f(8 * kWord);
+  const uint64_t base = f.pool.control().data_off;
+  std::vector<uint64_t> offs;
+  for (int i = 0; i < 64; ++i) offs.push_back(f.pool.try_alloc(kUnit));  // word 0, full
+  EXPECT_EQ(offs.back(), base + 63 * kUnit);
+  uint64_t next = f.pool.try_alloc(kUnit);
+  EXPECT_EQ(next, base + kWord);  // word 0 is full: word 1
+  for (uint64_t off : offs) f.pool.free(off, kUnit);
+  f.pool.free(next, kUnit);
+  EXPECT_EQ(f.pool.try_alloc(3 * kUnit), base);  // not after the blocks just freed
+  f.pool.free(base, 3 * kUnit);
+
+  uint64_t big = f.pool.try_alloc(2 * kWord);
+  EXPECT_EQ(big, base);
+  uint64_t small = f.pool.try_alloc(kUnit);
+  EXPECT_EQ(small, base + 2 * kWord);
+  f.pool.free(big, 2 * kWord);
+  EXPECT_EQ(f.pool.try_alloc(kWord + 1), base);  // the freed words, not the ones past `small`
+  const uint64_t after = base + ArgPool::span_units(kWord + 1) * kUnit;
+  EXPECT_EQ(f.pool.try_alloc(kUnit), after);  // the rest of the freed room, still below `small`
+  f.pool.free(base, kWord + 1);
+  f.pool.free(small, kUnit);
+  f.pool.free(after, kUnit);
+  EXPECT_EQ(f.pool.used_bytes(), 0u);
+}
+
+// How far into the pool a stream of blocks reaches: the end of the highest unit it used.
+struct Reach {
+  std::atomic<uint64_t> end{0};
+  void note(uint64_t off, uint64_t bytes) {
+    uint64_t e = off + bytes, cur = end.load();
+    while (e > cur && !end.compare_exchange_weak(cur, e)) {
+    }
+  }
+};
+
+// A long stream that holds a few blocks at a time (as map() does with its chunks) stays in
+// the low end of a large pool, so the pages it touches stay few however long it runs. Next
+// fit, which moved on after every block, walked the whole pool.
+TEST(ArgPool, ALongStreamStaysInTheLowEndOfThePool) {
+  PoolFixture f(256 * kWord);  // 4 MiB
+  const uint64_t base = f.pool.control().data_off;
+  SplitMix rng{5};
+  std::deque<std::pair<uint64_t, uint64_t>> held;
+  Reach reach;
+  for (uint64_t i = 0; i < scaled(200'000, 5'000); ++i) {
+    uint64_t bytes = rng.below(8) == 0 ? kWord + 1 + rng.below(kWord) : 1 + rng.below(8 * kUnit);
+    uint64_t off = f.pool.try_alloc(bytes);
+    ASSERT_NE(off, 0u);
+    reach.note(off, bytes);
+    held.emplace_back(off, bytes);
+    if (held.size() > 8) {
+      f.pool.free(held.front().first, held.front().second);
+      held.pop_front();
+    }
+  }
+  for (auto& [off, bytes] : held) f.pool.free(off, bytes);
+  EXPECT_EQ(f.pool.used_bytes(), 0u);
+  // At most 9 blocks are held at once, each within 2 words: 18 words, and some room for
+  // fragmentation.
+  EXPECT_LE(reach.end.load() - base, 32 * kWord);
+  RecordProperty("reach_words", std::to_string((reach.end.load() - base + kWord - 1) / kWord));
+}
+
+// The same with threads allocating and freeing at once: a word freed while another thread
+// moves the hint past it must not be skipped for good, or blocks would creep upwards.
+TEST(ArgPool, ConcurrentStreamsStayInTheLowEndOfThePool) {
+  PoolFixture f(256 * kWord);
+  const uint64_t base = f.pool.control().data_off;
+  Reach reach;
+  std::atomic<uint64_t> misses{0};
+  const int kThreads = 4;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      SplitMix rng{static_cast<uint64_t>(t) + 21};
+      std::deque<std::pair<uint64_t, uint64_t>> held;
+      for (uint64_t i = 0; i < scaled(100'000, 2'000); ++i) {
+        uint64_t bytes =
+            rng.below(16) == 0 ? kWord + 1 + rng.below(kWord) : 1 + rng.below(8 * kUnit);
+        uint64_t off = f.pool.try_alloc(bytes);
+        if (!off) {  // never with this much room
+          misses.fetch_add(1);
+          continue;
+        }
+        reach.note(off, bytes);
+        held.emplace_back(off, bytes);
+        if (held.size() > 4) {
+          f.pool.free(held.front().first, held.front().second);
+          held.pop_front();
+        }
+      }
+      for (auto& [off, bytes] : held) f.pool.free(off, bytes);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(misses.load(), 0u);
+  EXPECT_EQ(f.pool.used_bytes(), 0u);
+  // 4 threads x 5 blocks x at most 2 words held at once: 40 words, and room for
+  // fragmentation and for words that are only probed.
+  EXPECT_LE(reach.end.load() - base, 64 * kWord);
+  RecordProperty("reach_words", std::to_string((reach.end.load() - base + kWord - 1) / kWord));
+}
+
 // The pool lives in shared memory: a block allocated by one process is seen, and freed, by
 // another.
 TEST(ArgPool, BlocksCrossProcesses) {

@@ -7,6 +7,11 @@
 // a worker (worker_tag(id)) between taking a block and handing it on. A worker killed at any
 // instruction therefore leaves only units tagged with its own id, which the supervisor gives
 // back with reclaim(): nothing leaks, and nobody waits on a dead allocator.
+//
+// Placement is address-ordered first fit: a block goes to the lowest room that fits, so a
+// long run reuses the units it just freed and every process touches only as many pages of
+// the pool as it ever holds at once (next fit walked the whole arena, and a few million
+// tasks later each process had all of it resident).
 #pragma once
 
 #include <atomic>
@@ -22,7 +27,7 @@ struct alignas(kCacheLine) PoolControl {
   uint64_t units = 0;      // number of allocation units
   uint64_t words = 0;      // tag words (units / 4)
   uint64_t data_off = 0;   // from the start of the pool region
-  std::atomic<uint64_t> hint{0};       // word where the next search starts
+  std::atomic<uint64_t> hint{0};       // no word below it has a free unit (a lower bound)
   std::atomic<uint64_t> arg_units{0};  // units held by kArgTag blocks (the producer's cap)
   alignas(kCacheLine) EventCount freed;  // producers waiting for room sleep here
 };
@@ -92,7 +97,7 @@ class ArgPool {
     if (cap_bytes != UINT64_MAX &&
         (ctl_->arg_units.load(std::memory_order_relaxed) + span_units(bytes)) * kUnit > cap_bytes)
       return 0;
-    uint64_t start = ctl_->hint.load(std::memory_order_relaxed) % ctl_->words;
+    uint64_t start = first_free_word();
     uint64_t off = n <= kLanes ? alloc_in_word(n, start, tag) : alloc_words(n / kLanes + (n % kLanes != 0), start, tag);
     if (off && tag == kArgTag) ctl_->arg_units.fetch_add(span_units(bytes), std::memory_order_relaxed);
     return off;
@@ -129,8 +134,9 @@ class ArgPool {
 
   void free(uint64_t off, uint64_t bytes) {
     if (!off || !bytes) return;
-    uint16_t old = set_tag(off, bytes, kFreeTag);
+    uint16_t old = set_tag(off, bytes, kFreeTag);  // seq_cst, then the hint: see first_free_word()
     if (old == kArgTag) ctl_->arg_units.fetch_sub(span_units(bytes), std::memory_order_relaxed);
+    lower_hint((off - ctl_->data_off) / kUnit / kLanes);
     ctl_->freed.notify_all();
   }
 
@@ -153,7 +159,7 @@ class ArgPool {
   // while this runs (the worker is dead and not yet replaced). Returns the bytes freed.
   uint64_t reclaim(uint16_t tag) {
     if (!valid() || tag == kFreeTag || tag == kArgTag || tag == kResultTag) return 0;
-    uint64_t freed = 0;
+    uint64_t freed = 0, lowest = UINT64_MAX;
     for (uint64_t w = 0; w < ctl_->words; ++w) {
       uint64_t v = tags_[w].load(std::memory_order_acquire);
       if (v == 0) continue;
@@ -161,10 +167,14 @@ class ArgPool {
       for (uint64_t l = 0; l < kLanes; ++l)
         if (lane(v, l) == tag) mask |= uint64_t{0xFFFF} << (16 * l);
       if (!mask) continue;
-      tags_[w].fetch_and(~mask, std::memory_order_release);
+      tags_[w].fetch_and(~mask, std::memory_order_seq_cst);
       freed += static_cast<uint64_t>(std::popcount(mask)) / 16;
+      if (lowest == UINT64_MAX) lowest = w;
     }
-    if (freed) ctl_->freed.notify_all();
+    if (freed) {
+      lower_hint(lowest);
+      ctl_->freed.notify_all();
+    }
     return freed * kUnit;
   }
 
@@ -203,14 +213,46 @@ class ArgPool {
       std::atomic<uint64_t>& word = tags_[unit / kLanes];
       uint64_t v = word.load(std::memory_order_relaxed);
       while (!word.compare_exchange_weak(v, (v & ~mask) | (pattern(tag) & mask),
-                                         std::memory_order_acq_rel, std::memory_order_relaxed)) {
+                                         std::memory_order_seq_cst, std::memory_order_relaxed)) {
       }
       return lane(v, unit % kLanes);
     }
     uint64_t first = unit / kLanes, k = (n + kLanes - 1) / kLanes;
     uint16_t old = lane(tags_[first].load(std::memory_order_relaxed), 0);
-    for (uint64_t w = 0; w < k; ++w) tags_[first + w].store(pattern(tag), std::memory_order_release);
+    for (uint64_t w = 0; w < k; ++w) tags_[first + w].store(pattern(tag), std::memory_order_seq_cst);
     return old;
+  }
+
+  static bool full(uint64_t v) {
+    for (uint64_t l = 0; l < kLanes; ++l)
+      if (lane(v, l) == kFreeTag) return false;
+    return true;
+  }
+
+  // The lowest word that may have a free unit, where a search starts; moves the hint past
+  // words found full. The hint is only a place to start (a search still wraps around the
+  // whole pool), but a hint left above free units would send blocks ever higher, so a word
+  // freed while the hint passes it must not be skipped. Both sides are seq_cst: a free
+  // clears its tags, then lowers the hint; we raise the hint, then look at the word again.
+  // Either we see the tags cleared, or the free sees the raised hint and brings it down.
+  uint64_t first_free_word() {
+    uint64_t h = ctl_->hint.load(std::memory_order_seq_cst);
+    while (h < ctl_->words && full(tags_[h].load(std::memory_order_relaxed))) {
+      if (!ctl_->hint.compare_exchange_weak(h, h + 1, std::memory_order_seq_cst))
+        continue;  // h now holds the current hint
+      if (!full(tags_[h].load(std::memory_order_seq_cst))) {
+        lower_hint(h);
+        return h;
+      }
+      ++h;
+    }
+    return h < ctl_->words ? h : 0;
+  }
+
+  void lower_hint(uint64_t word) {
+    uint64_t h = ctl_->hint.load(std::memory_order_seq_cst);
+    while (word < h && !ctl_->hint.compare_exchange_weak(h, word, std::memory_order_seq_cst)) {
+    }
   }
 
   uint64_t alloc_in_word(uint64_t n, uint64_t start, uint16_t tag) {
@@ -229,10 +271,8 @@ class ArgPool {
         uint64_t mask = mask_n << (16 * b);
         uint64_t want = v | (pattern(tag) & mask);
         if (tags_[w].compare_exchange_weak(v, want, std::memory_order_acquire,
-                                           std::memory_order_relaxed)) {
-          if (b + n == kLanes) ctl_->hint.store(w + 1, std::memory_order_relaxed);
+                                           std::memory_order_relaxed))
           return offset_of_unit(w * kLanes + static_cast<uint64_t>(b));
-        }
       }
     }
     return 0;
@@ -268,11 +308,10 @@ class ArgPool {
                                                         std::memory_order_relaxed))
           break;
       }
-      if (got == k) {
-        ctl_->hint.store(first + k, std::memory_order_relaxed);
-        return offset_of_unit(first * kLanes);
-      }
-      for (uint64_t j = 0; j < got; ++j) tags_[first + j].store(0, std::memory_order_release);
+      if (got == k) return offset_of_unit(first * kLanes);
+      // Words taken only to probe are free again: like a free, clear them, then the hint.
+      for (uint64_t j = 0; j < got; ++j) tags_[first + j].store(0, std::memory_order_seq_cst);
+      if (got) lower_hint(first);
       scanned += got + 1;
       first += got + 1;
     }
