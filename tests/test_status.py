@@ -194,3 +194,34 @@ def test_kill_worker_unknown_id():
         app.start()
         assert wait_until(lambda: len(live(app)) == 1, TIMEOUT)
         assert app.kill_worker(57) is False
+
+
+def sleep_ms(ms: int) -> int:
+    time.sleep(ms / 1000)
+    return ms
+
+
+def test_run_stats_give_percentiles_of_the_runs_own_tasks():
+    with MpopApi(workers=2) as app:
+        list(app.map(sleep_ms, [1] * 20))  # other routes do not enter the run's figures
+        for ms in [5] * 18 + [60, 60]:
+            app.enqueue(sleep_ms, args=(ms,))
+        stats = app.run().stats
+        assert stats["tasks"] == 20
+        assert 0.004 <= stats["run_time_p50_s"] < 0.06 <= stats["run_time_p99_s"]
+        assert 0 <= stats["queue_wait_p50_s"] <= stats["queue_wait_p99_s"]
+
+
+def test_status_percentiles_cover_a_bounded_window_of_recent_tasks(monkeypatch):
+    from mpop import _dispatch
+
+    monkeypatch.setattr(_dispatch.Dispatcher, "TIMING_WINDOW", 50)
+    with MpopApi(workers=2) as app:
+        for f in [app.submit(sleep_ms, 0) for _ in range(200)]:
+            f.result(timeout=TIMEOUT)
+        assert len(app._dispatcher.timings) == 50  # a server that only submits stays flat
+        q = app.status()["queue"]
+        assert 0 <= q["queue_wait_p50_s"] <= q["queue_wait_p99_s"]
+        assert 0 <= q["run_time_p50_s"] <= q["run_time_p99_s"]
+        busy = sum(w["busy_s"] for w in app.status()["workers"])
+        assert busy > 0

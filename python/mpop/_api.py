@@ -786,10 +786,10 @@ class MpopApi:
             "retries": sum(max(0, r.attempts - 1) for r in results),
             "crashes": sup_counters.get("crashes", 0),
         }
-        timings, self._dispatcher.timings = self._dispatcher.timings, []
-        if timings:
-            waits = sorted(t[0] for t in timings)
-            runs = sorted(t[1] for t in timings)
+        # Percentiles of this run's own tasks (each result carries its timings).
+        waits = sorted(r.queue_wait_s for r in results if r.queue_wait_s is not None)
+        runs = sorted(r.run_time_s for r in results if r.run_time_s is not None)
+        if runs:
             stats.update(queue_wait_p50_s=_percentile(waits, 0.5), queue_wait_p99_s=_percentile(waits, 0.99),
                          run_time_p50_s=_percentile(runs, 0.5), run_time_p99_s=_percentile(runs, 0.99))
         return stats
@@ -858,10 +858,10 @@ class MpopApi:
             workers = rt.segment.workers_status()
             if rt.supervisor is not None:
                 queue.update(rt.supervisor.counters())
-            timings = self._dispatcher.timings
+            timings = list(self._dispatcher.timings)  # the latest results, of every kind
             if timings:
-                waits = sorted(t[0] for t in timings[-10000:])
-                runs = sorted(t[1] for t in timings[-10000:])
+                waits = sorted(t[0] for t in timings)
+                runs = sorted(t[1] for t in timings)
                 queue.update(queue_wait_p50_s=_percentile(waits, 0.5), queue_wait_p99_s=_percentile(waits, 0.99),
                              run_time_p50_s=_percentile(runs, 0.5), run_time_p99_s=_percentile(runs, 0.99))
         config = dict(self._config)

@@ -74,6 +74,8 @@ class MapState:
 
 
 class Dispatcher:
+    TIMING_WINDOW = 10_000  # results whose timings status() summarises
+
     def __init__(self, collector, names: Callable[[int], str], config: dict,
                  submitted: Callable[[], int] = lambda: 0) -> None:
         self._submitted = submitted
@@ -88,7 +90,9 @@ class Dispatcher:
         self.futures: dict[int, Future] = {}
         self.early: dict[int, tuple] = {}  # future results that beat their registration
         self.maps: dict[int, MapState] = {}
-        self.timings: list[tuple[float, float]] = []  # (queue_wait_s, run_time_s) of this run
+        # (queue_wait_s, run_time_s) of the latest results of every kind, for status(): a
+        # window, so that an app that only submits never grows it without bound.
+        self.timings: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.TIMING_WINDOW)
         self.keep_timings = not config.get("max_performance", False)
         self.debug = config.get("debug", False) and not config.get("max_performance", False)
         self._thread: threading.Thread | None = None
