@@ -8,6 +8,12 @@ namespace mpop::bindings {
 
 namespace {
 
+// How long the owner keeps looking for a result before it sleeps (see kIdleSpinNs).
+#ifndef MPOP_RESULT_SPIN_NS
+#define MPOP_RESULT_SPIN_NS 50000
+#endif
+constexpr int64_t kResultSpinNs = MPOP_RESULT_SPIN_NS;
+
 class PyCollector {
  public:
   explicit PyCollector(SegmentPtr seg) : seg_(std::move(seg)), col_(*seg_) {}
@@ -22,7 +28,7 @@ class PyCollector {
     auto stop = [&] { return interrupts_.load() != epoch; };
     if (deadline != 0 && !seg_->results().has_published()) {
       py::gil_scoped_release nogil;
-      seg_->results().wait_published(deadline, stop);
+      seg_->results().wait_published(deadline, stop, 64, kResultSpinNs);
     }
     py::list out;
     col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {

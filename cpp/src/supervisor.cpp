@@ -298,6 +298,7 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
                                      out ? 0 : rec.result_ref.load(), rec.result_len.load()});
     } else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())
       seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
+    seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
     // Last, what is still tagged with its id: a block it took but had not yet recorded in
     // result_ref, or the words of a run it was halfway through taking. (Everything it
     // recorded and handed on was retagged first, so none of the above is freed twice.)

@@ -301,6 +301,81 @@ TEST(TaskRing, WaitPublishedWakesOnPublishTimesOutAndStops) {
   EXPECT_EQ(f.ring.control().not_empty.waiters.load(), 0u);
 }
 
+// While a consumer spins, producers skip the wake-up; a consumer that claims part of what
+// was pushed wakes a sleeper for the rest, and clearing a dead spinner wakes everyone.
+TEST(TaskRing, SleepersAreWokenWhenASpinnerLeavesCellsOrDies) {
+  RingFixture f(16);
+  auto push_n = [&](uint32_t n) {
+    ASSERT_EQ(f.ring.try_push(n, [](uint32_t, void* b) { std::memset(b, 0, 8); }), n);
+  };
+  auto sleeper = [&](std::atomic<int>& woke) {
+    return std::thread([&] {
+      f.ring.wait_published(monotonic_ns() + 20'000'000'000, kNever, /*spin=*/0);
+      woke.store(1);
+    });
+  };
+  auto asleep = [&] {
+    int64_t until = monotonic_ns() + 5'000'000'000;
+    while (f.ring.control().not_empty.waiters.load() == 0 && monotonic_ns() < until)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    return f.ring.control().not_empty.waiters.load() == 1;
+  };
+  auto woken = [](std::atomic<int>& woke) {
+    int64_t until = monotonic_ns() + 10'000'000'000;
+    while (!woke.load() && monotonic_ns() < until) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    return woke.load() == 1;
+  };
+
+  std::atomic<int> woke{0};
+  std::thread a = sleeper(woke);
+  ASSERT_TRUE(asleep());
+  f.ring.control().spinner.store(7);  // someone spins: the push does not wake the sleeper
+  push_n(3);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(woke.load(), 0);
+  ASSERT_EQ(f.ring.claim_range(1, nullptr, [](uint32_t, const uint8_t*) {}), 1u);  // the spinner
+  f.ring.control().spinner.store(0);
+  f.ring.wake_if_more();  // two are left: the sleeper is woken for them
+  EXPECT_TRUE(woken(woke));
+  a.join();
+  ASSERT_EQ(f.ring.claim_range(16, nullptr, [](uint32_t, const uint8_t*) {}), 2u);
+
+  woke.store(0);
+  std::thread b = sleeper(woke);
+  ASSERT_TRUE(asleep());
+  f.ring.control().spinner.store(9);  // a spinner that dies before it sees the push
+  push_n(1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(woke.load(), 0);
+  f.ring.clear_spinner(8);  // not the spinner: nothing happens
+  EXPECT_EQ(f.ring.control().spinner.load(), 9u);
+  f.ring.clear_spinner(9);  // the supervisor's recovery
+  EXPECT_TRUE(woken(woke));
+  b.join();
+  EXPECT_EQ(f.ring.control().spinner.load(), 0u);
+}
+
+// A consumer that finds no other spinner spins, sees a push without a wake-up, and gives
+// the spinner role back; a second one at the same time sleeps instead.
+TEST(TaskRing, OneSpinnerAtATime) {
+  RingFixture f(16);
+  std::atomic<uint32_t> seen_spinner{0};
+  std::thread spinner([&] {
+    EXPECT_TRUE(f.ring.spin_then_wait(3, 5'000'000'000, monotonic_ns() + 20'000'000'000, kNever));
+  });
+  int64_t until = monotonic_ns() + 5'000'000'000;
+  while (f.ring.control().spinner.load() == 0 && monotonic_ns() < until) std::this_thread::yield();
+  seen_spinner.store(f.ring.control().spinner.load());
+  EXPECT_EQ(seen_spinner.load(), 3u);
+  // A second consumer does not spin while the first does: it sleeps (and times out).
+  int64_t t0 = monotonic_ns();
+  EXPECT_FALSE(f.ring.spin_then_wait(4, 5'000'000'000, t0 + 20'000'000, kNever));
+  EXPECT_LT(monotonic_ns() - t0, 2'000'000'000);
+  ASSERT_EQ(f.ring.try_push(1, [](uint32_t, void* b) { std::memset(b, 0, 8); }), 1u);
+  spinner.join();
+  EXPECT_EQ(f.ring.control().spinner.load(), 0u);
+}
+
 // The futex is process-shared: a consumer process asleep in wait_published is woken by a push
 // from another process, and a producer process asleep in push() by a release.
 TEST(TaskRing, WakeUpsCrossProcesses) {
@@ -405,13 +480,18 @@ bool consume(TaskRing& ring, uint32_t id, const Workload& w, Ledger& ledger, int
       sum += m.check;
     });
     if (k > 0) {
+      ring.wake_if_more();  // as workers do: producers skip wake-ups while one spins
       if (ledger.consumed.fetch_add(k) + k >= total) ring.wake_consumers();
       continue;
     }
     if (ledger.consumed.load() >= total) break;
     if (monotonic_ns() > deadline) return false;
-    ring.wait_published(std::min(deadline, monotonic_ns() + 50'000'000),
-                        [&] { return ledger.consumed.load() >= total; });
+    auto done = [&] { return ledger.consumed.load() >= total; };
+    const int64_t until = std::min(deadline, monotonic_ns() + 50'000'000);
+    if (id % 2)
+      ring.spin_then_wait(id + 1, 20'000, until, done);  // half of them spin, like idle workers
+    else
+      ring.wait_published(until, done);
   }
   ledger.check_sum.fetch_add(sum);
   return true;

@@ -524,7 +524,8 @@ class MpopApi:
         self._check_open()
         h = self._registry.resolve(fn)
         h.check_args(args, kwargs)
-        self.start()
+        if not self._running():
+            self.start()
         fut = MpopFuture()
         fut._dispatcher = self._dispatcher
         seq = self._push(h, self._label(None), args, kwargs or None, None, True, None, ROUTE_FUTURE)

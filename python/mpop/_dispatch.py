@@ -99,6 +99,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._work = threading.Event()  # wakes the background thread
         self._sleeping = False  # the background thread waits on _work (set it only then)
+        # Callers blocked in help_until (future.result(), map, run...), under `cond`. While
+        # there are any, the background thread leaves draining to them: a result then goes
+        # straight to the thread that waits for it, with no hand-off between threads.
+        self._helpers = 0
+        self._bg_pumping = False  # the background thread holds the drain lock
 
     # -- draining ---------------------------------------------------------------------------
 
@@ -118,23 +123,36 @@ class Dispatcher:
     def help_until(self, done: Callable[[], bool], deadline: float | None,
                    check: Callable[[], None] | None = None) -> bool:
         """Drains (or waits for whoever drains) until `done()` or the deadline."""
-        while not done():
-            if check is not None:
-                check()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return done()
-            step = 0.05 if remaining is None else min(remaining, 0.05)
-            if self._drain_lock.acquire(blocking=False):
-                try:
-                    self.pump(step)
-                finally:
-                    self._drain_lock.release()
-            else:
-                with self.cond:
-                    if not done():
-                        self.cond.wait(step)
-        return True
+        if done():
+            return True
+        with self.cond:
+            self._helpers += 1
+        try:
+            while not done():
+                if check is not None:
+                    check()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return done()
+                step = 0.05 if remaining is None else min(remaining, 0.05)
+                if self._drain_lock.acquire(blocking=False):
+                    try:
+                        self.pump(step)
+                    finally:
+                        self._drain_lock.release()
+                else:
+                    # Another caller drains, or the background thread: that one is told to
+                    # step aside (it looks at _helpers before every wait of its own).
+                    if self._bg_pumping:
+                        self._collector.interrupt()
+                        step = min(step, 0.001)
+                    with self.cond:
+                        if not done():
+                            self.cond.wait(step)
+            return True
+        finally:
+            with self.cond:
+                self._helpers -= 1
 
     def start_background(self) -> None:
         """A thread that keeps results moving when no caller drains them: for futures nobody
@@ -152,10 +170,19 @@ class Dispatcher:
             if self._stop.is_set():
                 return
             if self.futures:
+                if self._helpers:
+                    # A caller waits for a result and drains for itself.
+                    with self.cond:
+                        if self._helpers:
+                            self.cond.wait(0.01)
+                    continue
                 if self._drain_lock.acquire(timeout=0.05):
+                    self._bg_pumping = True  # before looking at _helpers: see help_until
                     try:
-                        self.pump(0.05)
+                        if not self._helpers:
+                            self.pump(0.05)
                     finally:
+                        self._bg_pumping = False
                         self._drain_lock.release()
                 continue
             if self._submitted() <= self.finished:

@@ -83,13 +83,25 @@ struct EventCount {
 };
 static_assert(sizeof(EventCount) == 8);
 
-// Spins briefly on `ready`, then sleeps on `ec` until it holds or the deadline passes.
-// deadline_ns < 0 means no deadline. Returns whether `ready()` held.
+// Spins on `ready` (`spin` pauses, then until `spin_ns` have passed), then sleeps on `ec`
+// until it holds or the deadline passes. deadline_ns < 0 means no deadline. Returns whether
+// `ready()` held. Spinning a little costs a waiter a few microseconds of CPU; sleeping costs
+// the notifier a futex syscall and the waiter a scheduler wake-up, tens of microseconds on a
+// busy machine.
 template <class Ready>
-bool wait_until(EventCount& ec, Ready&& ready, int64_t deadline_ns, int spin = 64) {
+bool wait_until(EventCount& ec, Ready&& ready, int64_t deadline_ns, int spin = 64, int64_t spin_ns = 0) {
   for (int i = 0; i < spin; ++i) {
     if (ready()) return true;
     cpu_relax();
+  }
+  if (spin_ns > 0) {
+    const int64_t until = monotonic_ns() + spin_ns;
+    do {
+      for (int i = 0; i < 32; ++i) {
+        if (ready()) return true;
+        cpu_relax();
+      }
+    } while (monotonic_ns() < until);
   }
   for (;;) {
     uint32_t key = ec.prepare_wait();

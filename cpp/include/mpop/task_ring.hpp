@@ -45,6 +45,11 @@ struct alignas(kCacheLine) RingControl {
   alignas(kCacheLine) std::atomic<uint64_t> enqueue_pos;
   alignas(kCacheLine) std::atomic<uint64_t> dequeue_pos;
   alignas(kCacheLine) EventCount not_empty;  // consumers sleep here
+  // The consumer (its id + 1) spinning for cells before it sleeps, 0 = none: while one
+  // spins, producers skip the wake-up (it will see their cells), and consumers that find
+  // more than they claim wake the next sleeper. One spinner at a time, so that idle
+  // consumers do not crowd producers off a small machine's cores.
+  std::atomic<uint32_t> spinner{0};
   alignas(kCacheLine) EventCount not_full;   // producers sleep here
   alignas(kCacheLine) uint32_t capacity;
   uint32_t stride;
@@ -145,7 +150,7 @@ class TaskRing {
       window->epoch.fetch_add(1, std::memory_order_release);
       window->in_claim.store(0, std::memory_order_release);
     }
-    ctl_->not_empty.notify(static_cast<int>(k));
+    wake_for_push(k);
     return k;
   }
 
@@ -239,11 +244,46 @@ class TaskRing {
   // Sleeps until a cell is published or the deadline passes (monotonic ns, < 0 = none) or
   // `stop()` holds. Spins `spin` rounds first.
   template <class Stop>
-  bool wait_published(int64_t deadline_ns, Stop&& stop, int spin = 64) {
+  bool wait_published(int64_t deadline_ns, Stop&& stop, int spin = 64, int64_t spin_ns = 0) {
     return wait_until(
-        ctl_->not_empty, [&] { return has_published() || stop(); }, deadline_ns, spin);
+        ctl_->not_empty, [&] { return has_published() || stop(); }, deadline_ns, spin, spin_ns);
+  }
+
+  // A consumer's wait for cells: if no other consumer is spinning, spin up to `spin_ns` as
+  // the spinner `who` (nonzero), then sleep like wait_published. A dead spinner must be
+  // cleared with clear_spinner(who), or producers would stop waking the others.
+  template <class Stop>
+  bool spin_then_wait(uint32_t who, int64_t spin_ns, int64_t deadline_ns, Stop&& stop) {
+    uint32_t none = 0;
+    if (spin_ns > 0 && ctl_->spinner.compare_exchange_strong(none, who, std::memory_order_seq_cst)) {
+      const int64_t until = monotonic_ns() + spin_ns;
+      bool ready = false;
+      do {
+        for (int i = 0; i < 32 && !ready; ++i) {
+          ready = has_published() || stop();
+          if (!ready) cpu_relax();
+        }
+      } while (!ready && monotonic_ns() < until);
+      // seq_cst, then the re-check inside wait_until: a producer that saw us spinning
+      // published before this store, so we see its cell.
+      ctl_->spinner.store(0, std::memory_order_seq_cst);
+      if (ready) return true;
+    }
+    return wait_published(deadline_ns, stop, 0);
+  }
+  void clear_spinner(uint32_t who) {
+    if (ctl_->spinner.compare_exchange_strong(who, 0, std::memory_order_seq_cst)) wake_consumers();
+  }
+  // After a claim: if cells are left, a consumer that slept through a push (skipped because
+  // someone spun) is woken to take them.
+  void wake_if_more() {
+    if (has_published()) ctl_->not_empty.notify(1);
   }
   void wake_consumers() { ctl_->not_empty.notify_all(); }
+  void wake_for_push(uint32_t k) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (ctl_->spinner.load(std::memory_order_relaxed) == 0) ctl_->not_empty.notify(static_cast<int>(k));
+  }
   void wake_producers() { ctl_->not_full.notify_all(); }
 
   // ---- recovery (caller guarantees no live consumer is inside a claim window) ------------
