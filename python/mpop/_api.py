@@ -104,6 +104,15 @@ def _finalize(runtime_ref: list) -> None:
         runtime_ref[0].close()
 
 
+class MapIterator(itertools.chain):
+    """What map() returns: an iterator over the values, flattened from each chunk's list in C
+    (a generator yielding item by item cost more per item than the whole trip through a
+    worker). ``close()`` abandons the map, like a generator's."""
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
 class MpopApi:
     """Runs Python tasks across worker processes through a shared-memory task ring.
 
@@ -551,7 +560,10 @@ class MpopApi:
             raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
         h = self._registry.resolve(fn)
         self.start()
-        return self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight, chunksize)
+        chunks = self._map_iter(h, iterables, ordered, progress, timeout, max_in_flight, chunksize)
+        it = MapIterator.from_iterable(chunks)
+        it._chunks = chunks
+        return it
 
     _CHUNK_TARGET_NS = 2_000_000  # worker time per chunk once the cost of an item is known
     _CHUNK_MAX = 16384
@@ -559,7 +571,8 @@ class MpopApi:
 
     def _map_iter(self, h: Handler, iterables: tuple, ordered: bool, progress: bool,
                   timeout: float | None, max_in_flight: int | None,
-                  chunksize: int | None) -> Iterator[Any]:
+                  chunksize: int | None) -> Iterator[list]:
+        """Yields the values of each chunk, as a list, in the order map() returns them."""
         d = self._dispatcher
         runner = self._registry.get(MAP_CHUNK_ID)
         route = next(self._routes)
@@ -580,6 +593,9 @@ class MpopApi:
             size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
         spread = False  # items as separate arguments (arrays): at most _SPREAD_MAX a chunk
+        # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
+        span = iterables[0] if single and type(iterables[0]) is range else None
+        taken = 0  # items of `span` sent so far
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
         sent = done = 0
@@ -589,7 +605,11 @@ class MpopApi:
                 while (not exhausted and sent - done < chunks_limit
                        and sum(sizes.values()) < items_limit):
                     room = items_limit - sum(sizes.values())
-                    items = list(itertools.islice(source, min(size, room)))
+                    if span is not None:
+                        items = span[taken:taken + min(size, room)]
+                        taken += len(items)
+                    else:
+                        items = list(itertools.islice(source, min(size, room)))
                     if not items:
                         exhausted = True
                         break
@@ -638,7 +658,7 @@ class MpopApi:
                         size = int(min(size_cap, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
                     if bar is not None:
                         bar.update(len(values) + (1 if error is not None else 0))
-                    yield from values
+                    yield values
                     if error is not None:
                         raise unpack_error(error)
                     if len(values) != n:  # pragma: no cover - defensive
