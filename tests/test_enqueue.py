@@ -43,6 +43,17 @@ def echo(x):
     return x
 
 
+def _types_of(v):
+    """v's type names, nested through lists and tuples."""
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, [_types_of(x) for x in v])
+    return type(v).__name__
+
+
+def echo_nested_types(x):
+    return _types_of(x)
+
+
 def echo_typed(x):
     return (type(x).__name__, x)
 
@@ -536,7 +547,11 @@ ARG_CASES = {
     "bytes": [b"", b"\x00", b"abc", bytes(range(256)), b"\xff" * 91, b"\xfe" * 92, b"q" * (5 << 20)],
     "containers": [(), (1, "a", 2.5), ((1, 2), (3, (4,))), [1, [2, [3]]], {"a": 1, 2: (3,)},
                    {1, 2, 3}, frozenset({"x"}), OrderedDict(a=1, b=2), bytearray(b"\x00\x01"),
-                   list(range(10000))],
+                   list(range(10000)),
+                   # Encoded natively while every item is plain; pickled whole otherwise
+                   # (a big int, an object, a lone surrogate, a subclass, too deep).
+                   [None, True, 7, -2.5, "s", b"b", (1, [2.0, ("x",)])], [1, 2**64], [1, fractions.Fraction(1, 3)],
+                   ("ok", "\udcff"), [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]], [OrderedDict(a=1)], [[], ()]],
     "objects": [Point(1, 2.5, "p"), Tagged("t", [1, {"k": b"v"}]), Color.RED, Level.HIGH,
                 fractions.Fraction(2, 7), complex(1, -2), range(3, 9, 2)],
 }
@@ -735,3 +750,17 @@ def test_str_result_with_lone_surrogate():
         res = app.run(timeout=TIMEOUT)
     assert res.results[0].error is None, repr(res.results[0].error)
     assert res.values() == [os.fsdecode(b"caf\xe9.txt"), 7]
+
+
+class Items(list):
+    pass
+
+
+def test_plain_lists_and_tuples_keep_their_types_and_contents():
+    # The native container encoding must give back exactly what pickle would.
+    cases = [[1, "a", (2, [3, b"x"])], ((),), Items([1, 2]), (Items([3]), [Items()])]
+    with make_app() as app:
+        for v in cases:
+            got = app.submit(echo_nested_types, v).result(timeout=TIMEOUT)
+            assert got == _types_of(v) and app.submit(echo, v).result(timeout=TIMEOUT) == v
+

@@ -27,6 +27,8 @@ enum class Tag : uint8_t {
   kPickle = 7,  // a pickle of anything else (protocol 5)
   kArray = 8,   // u32 data length, u8 dtype length, dtype, u8 ndim, u64 shape[ndim], padding
                 // to a 64-byte stream offset, data (C order)
+  kList = 9,    // u32 count, then that many items
+  kTuple = 10,  // u32 count, then that many items
 };
 
 constexpr size_t kArrayAlign = 64;
@@ -110,6 +112,15 @@ class StreamWriter {
     if (in_place) external(data, len);
     else put(data, len);
   }
+  // A list or tuple of `count` items, which the caller appends next.
+  void container(Tag t, uint32_t count) {
+    tag(t);
+    put(&count, 4);
+  }
+  // The buffer's length, to rewind() to (only while no external piece was added since).
+  size_t mark() const { return buf_.size(); }
+  void rewind(size_t mark) { buf_.resize(mark); }
+
   // Appends `n` bytes the caller keeps alive until gather() (or copies them now).
   void external(const void* p, size_t n) {
     if (!pieces_) return put(p, n);
@@ -199,6 +210,12 @@ class StreamReader {
         it.data = p_;
         p_ += it.len;
         break;
+      case Tag::kList:
+      case Tag::kTuple:
+        need(4);
+        std::memcpy(&it.len, p_, 4);  // the item count; the items follow
+        p_ += 4;
+        break;
       case Tag::kArray: {
         need(4 + 1);
         std::memcpy(&it.len, p_, 4);
@@ -225,6 +242,7 @@ class StreamReader {
     return it;
   }
   bool done() const { return p_ == end_; }
+  size_t remaining() const { return static_cast<size_t>(end_ - p_); }
 
  private:
   void need(size_t n) const {
