@@ -29,6 +29,7 @@ STEPS = {
     10: "pooled result block written, not published",
     11: "publication window raised, result cell not reserved",
     12: "pooled result block taken, not yet recorded",
+    13: "result published, publication window not closed",
 }
 
 
@@ -42,7 +43,7 @@ def pid_of(_: int) -> int:
 
 @pytest.mark.parametrize("step", sorted(STEPS), ids=lambda s: STEPS[s].split(",")[0].replace(" ", "-"))
 def test_worker_killed_at_each_step_loses_nothing(step):
-    fn = big if step in (10, 11, 12) else light
+    fn = big if step in (10, 11, 12, 13) else light
     with mpop.MpopApi(workers=2, auto_terminate=False, max_retries=1) as app:
         app.start()
         assert list(app.map(light, range(50))) == [light(i) for i in range(50)]  # both warm

@@ -239,10 +239,18 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
     const bool cancel = quit_.load() && !graceful_.load() && c.stopping;
     // Did it publish the result of the task it was running? Then that task is done, even
     // though the worker died before marking it so. An unpublished pooled block is freed.
+    // Published means: the window's epoch moved past the one recorded with the result, or
+    // it died inside the window after its cell was reserved (count set) and published (no
+    // longer reserved-unpublished). Missing the second case re-ran a task whose result was
+    // out, and the re-run read arguments the collector had already freed.
     const uint64_t result_seq = rec.result_seq.load(std::memory_order_acquire);
-    const bool published = rec.publish.epoch.load(std::memory_order_acquire) >
-                           rec.result_epoch.load(std::memory_order_acquire);
-    if (!published && rec.result_ref.load() && !rec.publish.in_claim.load())
+    const bool in_window = rec.publish.in_claim.load(std::memory_order_seq_cst) != 0;
+    const bool window_out = in_window && rec.publish.count != 0 &&
+                            rec.publish.head < seg_.results().enqueue_pos() &&
+                            !seg_.results().is_reserved_unpublished(rec.publish.head);
+    const bool published = window_out || rec.publish.epoch.load(std::memory_order_acquire) >
+                                             rec.result_epoch.load(std::memory_order_acquire);
+    if (!published && rec.result_ref.load() && !in_window)
       seg_.pool().free(rec.result_ref.load(), rec.result_len.load());
     std::vector<uint64_t> local_seqs;
     uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
@@ -292,8 +300,7 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
       // unpublished carries its result: the collector frees that block. Otherwise the
       // block is freed by the recovery: its cell is voided, or it never got one (another
       // worker took that position while it was in its window).
-      const bool out = rec.publish.count != 0 &&
-                       !seg_.results().is_reserved_unpublished(rec.publish.head);
+      const bool out = window_out;
       publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
                                      out ? 0 : rec.result_ref.load(), rec.result_len.load()});
     } else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())

@@ -629,6 +629,8 @@ const FaultCase kFaultCases[] = {
     // rounds make it all but certain that one of them covers that case.
     {FaultStep::kPublishBeforeCas, "PublishBeforeCas", 50, true, false, 4},
     {FaultStep::kResultAllocated, "ResultAllocated", 10, true, false},
+    // The result is out: the task must not run again (it would read freed arguments).
+    {FaultStep::kPublishedBeforeEpoch, "PublishedBeforeEpoch", 50, false, false},
 };
 
 void arm(Segment& seg, FaultStep step, uint32_t countdown) {

@@ -32,7 +32,7 @@ struct alignas(kCacheLine) ClaimState {
 // Points inside claim_range / try_push where a fault-injection hook is called (tests kill
 // a worker at each of them to prove recovery exact).
 enum class RingPoint { kClaimBeforeCas, kClaimAfterCas, kClaimMidCopy, kClaimBeforeRelease,
-                       kPushReserved, kPushBeforeCas };
+                       kPushReserved, kPushBeforeCas, kPushPublished };
 struct NoHook {
   void operator()(RingPoint) const {}
 };
@@ -146,6 +146,7 @@ class TaskRing {
     hook(RingPoint::kPushReserved);
     for (uint32_t i = 0; i < k; ++i) fill(i, body(pos + i));
     for (uint32_t i = 0; i < k; ++i) seq(pos + i).store(pos + i + 1, std::memory_order_release);
+    hook(RingPoint::kPushPublished);
     if (window) {
       window->epoch.fetch_add(1, std::memory_order_release);
       window->in_claim.store(0, std::memory_order_release);

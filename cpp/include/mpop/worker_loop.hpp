@@ -80,6 +80,7 @@ enum class FaultStep : uint32_t {
   kResultPooled = 10,       // a pooled result block allocated and written, not published
   kPublishBeforeCas = 11,   // publication window raised, result cell not yet reserved
   kResultAllocated = 12,    // a pooled result block taken (tagged), not yet recorded
+  kPublishedBeforeEpoch = 13,  // result cell published, publication window not yet closed
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the
@@ -101,6 +102,7 @@ inline FaultStep fault_for(RingPoint p) {
     case RingPoint::kClaimBeforeRelease: return FaultStep::kClaimBeforeRelease;
     case RingPoint::kPushReserved: return FaultStep::kPublishReserved;
     case RingPoint::kPushBeforeCas: return FaultStep::kPublishBeforeCas;
+    case RingPoint::kPushPublished: return FaultStep::kPublishedBeforeEpoch;
   }
   return FaultStep::kNone;
 }
