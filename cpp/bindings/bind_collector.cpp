@@ -10,7 +10,7 @@ namespace {
 
 // How long the owner keeps looking for a result before it sleeps (see kIdleSpinNs).
 #ifndef MPOP_RESULT_SPIN_NS
-#define MPOP_RESULT_SPIN_NS 50000
+#define MPOP_RESULT_SPIN_NS 15000
 #endif
 constexpr int64_t kResultSpinNs = MPOP_RESULT_SPIN_NS;
 

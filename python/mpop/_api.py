@@ -549,7 +549,7 @@ class MpopApi:
         ``ordered=False``).
 
         Items travel in chunks: the first are small, later ones are sized so that each takes
-        a worker about 2 ms (or pass `chunksize`). At most `max_in_flight` items (default
+        a worker about 5 ms, and no chunk of a range more than a share of what is left (or pass `chunksize`). At most `max_in_flight` items (default
         4 x queue_slots) are read ahead, so any input length runs in flat memory."""
         self._check_open()
         if not iterables:
@@ -565,7 +565,7 @@ class MpopApi:
         it._chunks = chunks
         return it
 
-    _CHUNK_TARGET_NS = 2_000_000  # worker time per chunk once the cost of an item is known
+    _CHUNK_TARGET_NS = 5_000_000  # worker time per chunk once the cost of an item is known
     _CHUNK_MAX = 16384
     _SPREAD_MAX = 250  # a task carries at most 255 positional arguments
 
@@ -606,6 +606,11 @@ class MpopApi:
                        and sum(sizes.values()) < items_limit):
                     room = items_limit - sum(sizes.values())
                     if span is not None:
+                        # Guided: no chunk takes more than a share of what is left, so the
+                        # workers finish together instead of one waiting on a last big chunk.
+                        if chunksize is None:
+                            left = len(span) - taken
+                            room = min(room, max(1, -(-left // (2 * self._config["workers"]))))
                         items = span[taken:taken + min(size, room)]
                         taken += len(items)
                     else:
