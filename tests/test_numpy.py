@@ -152,6 +152,7 @@ def test_array_results_come_back_as_writable_arrays():
         assert np.array_equal(back, x) and back.flags.writeable
         assert list(app.map(array_sum, [x, x * 2, x * 3])) == [float(x.sum()), float((x * 2).sum()),
                                                               float((x * 3).sum())]
+        del r, back  # result arrays are views over their pool blocks until dropped
         assert wait_pool_empty(app) == 0
 
 
@@ -197,3 +198,52 @@ def test_an_array_larger_than_the_pool_is_refused_at_enqueue_naming_sizes():
     with make_app(pool_bytes=1 << 20) as app:
         with pytest.raises(ValueError, match=r"arguments take \d+ bytes encoded, more than queued arguments may use"):
             app.submit(array_sum, np.zeros(1 << 20))
+
+
+def twice(a):
+    return a * 2
+
+
+def owners(arrays):
+    return [(buffer_owner(a), a.flags.writeable) for a in arrays]
+
+
+def test_an_array_result_is_a_writable_view_over_its_block_until_dropped():
+    import gc
+
+    x = np.arange(1_000_000.0)  # 8 MB
+    with make_app(workers=2) as app:
+        r = app.submit(twice, x).result(timeout=TIMEOUT)
+        assert buffer_owner(r) == "SharedBuffer" and r.flags.writeable  # no copy out
+        assert np.array_equal(r, 2 * x)
+        assert pool_used(app) >= r.nbytes  # the block is the result's until it goes
+        r[0] = -1.0
+        del r
+        gc.collect()
+        assert wait_pool_empty(app) == 0
+
+
+def test_result_views_are_capped_at_a_quarter_of_the_pool_then_copies():
+    import gc
+
+    x = np.arange(1_000_000.0)  # 8 MB; the default 64 MiB pool holds two as views
+    with make_app(workers=2) as app:
+        results = list(app.map(twice, [x] * 6))  # kept: must not starve the workers
+        assert all(np.array_equal(r, 2 * x) for r in results)
+        kinds = [buffer_owner(r) for r in results]
+        assert 1 <= kinds.count("SharedBuffer") <= 2
+        assert pool_used(app) <= app.status()["queue"]["pool_bytes"] // 4 + 4096
+        assert app.submit(array_sum, x).result(timeout=TIMEOUT) == float(x.sum())
+        del results
+        gc.collect()
+        assert wait_pool_empty(app) == 0
+
+
+def test_lists_of_arrays_travel_natively_both_ways():
+    x = np.arange(50_000.0)
+    with make_app() as app:
+        got = app.submit(owners, [x, x[::2], np.arange(3)]).result(timeout=TIMEOUT)
+        assert got == [("SharedBuffer", False)] * 3
+        back = app.submit(echo, [x, (x[:10], "tag")]).result(timeout=TIMEOUT)
+        assert np.array_equal(back[0], x) and np.array_equal(back[1][0], x[:10]) and back[1][1] == "tag"
+        assert type(back) is list and type(back[1]) is tuple

@@ -31,12 +31,21 @@ class PyCollector {
       seg_->results().wait_published(deadline, stop, 64, kResultSpinNs);
     }
     py::list out;
+    const uint64_t pin_limit = seg_->pool().capacity_bytes() / 4;
     col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {
       py::object v = py::none();
       auto status = static_cast<uint8_t>(h.status);
+      // An array in a pooled result becomes a view over its block (no copy out), as long as
+      // the results held that way stay within a quarter of the pool; past that, a copy, so
+      // results a caller keeps never starve the workers of room.
+      std::shared_ptr<py_codec::BlockLease> lease;
+      if (h.value_encoding == ValueEncoding::kPooled && h.status == ResultStatus::kOk &&
+          pinned_->load(std::memory_order_relaxed) + h.value_len <= pin_limit)
+        lease = std::make_shared<py_codec::BlockLease>(
+            py_codec::BlockLease{seg_, h.value_ref, h.value_len, false, true, pinned_});
       if (len) {
         try {
-          v = py_codec::decode_value(value, len);
+          v = py_codec::decode_value(value, len, lease ? &lease : nullptr);
         } catch (py::error_already_set& e) {
           v = e.value();
           status = static_cast<uint8_t>(ResultStatus::kError);
@@ -44,6 +53,10 @@ class PyCollector {
       }
       out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
                                 h.enqueue_ns, h.start_ns, h.end_ns, h.route));
+      if (!lease || lease.use_count() == 1) return false;  // no view made: freed as usual
+      pinned_->fetch_add(h.value_len, std::memory_order_relaxed);
+      lease->pinned = true;  // the last view frees the block
+      return true;
     }, stop);
     return out;
   }
@@ -62,6 +75,8 @@ class PyCollector {
  private:
   SegmentPtr seg_;
   Collector col_;
+  // Bytes of result blocks held by array views handed out (shared with their leases).
+  std::shared_ptr<std::atomic<uint64_t>> pinned_ = std::make_shared<std::atomic<uint64_t>>(0);
   std::atomic<uint32_t> interrupts_{0};
 };
 

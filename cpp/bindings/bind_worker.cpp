@@ -55,7 +55,7 @@ class PyRunner {
     after_publish();
     if (t.header && t.header->encoding == ArgEncoding::kPooled)
       lease_ = std::make_shared<py_codec::BlockLease>(
-          py_codec::BlockLease{seg_ptr_, t.header->pool_ref, t.stream_len, false});
+          py_codec::BlockLease{seg_ptr_, t.header->pool_ref, t.stream_len, false, false, nullptr});
     ResultStatus status = run_handler(t, value);
     if (status != ResultStatus::kOk) {
       value_pieces_.clear();

@@ -22,6 +22,7 @@ struct SharedBuffer {
   const uint8_t* data;
   size_t len;
   std::shared_ptr<BlockLease> lease;
+  bool writable() const { return lease && lease->writable; }
 };
 
 // numpy is imported only once an array is seen, so that mpop does not depend on it.
@@ -71,10 +72,11 @@ bool encode_array(py::handle arr, StreamWriter& w, std::vector<py::object>* keep
 namespace {
 constexpr int kMaxNesting = 16;
 
-// Writes `o` natively if it is None, a bool, an int64, a float, a str, bytes, or an exact
-// list/tuple of those (nested up to kMaxNesting); returns false, having written nothing,
-// for anything else (which is then pickled whole).
-bool encode_plain(PyObject* o, StreamWriter& w, int depth) {
+
+// Writes `o` natively if it is None, a bool, an int64, a float, a str, bytes, a numpy
+// array, or an exact list/tuple of those (nested up to kMaxNesting); returns false, having
+// written nothing, for anything else (which is then pickled whole).
+bool encode_plain(PyObject* o, StreamWriter& w, int depth, std::vector<py::object>* keep) {
   if (o == Py_None) return w.none(), true;
   if (o == Py_True) return w.boolean(true), true;
   if (o == Py_False) return w.boolean(false), true;
@@ -100,16 +102,17 @@ bool encode_plain(PyObject* o, StreamWriter& w, int depth) {
     w.blob(Tag::kBytes, PyBytes_AS_STRING(o), static_cast<size_t>(PyBytes_GET_SIZE(o)));
     return true;
   }
+  if (is_plain_ndarray(o)) return encode_array(o, w, keep);
   const bool list = PyList_CheckExact(o), tuple = PyTuple_CheckExact(o);
   if ((!list && !tuple) || depth >= kMaxNesting) return false;
   Py_ssize_t n = list ? PyList_GET_SIZE(o) : PyTuple_GET_SIZE(o);
   if (n > static_cast<Py_ssize_t>(UINT32_MAX)) return false;
-  const size_t at = w.mark();
+  const StreamWriter::Mark at = w.mark();
   w.container(list ? Tag::kList : Tag::kTuple, static_cast<uint32_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     // A list may change under us only if an item's conversion ran Python code; none does.
     PyObject* item = list ? PyList_GET_ITEM(o, i) : PyTuple_GET_ITEM(o, i);
-    if (!encode_plain(item, w, depth + 1)) {
+    if (!encode_plain(item, w, depth + 1, keep)) {
       w.rewind(at);
       return false;
     }
@@ -122,7 +125,7 @@ void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep
   PyObject* o = obj.ptr();
   // Lists and tuples of plain values (a map() chunk's items and results, say) natively:
   // several times cheaper than pickling them, both ways.
-  if ((PyList_CheckExact(o) || PyTuple_CheckExact(o)) && encode_plain(o, w, 0)) return;
+  if ((PyList_CheckExact(o) || PyTuple_CheckExact(o)) && encode_plain(o, w, 0, keep)) return;
   if (o == Py_None) return w.none();
   if (o == Py_True) return w.boolean(true);
   if (o == Py_False) return w.boolean(false);
@@ -209,7 +212,8 @@ py::object decode_item(const Item& it, const std::shared_ptr<BlockLease>* lease)
       py::dict iface = a.attr("__array_interface__");
       auto* dst = reinterpret_cast<void*>(py::tuple(iface["data"])[0].cast<uintptr_t>());
       if (it.len) std::memcpy(dst, it.data, it.len);
-      if (lease) a.attr("setflags")(py::arg("write") = false);  // arguments are read-only alike
+      if (lease && !(*lease && (*lease)->writable))
+        a.attr("setflags")(py::arg("write") = false);  // arguments are read-only alike
       return a;
     }
   }
@@ -260,9 +264,9 @@ std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n,
   return {args, kwargs};
 }
 
-py::object decode_value(const uint8_t* p, size_t n) {
+py::object decode_value(const uint8_t* p, size_t n, const std::shared_ptr<BlockLease>* lease) {
   StreamReader r(p, n);
-  return decode_next(r, nullptr);
+  return decode_next(r, lease);
 }
 
 void register_codec(py::module_& m) {
@@ -270,7 +274,7 @@ void register_codec(py::module_& m) {
                            "A read-only window on shared memory (the data of a zero-copy array).")
       .def_buffer([](SharedBuffer& b) {
         return py::buffer_info(const_cast<uint8_t*>(b.data), 1, "B", 1, {static_cast<py::ssize_t>(b.len)}, {1},
-                               /*readonly=*/true);
+                               /*readonly=*/!b.writable());
       })
       .def("__len__", [](const SharedBuffer& b) { return b.len; });
 }

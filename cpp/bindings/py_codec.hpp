@@ -22,8 +22,12 @@ struct BlockLease {
   uint64_t off = 0;
   uint64_t len = 0;
   bool pinned = false;
+  bool writable = false;                    // views may write (a result the owner now owns)
+  std::shared_ptr<std::atomic<uint64_t>> budget;  // bytes pinned this way, given back on free
   ~BlockLease() {
-    if (pinned) seg->pool().free(off, len);
+    if (!pinned) return;
+    seg->pool().free(off, len);
+    if (budget) budget->fetch_sub(len, std::memory_order_relaxed);
   }
 };
 
@@ -33,15 +37,17 @@ struct BlockLease {
 void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep = nullptr);
 // Encodes positional args (a tuple) and keyword args (a dict or None) as one stream.
 void encode_call(py::handle args, py::handle kwargs, StreamWriter& w, std::vector<py::object>* keep = nullptr);
-// With a `lease` (a handler's arguments), arrays are read-only: views over the stream's own
-// memory (a pool block) each holding the lease, or, if the lease is empty (the stream is in
-// a slot), read-only copies. Without, arrays are copies the caller may keep and change.
+// With a `lease`, arrays are views over the stream's own memory (a pool block), each holding
+// the lease: read-only for a handler's arguments, writable for a result the owner took over
+// (`writable`). With an empty lease (a stream in a slot), read-only copies. Without, arrays
+// are copies the caller may keep and change.
 py::object decode_item(const Item& it, const std::shared_ptr<BlockLease>* lease = nullptr);
 // Decodes a stream written by encode_call into (args tuple, kwargs dict or None).
 std::pair<py::tuple, py::object> decode_call(const uint8_t* p, size_t n,
                                              const std::shared_ptr<BlockLease>* lease = nullptr);
-// Decodes a single value written by encode_value.
-py::object decode_value(const uint8_t* p, size_t n);
+// Decodes a single value written by encode_value; with a lease, arrays in it are views over
+// the block (see decode_item), else copies.
+py::object decode_value(const uint8_t* p, size_t n, const std::shared_ptr<BlockLease>* lease = nullptr);
 
 // Registers the read-only buffer type that views over shared memory use.
 void register_codec(py::module_& m);

@@ -325,10 +325,11 @@ TEST(Codec, ContainersCarryACountThenTheirItemsAndCanBeRewound) {
   w.integer(5);
   w.container(Tag::kList, 1);
   w.blob(Tag::kStr, "x", 1);
-  size_t at = w.mark();
+  const size_t at = buf.size();
+  StreamWriter::Mark m = w.mark();
   w.container(Tag::kList, 3);
   w.integer(1);
-  w.rewind(at);
+  w.rewind(m);
   EXPECT_EQ(buf.size(), at);
   StreamReader r(buf.data(), buf.size());
   Item t = r.item();

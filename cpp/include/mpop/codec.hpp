@@ -117,9 +117,17 @@ class StreamWriter {
     tag(t);
     put(&count, 4);
   }
-  // The buffer's length, to rewind() to (only while no external piece was added since).
-  size_t mark() const { return buf_.size(); }
-  void rewind(size_t mark) { buf_.resize(mark); }
+  // A point to rewind() to: everything written after it, external pieces included, is
+  // taken back.
+  struct Mark {
+    size_t buf, pieces, external;
+  };
+  Mark mark() const { return {buf_.size(), pieces_ ? pieces_->size() : 0, external_bytes_}; }
+  void rewind(const Mark& m) {
+    buf_.resize(m.buf);
+    if (pieces_) pieces_->resize(m.pieces);
+    external_bytes_ = m.external;
+  }
 
   // Appends `n` bytes the caller keeps alive until gather() (or copies them now).
   void external(const void* p, size_t n) {

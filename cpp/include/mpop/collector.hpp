@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "mpop/segment.hpp"
@@ -64,7 +65,9 @@ class Collector {
 
   // Waits until the deadline (monotonic ns; < 0 = forever, 0 = don't wait) for a result,
   // then hands every first result of a task, up to `max`, to sink(const ResultHeader&,
-  // const uint8_t* value, uint32_t value_len). Blocks are freed after the sink returns.
+  // const uint8_t* value, uint32_t value_len). Blocks are freed after the sink returns,
+  // except a pooled value block when the sink returns true: the sink has taken it over
+  // (an array result handed out as a view over it) and frees it itself.
   // Only one thread may drain at a time (the Python dispatcher holds a lock for that).
   template <class Sink, class Stop>
   size_t drain(size_t max, int64_t deadline_ns, Sink&& sink, Stop&& stop) {
@@ -89,9 +92,14 @@ class Collector {
             value = pool_.data(h.value_ref);
             len = h.value_len;
           }
-          sink(static_cast<const ResultHeader&>(h), value, len);
+          bool kept = false;
+          if constexpr (std::is_same_v<decltype(sink(h, value, len)), bool>)
+            kept = sink(static_cast<const ResultHeader&>(h), value, len);
+          else
+            sink(static_cast<const ResultHeader&>(h), value, len);
           ++delivered;
           if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
+          if (kept) continue;
         }
         if (h.value_encoding == ValueEncoding::kPooled && h.value_ref)
           pool_.free(h.value_ref, h.value_len);
