@@ -83,6 +83,21 @@ struct EventCount {
 };
 static_assert(sizeof(EventCount) == 8);
 
+// Polls `ready` with a pause between looks until it holds or `spin_ns` have passed (the
+// clock is read every 32 looks). Returns whether it held.
+template <class Ready>
+bool spin_for(Ready&& ready, int64_t spin_ns) {
+  if (spin_ns <= 0) return false;
+  const int64_t until = monotonic_ns() + spin_ns;
+  do {
+    for (int i = 0; i < 32; ++i) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+  } while (monotonic_ns() < until);
+  return false;
+}
+
 // Spins on `ready` (`spin` pauses, then until `spin_ns` have passed), then sleeps on `ec`
 // until it holds or the deadline passes. deadline_ns < 0 means no deadline. Returns whether
 // `ready()` held. Spinning a little costs a waiter a few microseconds of CPU; sleeping costs
@@ -94,15 +109,7 @@ bool wait_until(EventCount& ec, Ready&& ready, int64_t deadline_ns, int spin = 6
     if (ready()) return true;
     cpu_relax();
   }
-  if (spin_ns > 0) {
-    const int64_t until = monotonic_ns() + spin_ns;
-    do {
-      for (int i = 0; i < 32; ++i) {
-        if (ready()) return true;
-        cpu_relax();
-      }
-    } while (monotonic_ns() < until);
-  }
+  if (spin_for(ready, spin_ns)) return true;
   for (;;) {
     uint32_t key = ec.prepare_wait();
     if (ready()) {

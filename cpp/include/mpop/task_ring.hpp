@@ -257,14 +257,7 @@ class TaskRing {
   bool spin_then_wait(uint32_t who, int64_t spin_ns, int64_t deadline_ns, Stop&& stop) {
     uint32_t none = 0;
     if (spin_ns > 0 && ctl_->spinner.compare_exchange_strong(none, who, std::memory_order_seq_cst)) {
-      const int64_t until = monotonic_ns() + spin_ns;
-      bool ready = false;
-      do {
-        for (int i = 0; i < 32 && !ready; ++i) {
-          ready = has_published() || stop();
-          if (!ready) cpu_relax();
-        }
-      } while (!ready && monotonic_ns() < until);
+      const bool ready = spin_for([&] { return has_published() || stop(); }, spin_ns);
       // seq_cst, then the re-check inside wait_until: a producer that saw us spinning
       // published before this store, so we see its cell.
       ctl_->spinner.store(0, std::memory_order_seq_cst);
