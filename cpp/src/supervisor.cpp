@@ -294,16 +294,13 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
     if (rec.claim.in_claim.load(std::memory_order_seq_cst))
       ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
                                   std::move(local_seqs)});
-    if (rec.publish.in_claim.load(std::memory_order_seq_cst) &&
-        rec.publish.head < seg_.results().enqueue_pos()) {
-      // A cell it reserved (count is set once the CAS succeeded) and no longer reserved-
-      // unpublished carries its result: the collector frees that block. Otherwise the
-      // block is freed by the recovery: its cell is voided, or it never got one (another
-      // worker took that position while it was in its window).
-      const bool out = window_out;
+    if (in_window && rec.publish.head < seg_.results().enqueue_pos()) {
+      // A published cell (window_out) carries its result: the collector frees that block.
+      // Otherwise the block is freed by the recovery: its cell is voided, or it never got
+      // one (another worker took that position while it was in its window).
       publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
-                                     out ? 0 : rec.result_ref.load(), rec.result_len.load()});
-    } else if (rec.publish.in_claim.load(std::memory_order_seq_cst) && rec.result_ref.load())
+                                     window_out ? 0 : rec.result_ref.load(), rec.result_len.load()});
+    } else if (in_window && rec.result_ref.load())
       seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
     seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
     // Last, what is still tagged with its id: a block it took but had not yet recorded in
