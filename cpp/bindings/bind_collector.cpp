@@ -22,13 +22,21 @@ class PyCollector {
   //   route)]
   // status: 0 ok, 1 error (value: bytes of the pickled error, or the exception raised while
   // decoding), 2 crashed, 3 timeout, 4 cancelled.
-  py::list drain(size_t max, const py::object& timeout) {
+  //
+  // The wait (up to `timeout`) is for `want` results, or fewer if they come out of order:
+  // a caller that needs many (run(), wait()) sleeps through the rest instead of waking
+  // for each. `spin` polls for kResultSpinNs before sleeping, for a caller that waits for
+  // one result and wants it with the least latency (future.result()); it costs CPU the
+  // workers could use, so the others do not spin.
+  py::list drain(size_t max, const py::object& timeout, uint32_t want, bool spin) {
     int64_t deadline = deadline_from_timeout(timeout);
     uint32_t epoch = interrupts_.load();
     auto stop = [&] { return interrupts_.load() != epoch; };
-    if (deadline != 0 && !seg_->results().has_published()) {
+    // At most half the ring: the workers keep room to publish while this thread drains.
+    want = std::clamp<uint32_t>(want, 1, seg_->results().capacity() / 2);
+    if (deadline != 0 && seg_->results().published_run(want) < want) {
       py::gil_scoped_release nogil;
-      seg_->results().wait_published(deadline, stop, 64, kResultSpinNs);
+      seg_->results().wait_published_n(want, deadline, stop, spin ? 64 : 0, spin ? kResultSpinNs : 0);
     }
     py::list out;
     const uint64_t pin_limit = seg_->pool().capacity_bytes() / 4;
@@ -85,7 +93,8 @@ class PyCollector {
 void register_collector(py::module_& m) {
   py::class_<PyCollector>(m, "Collector")
       .def(py::init<SegmentPtr>())
-      .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none())
+      .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none(),
+           py::arg("want") = 1, py::arg("spin") = false)
       .def("interrupt", &PyCollector::interrupt)
       .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); });

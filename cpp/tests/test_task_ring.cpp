@@ -301,6 +301,139 @@ TEST(TaskRing, WaitPublishedWakesOnPublishTimesOutAndStops) {
   EXPECT_EQ(f.ring.control().not_empty.waiters.load(), 0u);
 }
 
+// The single consumer's wait for a run of n cells: producers skip the futex wake until
+// the push that completes the run, then wake it once.
+TEST(TaskRing, WaitPublishedNWakesOnceForTheWholeRun) {
+  for (uint64_t start : {uint64_t{0}, ~uint64_t{0} - 2}) {  // and across 2^64
+    SCOPED_TRACE(start);
+    RingFixture f(16, start);
+    int64_t t0 = monotonic_ns();
+    EXPECT_FALSE(f.ring.wait_published_n(3, t0 + 20'000'000, kNever, 0));
+    EXPECT_GE(monotonic_ns() - t0, 20'000'000);
+    EXPECT_TRUE(f.ring.wait_published_n(3, -1, [] { return true; }, 0));  // stop() at once
+
+    std::atomic<int> result{-1};
+    std::thread consumer([&] {
+      bool ok = f.ring.wait_published_n(4, monotonic_ns() + 30'000'000'000, kNever, 0);
+      result.store(ok && f.ring.published_run(4) == 4 ? 1 : 0);
+    });
+    ASSERT_TRUE(eventually([&] { return f.ring.control().not_empty.waiters.load() == 1; }));
+    EXPECT_EQ(f.ring.control().wake_at.load(), start + 4);
+    const uint32_t epoch = f.ring.control().not_empty.epoch.load();
+    for (uint64_t v = 0; v < 3; ++v) ASSERT_EQ(push_values(f.ring, v, 1), 1u);
+    EXPECT_EQ(f.ring.control().not_empty.epoch.load(), epoch);  // no wake-up issued yet
+    EXPECT_EQ(result.load(), -1);
+    ASSERT_EQ(push_values(f.ring, 3, 1), 1u);
+    consumer.join();
+    EXPECT_EQ(result.load(), 1);
+    EXPECT_EQ(claim_values(f.ring, 16), (std::vector<uint64_t>{0, 1, 2, 3}));
+  }
+}
+
+// Producers publish out of order: the push that completes the run can come before an
+// earlier cell's. The consumer then waits for that gap, and the late cell wakes it.
+TEST(TaskRing, WaitPublishedNWaitsForAGapLeftOutOfOrder) {
+  RingFixture f(16);
+  std::atomic<int> release{0};
+  // Producer A reserves cell 0 and stops inside its window until released.
+  std::thread slow([&] {
+    f.ring.try_push(
+        1, [](uint32_t, void* body) { write_msg(body, make_msg(1, 0)); }, nullptr,
+        [&](RingPoint p) {
+          if (p == RingPoint::kPushReserved)
+            while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+        });
+  });
+  ASSERT_TRUE(eventually([&] { return f.ring.control().enqueue_pos.load() == 1; }));
+
+  std::atomic<int> result{-1};
+  std::thread consumer([&] {
+    bool ok = f.ring.wait_published_n(2, monotonic_ns() + 30'000'000'000, kNever, 0);
+    result.store(ok && f.ring.published_run(2) == 2 ? 1 : 0);
+  });
+  ASSERT_TRUE(eventually([&] { return f.ring.control().not_empty.waiters.load() == 1; }));
+  EXPECT_EQ(f.ring.control().wake_at.load(), 2u);
+  // Producer B publishes cell 1, completing the run's end first: the consumer wakes,
+  // finds cell 0 missing, and goes back to sleep waiting for cell 0 alone.
+  ASSERT_EQ(push_values(f.ring, 1, 1), 1u);
+  ASSERT_TRUE(eventually([&] { return f.ring.control().wake_at.load() == 1; }));
+  ASSERT_TRUE(eventually([&] { return f.ring.control().not_empty.waiters.load() == 1; }));
+  EXPECT_EQ(result.load(), -1);
+  release.store(1);
+  slow.join();
+  consumer.join();
+  EXPECT_EQ(result.load(), 1);
+
+  // The same gap already there when the wait begins: it waits for cell 2 alone.
+  ASSERT_EQ(claim_values(f.ring, 16).size(), 2u);
+  release.store(0);
+  std::thread slow2([&] {
+    f.ring.try_push(
+        1, [](uint32_t, void* body) { write_msg(body, make_msg(1, 2)); }, nullptr,
+        [&](RingPoint p) {
+          if (p == RingPoint::kPushReserved)
+            while (!release.load()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+        });
+  });
+  ASSERT_TRUE(eventually([&] { return f.ring.control().enqueue_pos.load() == 3; }));
+  ASSERT_EQ(push_values(f.ring, 3, 2), 2u);  // cells 3 and 4
+  result.store(-1);
+  std::thread consumer2([&] {
+    bool ok = f.ring.wait_published_n(3, monotonic_ns() + 30'000'000'000, kNever, 0);
+    result.store(ok && f.ring.published_run(3) == 3 ? 1 : 0);
+  });
+  ASSERT_TRUE(eventually([&] { return f.ring.control().not_empty.waiters.load() == 1; }));
+  EXPECT_EQ(f.ring.control().wake_at.load(), 3u);
+  release.store(1);
+  slow2.join();
+  consumer2.join();
+  EXPECT_EQ(result.load(), 1);
+}
+
+// Several producers pushing batches of every size while the one consumer waits for runs
+// of random length: every value arrives, and no wait ever ends by its deadline (a skipped
+// wake-up would leave the consumer asleep until then).
+TEST(TaskRing, WaitPublishedNLosesNoWakeUpUnderManyProducers) {
+  for (uint64_t start : {uint64_t{0}, ~uint64_t{0} - 1000}) {
+    SCOPED_TRACE(start);
+    RingFixture f(64, start);
+    constexpr uint32_t kProducers = 4;
+    const uint64_t per = scaled(20'000);
+    std::vector<std::thread> producers;
+    for (uint32_t p = 0; p < kProducers; ++p) {
+      producers.emplace_back([&, p] {
+        SplitMix rng(p + 1);
+        uint64_t next = 0;
+        while (next < per) {
+          uint32_t want = static_cast<uint32_t>(std::min<uint64_t>(1 + rng.next() % 8, per - next));
+          uint32_t k = f.ring.try_push(want, [&](uint32_t i, void* body) {
+            write_msg(body, make_msg(p, next + i));
+          });
+          if (k == 0) std::this_thread::yield();
+          next += k;
+        }
+      });
+    }
+    SplitMix rng(99);
+    std::vector<uint64_t> seen(kProducers, 0);
+    uint64_t total = 0, timeouts = 0;
+    while (total < kProducers * per) {
+      uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(1 + rng.next() % 32, kProducers * per - total));
+      if (!f.ring.wait_published_n(n, monotonic_ns() + 20'000'000'000, kNever, 0)) ++timeouts;
+      f.ring.claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
+        Msg m = read_msg(body);
+        EXPECT_EQ(m.check, mix(m.producer, m.seq));
+        EXPECT_EQ(m.seq, seen[m.producer]);  // each producer's values in order
+        seen[m.producer] = m.seq + 1;
+        ++total;
+      });
+    }
+    for (auto& t : producers) t.join();
+    EXPECT_EQ(timeouts, 0u);
+    EXPECT_EQ(total, kProducers * per);
+  }
+}
+
 // While a consumer spins, producers skip the wake-up; a consumer that claims part of what
 // was pushed wakes a sleeper for the rest, and clearing a dead spinner wakes everyone.
 TEST(TaskRing, SleepersAreWokenWhenASpinnerLeavesCellsOrDies) {

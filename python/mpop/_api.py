@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _core
 from ._builtins import MAP_CHUNK_ID
-from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState, MpopFuture, unpack_error
+from ._dispatch import ROUTE_FUTURE, ROUTE_PLAIN, Dispatcher, MapState, unpack_error
 from ._errors import ConfigError, MpopError, QueueFull, RegistryError, ShutdownError
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult, _percentile
@@ -466,8 +466,11 @@ class MpopApi:
         if h.fn_id not in self._written:
             self._write_handler(h)
         try:
-            return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
-                                       timeout, route, claim_alone, self._check_workers)
+            seq = rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
+                                      timeout, route, claim_alone, self._check_workers)
+            if seq and self._dispatcher._sleeping:
+                self._dispatcher.notify_work()
+            return seq
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
                 raise TypeError(str(e)[6:]) from None
@@ -535,11 +538,12 @@ class MpopApi:
         h.check_args(args, kwargs)
         if not self._running():
             self.start()
-        fut = MpopFuture()
-        fut._dispatcher = self._dispatcher
+        fut = self._dispatcher.future_cls()
         seq = self._push(h, self._label(None), args, kwargs or None, None, True, None, ROUTE_FUTURE)
-        self._dispatcher.register_future(seq, fut)
-        self._dispatcher.start_background()
+        d = self._dispatcher
+        d.register_future(seq, fut)
+        if d._thread is None:
+            d.start_background()
         return fut
 
     def map(self, fn: Any, *iterables: Iterable, ordered: bool = True, progress: bool = False,
@@ -696,8 +700,9 @@ class MpopApi:
             self.start()
         target = self._runtime.producer.submitted
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._dispatcher.help_until(lambda: self._dispatcher.finished >= target, deadline,
-                                           self._check_workers)
+        d = self._dispatcher
+        return d.help_until(lambda: d.finished >= target, deadline, self._check_workers,
+                            want=lambda: target - d.finished)
 
     def results(self, timeout: float | None = None) -> Iterator[TaskResult]:
         """Yields the TaskResult of each enqueue()d task as it finishes, until every task
@@ -772,7 +777,8 @@ class MpopApi:
                 # Between callback calls, poll for results: briefly while the callback keeps
                 # adding work, up to 10 ms when it added none (no busy spinning).
                 wait = (0.0 if added else 0.01) if callback_active else 0.1
-                d.help_until(lambda: d.finished >= target, time.monotonic() + wait, None)
+                d.help_until(lambda: d.finished >= target, time.monotonic() + wait, None,
+                             want=lambda: target - d.finished)
         except KeyboardInterrupt:
             interrupted = True
             self._cancel_pending()

@@ -9,7 +9,8 @@ import logging
 import pickle
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, Callable
 
 from ._errors import MpopError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError
@@ -22,7 +23,9 @@ log = logging.getLogger("mpop")
 ROUTE_PLAIN = 0
 ROUTE_FUTURE = 1
 
-OK, ERROR, CRASHED, TIMEOUT, CANCELLED = range(5)
+OK, ERROR, CRASHED, TIMEOUT, CANCELLED_STATUS = range(5)
+_CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
+_DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 def unpack_error(value: Any) -> BaseException:
@@ -43,23 +46,141 @@ def unpack_error(value: Any) -> BaseException:
 
 
 class MpopFuture(Future):
-    """A Future whose blocking waits drain results in the waiting thread, so a round trip
-    costs no hand-off through the background thread."""
+    """A concurrent.futures.Future that costs one object until somebody needs more.
 
+    Future.__init__ builds a Condition (an RLock, a deque, five bound methods) and two
+    lists for every instance; at a few hundred thousand futures in flight, creating them
+    and the garbage collector walking them took more of the owner's time than the tasks.
+    Here the state lives in class defaults until it changes, the lock is one RLock shared
+    by the app's futures (concurrent.futures.wait and as_completed only acquire and
+    release `_condition`, and an RLock lets them take it once per future), and the waiter
+    and callback lists are made on first use.
+
+    Blocking waits (result(), exception()) never sleep on `_condition`: they drain results
+    in the waiting thread (Dispatcher.help_until), so a round trip costs no hand-off
+    through the background thread. Each app uses its own subclass, made by its
+    Dispatcher, which sets `_dispatcher` and `_condition`."""
+
+    _state = PENDING
+    _result = None
+    _exception = None
     _dispatcher: "Dispatcher"
+    _condition: threading.Condition
+
+    __init__ = object.__init__  # nothing per instance until needed (see above)
+
+    @property
+    def _waiters(self) -> list:
+        w = self.__dict__.get("_w")
+        return w if w is not None else self.__dict__.setdefault("_w", [])
+
+    @property
+    def _done_callbacks(self) -> list:
+        cbs = self.__dict__.get("_cbs")
+        return cbs if cbs is not None else self.__dict__.setdefault("_cbs", [])
+
+    def _invoke_callbacks(self) -> None:
+        if "_cbs" in self.__dict__:
+            super()._invoke_callbacks()
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in _CANCELLED_STATES:
+                return True
+            self._state = CANCELLED
+        self._invoke_callbacks()
+        return True
 
     def _help(self, timeout: float | None) -> None:
-        if not self.done():
+        if self._state not in _DONE_STATES:
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._dispatcher.help_until(self.done, deadline)
+            self._dispatcher.help_until(self.done, deadline, spin=True)
 
     def result(self, timeout: float | None = None) -> Any:
         self._help(timeout)
-        return super().result(timeout=0 if self.done() else timeout)
+        state = self._state
+        if state == FINISHED:
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # noqa: PLW0642 - break the cycle through the traceback
+            return self._result
+        if state in _CANCELLED_STATES:
+            raise CancelledError()
+        raise TimeoutError()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         self._help(timeout)
-        return super().exception(timeout=0 if self.done() else timeout)
+        state = self._state
+        if state == FINISHED:
+            return self._exception
+        if state in _CANCELLED_STATES:
+            raise CancelledError()
+        raise TimeoutError()
+
+    def _set_value(self, value: Any) -> None:
+        """set_running_or_notify_cancel() and set_result(value) in one step, for a result
+        that came in: a future the user cancelled meanwhile is only marked notified."""
+        with self._condition:
+            state = self._state
+            if state == PENDING:
+                self._result = value
+                self._state = FINISHED
+                for waiter in self.__dict__.get("_w", ()):
+                    waiter.add_result(self)
+            elif state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self.__dict__.get("_w", ()):
+                    waiter.add_cancelled(self)
+                return
+            else:
+                raise InvalidStateError(f"{state}: {self!r}")
+        if "_cbs" in self.__dict__:
+            self._invoke_callbacks()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with self._condition:
+            if self._state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self.__dict__.get("_w", ()):
+                    waiter.add_cancelled(self)
+                return False
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        raise RuntimeError(f"Future in unexpected state: {self._state}")
+
+    def set_result(self, result: Any) -> None:
+        with self._condition:
+            if self._state in _DONE_STATES:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_result(self)
+        self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException) -> None:
+        with self._condition:
+            if self._state in _DONE_STATES:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_exception(self)
+        self._invoke_callbacks()
 
 
 class MapState:
@@ -83,7 +204,6 @@ class Dispatcher:
         self._names = names
         self._config = config
         self._drain_lock = threading.Lock()  # one thread drains at a time
-        self._route_lock = threading.Lock()  # futures <-> early results
         self.cond = threading.Condition(threading.Lock())  # notified after every batch
         self.finished = 0
         self.plain: collections.deque[TaskResult] = collections.deque()
@@ -104,16 +224,31 @@ class Dispatcher:
         # straight to the thread that waits for it, with no hand-off between threads.
         self._helpers = 0
         self._bg_pumping = False  # the background thread holds the drain lock
+        # This app's futures: their class carries the dispatcher and the one lock they share.
+        self.future_cls = type("MpopFuture", (MpopFuture,), {
+            "__module__": __name__, "__qualname__": "MpopFuture",
+            "_dispatcher": self, "_condition": threading.Condition(threading.RLock())})
 
     # -- draining ---------------------------------------------------------------------------
 
-    def pump(self, timeout: float | None) -> int:
-        """Drains one batch (waiting up to `timeout` for the first result). Caller must
-        hold the drain lock."""
-        batch = self._collector.drain(4096, timeout)
+    def pump(self, timeout: float | None, want: int = 1, spin: bool = False) -> int:
+        """Drains one batch, first waiting up to `timeout` for `want` results (spinning
+        briefly first if `spin`). Caller must hold the drain lock."""
+        batch = self._collector.drain(4096, timeout, want, spin)
         if not batch:
             return 0
+        fast = not self.debug
+        timings = self.timings if self.keep_timings else None
+        pop = self.futures.pop
         for rec in batch:
+            # A future's value, the commonest record, settled here without further calls.
+            if fast and rec[10] == ROUTE_FUTURE and rec[5] == OK:
+                fut = pop(rec[0], None)
+                if fut is not None:
+                    if timings is not None and rec[8]:
+                        timings.append(((rec[8] - rec[7]) / 1e9 if rec[7] else 0.0, (rec[9] - rec[8]) / 1e9))
+                    fut._set_value(rec[6])
+                    continue
             self._deliver(rec)
         with self.cond:
             self.finished += len(batch)
@@ -121,8 +256,13 @@ class Dispatcher:
         return len(batch)
 
     def help_until(self, done: Callable[[], bool], deadline: float | None,
-                   check: Callable[[], None] | None = None) -> bool:
-        """Drains (or waits for whoever drains) until `done()` or the deadline."""
+                   check: Callable[[], None] | None = None, want: Callable[[], int] | None = None,
+                   spin: bool = False) -> bool:
+        """Drains (or waits for whoever drains) until `done()` or the deadline.
+
+        `want()` is how many results `done()` needs at least (default 1): the native wait
+        sleeps until that many are in rather than waking for each. `spin` is for a caller
+        that waits for one result and wants it with the least latency."""
         if done():
             return True
         with self.cond:
@@ -137,7 +277,7 @@ class Dispatcher:
                 step = 0.05 if remaining is None else min(remaining, 0.05)
                 if self._drain_lock.acquire(blocking=False):
                     try:
-                        self.pump(step)
+                        self.pump(step, 1 if want is None else max(1, want()), spin)
                     finally:
                         self._drain_lock.release()
                 else:
@@ -186,14 +326,13 @@ class Dispatcher:
                         self._drain_lock.release()
                 continue
             if self._submitted() <= self.finished:
-                # Nothing in flight. A new future wakes us at once (_sleeping goes up before
-                # the re-check, so its producer either sees it or we see the future); plain
-                # tasks need no hurry, so we look again every 10 ms instead of costing every
-                # enqueue a wake-up.
+                # Nothing in flight: sleep until a push wakes us (notify_work). _sleeping
+                # goes up before the re-check, so a producer either sees it or we see its
+                # task; an idle app then costs no CPU at all.
                 self._sleeping = True
                 self._work.clear()
-                if not self.futures and not self._stop.is_set():
-                    self._work.wait(0.01)
+                if not self.futures and not self._stop.is_set() and self._submitted() <= self.finished:
+                    self._work.wait()
                 self._sleeping = False
                 continue
             # Tasks in flight and no future: callers that block (run, map, wait) drain for
@@ -206,6 +345,17 @@ class Dispatcher:
                     self.pump(0)
                 finally:
                     self._drain_lock.release()
+
+    def notify_work(self) -> None:
+        """Called after every push: wakes the background thread if it sleeps idle."""
+        if self._sleeping:
+            self._work.set()
+
+    def wake_helpers(self) -> None:
+        """Makes callers blocked in help_until look at their condition again now."""
+        self._collector.interrupt()
+        with self.cond:
+            self.cond.notify_all()
 
     def stop_background(self) -> None:
         self._stop.set()
@@ -249,10 +399,14 @@ class Dispatcher:
                 state.received += 1
             return
         if route == ROUTE_FUTURE:
-            with self._route_lock:
+            fut = self.futures.pop(seq, None)
+            if fut is None:
+                # The result beat register_future (the submitting thread lost the GIL
+                # between its push and the registration). No lock: each dict operation is
+                # atomic, and whichever side pops the record from `early` settles.
+                self.early[seq] = rec
                 fut = self.futures.pop(seq, None)
-                if fut is None:
-                    self.early[seq] = rec
+                if fut is None or self.early.pop(seq, None) is None:
                     return
             self._settle(fut, rec)
             return
@@ -268,8 +422,9 @@ class Dispatcher:
 
     def _settle(self, fut: Future, rec: tuple) -> None:
         seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
-        if status == CANCELLED:
-            fut.cancel()
+        if status == CANCELLED_STATUS:
+            if fut.cancel():
+                fut.set_running_or_notify_cancel()  # wakes concurrent.futures.wait()ers
             return
         if not fut.set_running_or_notify_cancel():
             return  # the user cancelled it; the task ran anyway
@@ -279,27 +434,30 @@ class Dispatcher:
             fut.set_exception(self._error_for(status, value, tsk_id, fn_id, worker_id, attempts))
 
     def register_future(self, seq: int, fut: Future) -> None:
-        with self._route_lock:
+        self.futures[seq] = fut
+        if self.early:  # see _deliver
             rec = self.early.pop(seq, None)
-            if rec is None:
-                self.futures[seq] = fut
-        if rec is not None:
-            self._settle(fut, rec)
-        elif self._sleeping:
+            if rec is not None:
+                self.futures.pop(seq, None)
+                self._settle(fut, rec)
+                return
+        if self._sleeping:
             self._work.set()
 
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> None:
         """Ends every future still waiting (used at shutdown)."""
-        with self._route_lock:
-            futures, self.futures = self.futures, {}
-        for fut in futures.values():
+        while self.futures:
+            try:
+                _, fut = self.futures.popitem()
+            except KeyError:  # emptied meanwhile by the draining thread
+                break
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(exc_factory())
 
     def cancel(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
         """Delivers a cancellation for a task removed from the queue before it ran."""
         with self._drain_lock:
-            self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED, None, 0, 0, 0, route))
+            self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route))
         with self.cond:
             self.finished += 1
             self.cond.notify_all()

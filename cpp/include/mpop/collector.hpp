@@ -72,7 +72,7 @@ class Collector {
   template <class Sink, class Stop>
   size_t drain(size_t max, int64_t deadline_ns, Sink&& sink, Stop&& stop) {
     if (deadline_ns != 0 && !ring_.has_published())
-      ring_.wait_published(deadline_ns, stop);
+      ring_.wait_published_n(1, deadline_ns, stop);
     size_t delivered = 0;
     while (delivered < max) {
       uint32_t want = static_cast<uint32_t>(std::min<size_t>(max - delivered, 256));

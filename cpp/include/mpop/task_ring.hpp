@@ -2,6 +2,7 @@
 // words), where a consumer claims a whole range of published cells with one CAS.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,10 @@ struct alignas(kCacheLine) RingControl {
   // more than they claim wake the next sleeper. One spinner at a time, so that idle
   // consumers do not crowd producers off a small machine's cores.
   std::atomic<uint32_t> spinner{0};
+  // A ring with one consumer (the result ring) may ask to be woken only once the cells up
+  // to position wake_at - 1 are published (wait_published_n), sparing producers a futex
+  // wake per push and itself a wake-up per result. 0 = wake on every push.
+  std::atomic<uint64_t> wake_at{0};
   alignas(kCacheLine) EventCount not_full;   // producers sleep here
   alignas(kCacheLine) uint32_t capacity;
   uint32_t stride;
@@ -151,7 +156,7 @@ class TaskRing {
       window->epoch.fetch_add(1, std::memory_order_release);
       window->in_claim.store(0, std::memory_order_release);
     }
-    wake_for_push(k);
+    wake_for_push(pos + k, k);
     return k;
   }
 
@@ -175,6 +180,14 @@ class TaskRing {
   bool has_published() const {
     uint64_t pos = ctl_->dequeue_pos.load(std::memory_order_relaxed);
     return seq(pos).load(std::memory_order_acquire) == pos + 1;
+  }
+  bool published(uint64_t pos) const { return seq(pos).load(std::memory_order_acquire) == pos + 1; }
+  // How many cells from the head are published without a gap, counting at most `n`.
+  uint32_t published_run(uint32_t n) const {
+    uint64_t head = ctl_->dequeue_pos.load(std::memory_order_acquire);
+    uint32_t k = 0;
+    while (k < n && published(head + k)) ++k;
+    return k;
   }
 
   // ---- consumer side -------------------------------------------------------------------
@@ -250,6 +263,51 @@ class TaskRing {
         ctl_->not_empty, [&] { return has_published() || stop(); }, deadline_ns, spin, spin_ns);
   }
 
+  // The single consumer's wait for `n` cells (at most the capacity) published from the
+  // head, or stop(), or the deadline. It publishes the position it needs in wake_at, so
+  // producers wake it once, for the push that completes the run, instead of for every
+  // push. Cells can be published out of order (producers race); when a later cell is
+  // already in, the wait is for the first gap instead, so the wake-up that fills it is
+  // never skipped. Only for rings with one consumer: the head must not move meanwhile.
+  template <class Stop>
+  bool wait_published_n(uint32_t n, int64_t deadline_ns, Stop&& stop, int spin = 64, int64_t spin_ns = 0) {
+    n = std::clamp<uint32_t>(n, 1, ctl_->capacity);
+    auto ready = [&] { return published_run(n) >= n || stop(); };
+    for (int i = 0; i < spin; ++i) {
+      if (ready()) return true;
+      cpu_relax();
+    }
+    if (spin_for(ready, spin_ns)) return true;
+    for (;;) {
+      const uint64_t head = ctl_->dequeue_pos.load(std::memory_order_acquire);
+      uint32_t have = 0;
+      while (have < n && published(head + have)) ++have;
+      if (have >= n || stop()) return true;
+      const uint64_t target = published(head + n - 1) ? head + have + 1 : head + n;
+      // seq_cst store, then the re-check below: a producer either sees this target or
+      // published before it, and then the re-check sees its cell.
+      ctl_->wake_at.store(target, std::memory_order_seq_cst);
+      uint32_t key = ctl_->not_empty.prepare_wait();
+      if (stop()) {
+        ctl_->not_empty.cancel_wait();
+        return true;
+      }
+      if (published(target - 1)) {  // the push we would wait for came in: look again
+        ctl_->not_empty.cancel_wait();
+        continue;
+      }
+      int64_t timeout = -1;
+      if (deadline_ns >= 0) {
+        timeout = deadline_ns - monotonic_ns();
+        if (timeout <= 0) {
+          ctl_->not_empty.cancel_wait();
+          return ready();
+        }
+      }
+      ctl_->not_empty.commit_wait(key, timeout);
+    }
+  }
+
   // A consumer's wait for cells: if no other consumer is spinning, spin up to `spin_ns` as
   // the spinner `who` (nonzero), then sleep like wait_published. A dead spinner must be
   // cleared with clear_spinner(who), or producers would stop waking the others.
@@ -274,9 +332,14 @@ class TaskRing {
     if (has_published()) ctl_->not_empty.notify(1);
   }
   void wake_consumers() { ctl_->not_empty.notify_all(); }
-  void wake_for_push(uint32_t k) {
+  // After publishing cells up to position end - 1: wakes sleepers, unless a consumer spins
+  // (it will see the cells) or the single consumer waits for a later position (wake_at).
+  void wake_for_push(uint64_t end, uint32_t k) {
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (ctl_->spinner.load(std::memory_order_relaxed) == 0) ctl_->not_empty.notify(static_cast<int>(k));
+    if (ctl_->spinner.load(std::memory_order_relaxed) != 0) return;
+    const uint64_t at = ctl_->wake_at.load(std::memory_order_relaxed);
+    if (at != 0 && static_cast<int64_t>(end - at) < 0) return;
+    ctl_->not_empty.notify(static_cast<int>(k));
   }
   void wake_producers() { ctl_->not_full.notify_all(); }
 
