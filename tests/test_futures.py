@@ -169,3 +169,128 @@ def test_submit_starts_workers_by_itself():
     with MpopApi(workers=1) as a:
         assert a.status()["config"]["running"] is False
         assert a.submit(add, 2, 3).result(timeout=TIMEOUT) == 5
+
+
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_cancel_a_queued_future():
+    with MpopApi(workers=1) as one:
+        busy = one.submit(nap, 0.3)  # the only worker sleeps; the next task waits behind it
+        fut = one.submit(add, 1, 2)
+        seen = []
+        fut.add_done_callback(lambda f: seen.append(f.cancelled()))
+        waiting = threading.Thread(target=lambda: seen.append(len(cf.wait([fut], timeout=TIMEOUT).done)))
+        waiting.start()
+        assert fut.cancel() is True
+        assert fut.cancelled() and fut.done() and not fut.running()
+        assert fut.cancel() is True  # again: still cancelled
+        with pytest.raises(cf.CancelledError):
+            fut.result(timeout=TIMEOUT)
+        with pytest.raises(cf.CancelledError):
+            fut.exception(timeout=TIMEOUT)
+        # The task still runs (it was already queued); its result only marks the future
+        # notified, which ends the concurrent.futures.wait() above.
+        waiting.join(TIMEOUT)
+        assert not waiting.is_alive()
+        assert seen == [True, 1]
+        assert busy.result(timeout=TIMEOUT) == 0.3
+        assert one.wait(timeout=TIMEOUT)
+
+
+def test_a_finished_future_cannot_be_cancelled_or_set_again(app):
+    fut = app.submit(add, 4, 5)
+    assert fut.result(timeout=TIMEOUT) == 9
+    assert fut.cancel() is False and not fut.cancelled()
+    with pytest.raises(cf.InvalidStateError):
+        fut.set_result(0)
+    with pytest.raises(cf.InvalidStateError):
+        fut.set_exception(ValueError())
+    with pytest.raises(RuntimeError):
+        fut.set_running_or_notify_cancel()
+    assert "state=finished returned int" in repr(fut)
+    late = []
+    fut.add_done_callback(late.append)  # already done: called at once
+    assert late == [fut]
+
+
+def test_result_times_out_on_a_pending_future(app):
+    fut = app.submit(nap, 0.5)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.01)
+    with pytest.raises(TimeoutError):
+        fut.exception(timeout=0)
+    assert "state=pending" in repr(fut) or "state=running" in repr(fut)
+    assert fut.result(timeout=TIMEOUT) == 0.5
+
+
+def test_futures_of_two_apps_do_not_share_a_lock_or_dispatcher(app):
+    with MpopApi(workers=1) as other:
+        a, b = app.submit(add, 1), other.submit(add, 2)
+        assert type(a) is not type(b) and isinstance(a, cf.Future) and isinstance(b, cf.Future)
+        assert a._condition is not b._condition
+        assert (a.result(timeout=TIMEOUT), b.result(timeout=TIMEOUT)) == (2, 3)
+
+
+class _NoResults:
+    """A collector with nothing to drain, for driving a Dispatcher by hand."""
+
+    pending = 0
+
+    def drain(self, max, timeout=None, want=1, spin=False):
+        return []
+
+    def interrupt(self):
+        pass
+
+
+def _dispatcher():
+    from mpop._dispatch import Dispatcher
+
+    return Dispatcher(_NoResults(), str, {"max_retries": 1, "task_timeout": None})
+
+
+def _record(seq: int, value) -> tuple:
+    # (seq, tsk_id, fn_id, worker_id, attempts, status, value, enqueue_ns, start_ns, end_ns, route)
+    return (seq, seq, 0x10, 0, 1, 0, value, 0, 0, 0, 1)
+
+
+def test_a_result_that_beats_its_future_registration_settles_it_once():
+    from mpop._dispatch import ROUTE_FUTURE
+
+    d = _dispatcher()
+    calls = []
+    # The result first (the submitting thread lost the GIL between push and register).
+    fut = d.future_cls()
+    fut.add_done_callback(calls.append)
+    d._deliver(_record(7, "early"))
+    assert d.early and not fut.done()
+    d.register_future(7, fut)
+    assert fut.result(timeout=0) == "early" and calls == [fut]
+    assert not d.early and not d.futures
+    # The usual order: registered, then delivered.
+    fut2 = d.future_cls()
+    d.register_future(8, fut2)
+    d._deliver(_record(8, "late"))
+    assert fut2.result(timeout=0) == "late" and not d.futures and not d.early
+    assert _record(8, 0)[10] == ROUTE_FUTURE
+
+
+def test_fail_all_ends_every_waiting_future():
+    d = _dispatcher()
+    futs = [d.future_cls() for _ in range(5)]
+    for i, f in enumerate(futs):
+        d.register_future(i + 1, f)
+    futs[0].cancel()
+    waiter = threading.Thread(target=lambda: cf.wait(futs, timeout=TIMEOUT))
+    waiter.start()
+    d.fail_all(lambda: mpop.ShutdownError("gone"))
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()  # the cancelled one notified too
+    assert futs[0].cancelled()
+    for f in futs[1:]:
+        with pytest.raises(mpop.ShutdownError):
+            f.result(timeout=0)
+    assert not d.futures
