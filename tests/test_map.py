@@ -186,3 +186,25 @@ def test_map_starts_workers_by_itself():
 def test_map_rejects_no_iterables(app):
     with pytest.raises(TypeError):
         app.map(square)
+
+
+def wrapped_or_plain(x: int):
+    """Returns a TaskResult for odd x and the bare value for even x; fails at 13."""
+    from mpop import TaskResult
+
+    if x == 13:
+        return TaskResult(success=False, error=LookupError("thirteen"))
+    return TaskResult(success=True, value=x * 2) if x % 2 else x * 2
+
+
+def test_taskresults_returned_by_the_handler_are_unwrapped(app):
+    assert list(app.map(wrapped_or_plain, range(13))) == [2 * x for x in range(13)]
+    assert list(app.map(wrapped_or_plain, range(13), chunksize=4)) == [2 * x for x in range(13)]
+
+
+def test_a_failed_taskresult_raises_from_map_in_order(app):
+    got = []
+    with pytest.raises(LookupError, match="thirteen"):
+        for v in app.map(wrapped_or_plain, range(40), chunksize=8):
+            got.append(v)
+    assert got == [2 * x for x in range(13)]

@@ -44,12 +44,15 @@ struct Handler {
 
 class PyRunner {
  public:
-  PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result)
+  PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result,
+           int64_t chunk_fn_id, py::object fix_chunk)
       : seg_(*seg),
         seg_ptr_(std::move(seg)),
         resolve_(std::move(resolve)),
         pack_error_(std::move(pack_error)),
-        task_result_(std::move(task_result)) {}
+        task_result_(std::move(task_result)),
+        chunk_fn_id_(chunk_fn_id),
+        fix_chunk_(std::move(fix_chunk)) {}
 
   ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
     after_publish();
@@ -153,6 +156,16 @@ class PyRunner {
       }
       // An array result's data is copied once, by the worker loop, straight to its place.
       StreamWriter w(value, &value_pieces_);
+      // A map() chunk whose values are all plain (the common case) cannot hold a
+      // TaskResult; only one that would be pickled goes through fix_chunk first, which
+      // unwraps TaskResults the handler returned. No per-item check on the fast path.
+      if (t.fn_id == chunk_fn_id_ && !fix_chunk_.is_none()) {
+        if (py_codec::encode_native(ret, w, &keep_)) {
+          last_ret_ = std::move(ret);
+          return ResultStatus::kOk;
+        }
+        ret = fix_chunk_(ret);
+      }
       py_codec::encode_value(ret, w, &keep_);
       last_ret_ = std::move(ret);
       return ResultStatus::kOk;
@@ -174,6 +187,8 @@ class PyRunner {
   std::vector<py::object> keep_;             // ...in these objects
   py::object last_ret_;
   py::object resolve_, pack_error_, task_result_;
+  int64_t chunk_fn_id_;   // the map() chunk runner's fn_id, or -1
+  py::object fix_chunk_;  // its results' fix-up (see run_handler), or None
   std::unordered_map<uint32_t, Handler> handlers_;
   PyThreadState* saved_ = nullptr;
 };
@@ -184,15 +199,16 @@ void register_worker(py::module_& m) {
   m.def(
       "worker_loop",
       [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
-         py::object task_result) {
+         py::object task_result, int64_t chunk_fn_id, py::object fix_chunk) {
         if (id >= seg->workers().count) throw py::value_error("worker id out of range");
-        PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result));
+        PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result),
+                        chunk_fn_id, std::move(fix_chunk));
         WorkerExit e = run_worker(*seg, id, runner);
         if (PyErr_Occurred()) throw py::error_already_set();
         return std::string(to_string(e));
       },
       py::arg("segment"), py::arg("worker_id"), py::arg("resolve"), py::arg("pack_error"),
-      py::arg("task_result"));
+      py::arg("task_result"), py::arg("chunk_fn_id") = -1, py::arg("fix_chunk") = py::none());
 
   // Called by a worker right after it attaches: on SIGTERM (the parent-death signal) leave
   // the segment, remove it if this is the last process out, and exit at once, even inside

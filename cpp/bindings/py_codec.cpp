@@ -121,6 +121,10 @@ bool encode_plain(PyObject* o, StreamWriter& w, int depth, std::vector<py::objec
 }
 }  // namespace
 
+bool encode_native(py::handle obj, StreamWriter& w, std::vector<py::object>* keep) {
+  return encode_plain(obj.ptr(), w, 0, keep);
+}
+
 void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep) {
   // Scalars, arrays, and lists and tuples of those (a map() chunk's items and results, say)
   // natively: several times cheaper than pickling them, both ways.

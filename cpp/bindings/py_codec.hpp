@@ -35,6 +35,9 @@ struct BlockLease {
 // external piece when the writer takes pieces: the caller keeps `obj` alive until gather);
 // anything else pickled (protocol 5). `keep` holds temporaries the pieces point into.
 void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep = nullptr);
+// encode_value's native path alone: writes `obj` and returns true if it is made only of
+// the types encoded natively, else writes nothing and returns false.
+bool encode_native(py::handle obj, StreamWriter& w, std::vector<py::object>* keep = nullptr);
 // Encodes positional args (a tuple) and keyword args (a dict or None) as one stream.
 void encode_call(py::handle args, py::handle kwargs, StreamWriter& w, std::vector<py::object>* keep = nullptr);
 // With a `lease`, arrays are views over the stream's own memory (a pool block), each holding

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -22,7 +23,8 @@ def run_chunk(fn_id: int, star: bool, items: list | None, *spread) -> tuple:
     among them travels natively (zero-copy) rather than inside the list's pickle.
 
     Returns (values, elapsed_ns, error): the values computed before the first failure, the
-    time spent (the owner sizes later chunks from it), and the packed failure or None."""
+    time spent (the owner sizes later chunks from it), and the packed failure or None.
+    TaskResults among the values are unwrapped by fix_chunk, on the way out."""
     entry = _RESOLVER.resolve(fn_id) if _RESOLVER is not None else None
     if entry is None:
         from ._errors import RegistryError
@@ -45,17 +47,31 @@ def run_chunk(fn_id: int, star: bool, items: list | None, *spread) -> tuple:
                 for i, v in enumerate(x if star else (x,)):
                     slot.args[i] = v
                 append(_value_of(fn(slot), TaskResult))
-        elif star:
-            for x in items:
-                r = fn(*x)
-                append(r if r.__class__ is not TaskResult else _value_of(r, TaskResult))
         else:
-            for x in items:
-                r = fn(x)
-                append(r if r.__class__ is not TaskResult else _value_of(r, TaskResult))
+            # The loop runs in C; extend() keeps what was appended before a failure.
+            out.extend(itertools.starmap(fn, items) if star else map(fn, items))
     except Exception as e:
         return out, time.perf_counter_ns() - t0, pack_error(e)
     return out, time.perf_counter_ns() - t0, None
+
+
+def fix_chunk(result: tuple) -> tuple:
+    """A map() chunk's result, with each TaskResult a handler returned replaced by its
+    value; a failed one ends the chunk's values there, as if the handler had raised its
+    error. The worker loop calls this only for a chunk it cannot encode natively, which is
+    the only kind that can hold a TaskResult, so plain chunks never pay for the search."""
+    from ._results import TaskResult
+
+    values, elapsed, error = result
+    if TaskResult not in map(type, values):
+        return result
+    out = []
+    for r in values:
+        try:
+            out.append(_value_of(r, TaskResult))
+        except Exception as e:
+            return out, elapsed, pack_error(e)
+    return out, elapsed, error
 
 
 def _value_of(r, task_result: type):
@@ -160,7 +176,10 @@ def run(name: str, worker_id: int, generation: int) -> int:
         segment.set_start_error(worker_id, traceback.format_exc()[-1000:])
         _core.leave_segment(segment, not _core.owner_alive(segment))
         return 3
-    reason = _core.worker_loop(segment, worker_id, resolver.resolve, pack_error, TaskResult)
+    from ._builtins import MAP_CHUNK_ID
+
+    reason = _core.worker_loop(segment, worker_id, resolver.resolve, pack_error, TaskResult,
+                               MAP_CHUNK_ID, fix_chunk)
     _core.leave_segment(segment, reason == "owner died")
     return 0
 
