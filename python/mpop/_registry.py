@@ -152,6 +152,7 @@ class Registry:
         self._by_id: dict[int, Handler] = {}
         self._by_name: dict[str, int] = {}
         self._by_fn: dict[Any, int] = {}
+        self._handler_of: dict[Any, Handler] = {}  # resolve()'s one-lookup path, by function
         # Auto-registered functions, weakly, and by their spec: a lambda written in a loop is
         # a new object each time but the same handler, so it reuses one fn_id.
         self._auto_fn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -181,6 +182,7 @@ class Registry:
         self._by_name[name] = fn_id
         try:
             self._by_fn.setdefault(fn, fn_id)
+            self._handler_of.setdefault(fn, self._by_id[self._by_fn[fn]])
         except TypeError:  # unhashable callable
             pass
         if self.on_register is not None:
@@ -219,6 +221,13 @@ class Registry:
     def resolve(self, fn: Any = None, fn_id: int | None = None, *, auto: bool = True) -> Handler:
         """The handler for a function, an fn_id or a ProcTaskFnID; registers an unknown
         function when `auto`. Raises RegistryError for an unknown id."""
+        if fn_id is None:
+            try:
+                h = self._handler_of.get(fn)  # a registered function: the usual case
+            except TypeError:  # unhashable
+                h = None
+            if h is not None:
+                return h
         if fn is not None and fn_id is not None:
             raise TypeError("pass either fn or fn_id, not both")
         key = fn_id if fn is None else fn
