@@ -1,0 +1,43 @@
+"""The benchmark harness itself (python -m mpop bench): that it runs, prints its table and
+measures what it says. Behaviour only: no speed is asserted here."""
+
+from __future__ import annotations
+
+import re
+
+from mpop import _bench
+from mpop._workloads import inc
+from _helpers import leak_check, run_python
+
+
+def test_rounds_interleave_sides_and_take_self_timed_values():
+    order = []
+    times = _bench._rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b") or 0.25,
+                            "c": lambda: order.append("c")}, 3, self_timed=("b",))
+    assert order == ["a", "b", "c"] * 3  # side by side in each round, not one side's runs in a row
+    assert times["b"] == [0.25] * 3
+    assert all(t >= 0 for t in times["a"] + times["c"]) and len(times["a"]) == 3
+
+
+def test_slices_in_children_times_the_slowest_slice():
+    t = _bench._slices_in_children(inc, 10_000, 2)
+    assert 0 < t < 60
+
+
+def test_bench_cli_prints_each_scenario_with_its_ratio():
+    with leak_check():
+        proc = run_python(["-m", "mpop", "bench", "--quick", "--only", "cpu", "--only", "latency",
+                           "--only", "idle"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"parallel efficiency, medium x 400, map \(ceiling [0-9.]+\)\s+[0-9.]+\s+[0-9.]+ efficiency\s+"
+                     r"[0-9.]+x\s+>= 0.97", out), out
+    assert "parallel efficiency, medium x 400, enqueue+run" in out
+    assert re.search(r"round trip median \(submit -> result\)\s+[0-9.]+\s+[0-9.]+\s+us", out), out
+    assert "idle workers, % of one core" in out
+
+
+def test_bench_cli_rejects_an_unknown_scenario():
+    proc = run_python(["-m", "mpop", "bench", "--only", "nonsense"], timeout=60)
+    assert proc.returncode == 2
+    assert "unknown scenario(s): nonsense" in proc.stdout
