@@ -104,6 +104,31 @@ def test_long_generator_input_runs_in_bounded_flight(app):
     assert in_flight_max <= 4 * 64 + 1, in_flight_max
 
 
+def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
+    """Over a range (sub-ranges, nothing built ahead) the default window is 16 rings,
+    over other inputs 4: with queue_slots=16 and one worker, chunks of at most 128 and 32
+    items (two chunks per worker fit in the window)."""
+    with MpopApi(workers=1, queue_slots=16) as one:
+        sizes: list[tuple[str, int]] = []
+        push = one._push
+
+        def spy(h, tsk_id, args, *rest):
+            if rest[-1]:  # claim_alone: a map() chunk
+                items = args[2]
+                sizes.append((type(items).__name__, len(items)))
+            return push(h, tsk_id, args, *rest)
+
+        monkeypatch.setattr(one, "_push", spy)
+        assert list(one.map(inc, range(1000), chunksize=1000)) == [i + 1 for i in range(1000)]
+        assert {n for kind, n in sizes if kind == "range"} == {128, 1000 - 7 * 128}
+        sizes.clear()
+        assert list(one.map(inc, list(range(1000)), chunksize=1000)) == [i + 1 for i in range(1000)]
+        assert {n for kind, n in sizes if kind == "list"} == {32, 1000 - 31 * 32}
+        sizes.clear()
+        assert list(one.map(inc, range(1000), chunksize=1000, max_in_flight=64)) == [i + 1 for i in range(1000)]
+        assert max(n for _, n in sizes) == 32  # an explicit window applies to ranges too
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 def test_max_in_flight(app, ordered):
     produced = 0

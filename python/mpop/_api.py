@@ -553,8 +553,10 @@ class MpopApi:
         ``ordered=False``).
 
         Items travel in chunks: the first are small, later ones are sized so that each takes
-        a worker about 5 ms, and no chunk of a range more than a share of what is left (or pass `chunksize`). At most `max_in_flight` items (default
-        4 x queue_slots) are read ahead, so any input length runs in flat memory."""
+        a worker about 5 ms, and no chunk of a range more than a share of what is left (or
+        pass `chunksize`). At most `max_in_flight` items (default 4 x queue_slots, or
+        16 x queue_slots for a range, whose items are not built until they run) are in
+        flight, so any input length runs in flat memory."""
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -587,9 +589,13 @@ class MpopApi:
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = self._progress_bar(progress, None)
         chunks_limit = max(2 * self._config["workers"], 4)
-        # Read ahead at most max_in_flight items (default: four rings' worth), so memory stays
-        # flat for any input length.
-        items_limit = max_in_flight or 4 * self._config["queue_slots"]
+        # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
+        span = iterables[0] if single and type(iterables[0]) is range else None
+        # Read ahead at most max_in_flight items, so memory stays flat for any input length.
+        # Default: four rings' worth, or sixteen for a range, whose items cost nothing until
+        # they run: trivial items then go in chunks of 16k (1-2 ms of work), enough for the
+        # workers to ride out this thread losing its core for a scheduler tick.
+        items_limit = max_in_flight or (16 if span is not None else 4) * self._config["queue_slots"]
         # Keep two chunks per worker in flight within that window. With max_tasks_per_worker
         # or task_timeout, every item stays one task.
         size_cap = max(1, min(self._CHUNK_MAX, items_limit // (2 * self._config["workers"])))
@@ -597,8 +603,6 @@ class MpopApi:
             size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
         spread = False  # items as separate arguments (arrays): at most _SPREAD_MAX a chunk
-        # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
-        span = iterables[0] if single and type(iterables[0]) is range else None
         taken = 0  # items of `span` sent so far
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
