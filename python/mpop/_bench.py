@@ -61,27 +61,36 @@ def _app(workers: int, **kw):
     return app
 
 
-def bench_submit(workers: int, n: int) -> Row:
-    """Per-task submit with every result collected vs Pool.apply_async + .get()."""
+def bench_submit(workers: int, n: int, rounds: int = 3) -> list[Row]:
+    """Per-task submit (futures) and per-task enqueue (results from run()), every result
+    collected, vs Pool.apply_async + .get(); side by side in rounds, the best of each."""
     app = _app(workers)
     pool = _pool(workers)
     try:
-        def mpop_run():
+        def mpop_submit():
             futs = [app.submit(inc, i) for i in range(n)]
             for f in futs:
                 f.result()
+
+        def mpop_enqueue():
+            for i in range(n):
+                app.enqueue(inc, args=(i,))
+            assert len(app.run().results) == n
 
         def pool_run():
             rs = [pool.apply_async(inc, (i,)) for i in range(n)]
             for r in rs:
                 r.get()
 
-        t_m = _best(mpop_run, 3)
-        t_p = _best(pool_run, 3)
+        t = _rounds({"submit": mpop_submit, "enqueue": mpop_enqueue, "pool": pool_run}, rounds)
     finally:
         app.shutdown()
         pool.terminate()
-    return Row("submit+result, trivial task", n / t_m, n / t_p, "tasks/s", True, ">= 30x")
+    t_p = min(t["pool"])
+    return [
+        Row("submit+result, trivial task", n / min(t["submit"]), n / t_p, "tasks/s", True, ">= 30x"),
+        Row("enqueue+run, trivial task", n / min(t["enqueue"]), n / t_p, "tasks/s", True, ">= 30x"),
+    ]
 
 
 def bench_map(workers: int, n: int, rounds: int = 5) -> list[Row]:
@@ -421,7 +430,7 @@ def run_bench(args) -> int:
     print(f"mpop bench: {workers} workers, {os.cpu_count()} CPUs, stdlib pools use the fork context\n")
     rows: list[Row] = []
     if "submit" in only:
-        rows.append(bench_submit(workers, 5_000 if quick else 50_000))
+        rows += bench_submit(workers, 5_000 if quick else 50_000)
     if "map" in only:
         rows += bench_map(workers, 100_000 if quick else 1_000_000)
     if "numpy" in only:

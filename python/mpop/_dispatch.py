@@ -240,14 +240,28 @@ class Dispatcher:
         fast = not self.debug
         timings = self.timings if self.keep_timings else None
         pop = self.futures.pop
+        plain = self.plain.append
         for rec in batch:
-            # A future's value, the commonest record, settled here without further calls.
-            if fast and rec[10] == ROUTE_FUTURE and rec[5] == OK:
-                fut = pop(rec[0], None)
-                if fut is not None:
-                    if timings is not None and rec[8]:
-                        timings.append(((rec[8] - rec[7]) / 1e9 if rec[7] else 0.0, (rec[9] - rec[8]) / 1e9))
-                    fut._set_value(rec[6])
+            # The commonest records, a future's value and an enqueue()d task's value, are
+            # settled here without further calls; everything else goes through _deliver.
+            if fast and rec[5] == OK:
+                route = rec[10]
+                if route == ROUTE_FUTURE:
+                    fut = pop(rec[0], None)
+                    if fut is not None:
+                        if timings is not None and rec[8]:
+                            timings.append(((rec[8] - rec[7]) / 1e9 if rec[7] else 0.0, (rec[9] - rec[8]) / 1e9))
+                        fut._set_value(rec[6])
+                        continue
+                elif route == ROUTE_PLAIN:
+                    seq, tsk_id, fn_id, worker_id, attempts, _, value, enq, start, end, _ = rec
+                    if start:
+                        wait_s, run_s = (start - enq) / 1e9 if enq else None, (end - start) / 1e9
+                        if timings is not None:
+                            timings.append((wait_s or 0.0, run_s))
+                    else:
+                        wait_s = run_s = None
+                    plain(TaskResult(True, value, None, tsk_id, seq, fn_id, worker_id, attempts, wait_s, run_s))
                     continue
             self._deliver(rec)
         with self.cond:
