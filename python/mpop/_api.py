@@ -344,7 +344,7 @@ class MpopApi:
         if self._runtime is not None:
             self._write_handler(h)
 
-    def _write_handler(self, h: Handler) -> None:
+    def _write_handler(self, h: Handler, rt: _Runtime | None = None) -> None:
         if h.fn_id in self._written:
             return
         try:
@@ -352,7 +352,7 @@ class MpopApi:
         except Exception as e:
             raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
         try:
-            self._runtime.segment.write_registry(h.fn_id, blob)
+            (rt or self._runtime).segment.write_registry(h.fn_id, blob)
         except ValueError as e:
             raise RegistryError(str(e).removeprefix("mpop: ")) from None
         self._written.add(h.fn_id)
@@ -392,12 +392,14 @@ class MpopApi:
                 "debug": c["debug"],
             }
             seg.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
-            self._runtime = rt
-            self._runtime_ref[0] = rt
             self._dispatcher = rt.dispatcher = Dispatcher(rt.collector, self._handler_name, c,
                                                           lambda: rt.producer.submitted)
             for h in self._registry.handlers(internal=True):
-                self._write_handler(h)
+                self._write_handler(h, rt)
+            # Published last: a thread that finds _runtime set (without the lock) finds the
+            # dispatcher and the handlers in place too.
+            self._runtime_ref[0] = rt
+            self._runtime = rt
             return rt
 
     def _running(self) -> bool:
@@ -468,8 +470,8 @@ class MpopApi:
         try:
             seq = rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
                                       timeout, route, claim_alone, self._check_workers)
-            if seq and self._dispatcher._sleeping:
-                self._dispatcher.notify_work()
+            if seq and rt.dispatcher._sleeping:
+                rt.dispatcher.notify_work()
             return seq
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
