@@ -427,6 +427,12 @@ void Supervisor::loop() {
     if (quitting && monotonic_ns() > stop_deadline_ns_.load()) {
       for (auto& c : children_)
         if (c.pid > 0) kill(c.pid, SIGKILL);
+      // A worker we cannot watch (no pidfd) and that still looks alive 2 s after its
+      // SIGKILL is not ours to wait for (its pid was reused): stop() must end.
+      if (monotonic_ns() > stop_deadline_ns_.load() + 2'000'000'000) {
+        for (uint32_t id = 0; id < children_.size(); ++id)
+          if (children_[id].pid > 0 && children_[id].pidfd < 0) on_exit(id, true, -1);
+      }
     }
 
     fds.clear();
@@ -438,7 +444,9 @@ void Supervisor::loop() {
         ids.push_back(i);
       }
     }
-    bool busy = quitting || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
+    bool unwatched = false;  // a worker without a pidfd: looked at every 10 ms instead
+    for (auto& c : children_) unwatched |= c.pid > 0 && c.pidfd < 0;
+    bool busy = quitting || unwatched || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
                 !publish_recoveries_.empty() || !requeue_.empty() || !results_pending_.empty();
     int timeout_ms = busy ? 10 : 250;
     poll(fds.data(), fds.size(), timeout_ms);
@@ -485,6 +493,21 @@ void Supervisor::loop() {
       auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
       bool crashed = !(st == WorkerState::kExiting || st == WorkerState::kExited);
       on_exit(id, crashed, status);
+    }
+    // A worker whose pidfd could not be opened: a fork server's child that died and was
+    // reaped before pidfd_open (a worker that fails at once), or a kernel without pidfd.
+    // Our own children are still reapable; another process's are gone once kill() says so.
+    for (uint32_t id = 0; id < children_.size(); ++id) {
+      Child& c = children_[id];
+      if (c.pid <= 0 || c.pidfd >= 0) continue;
+      int status = -1;
+      if (opts_.children_are_ours) {
+        if (waitpid(c.pid, &status, WNOHANG) == 0) continue;
+      } else if (kill(c.pid, 0) == 0 || errno != ESRCH) {
+        continue;
+      }
+      auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
+      on_exit(id, !(st == WorkerState::kExiting || st == WorkerState::kExited), status);
     }
     check_timeouts();
     run_recoveries();

@@ -931,6 +931,41 @@ TEST_F(SupervisorTest, RecycledWorkersAreReplacedWithoutCountingCrashes) {
 
 // ---- 6. stop ----------------------------------------------------------------------------------
 
+// A fork server's child can die and be reaped by the fork server before the supervisor
+// opens its pidfd (a worker whose start-up fails at once). The supervisor must still see it
+// go: here every "worker" is a process already reaped when spawn() returns its pid.
+TEST_F(SupervisorTest, AWorkerGoneBeforeItsPidfdOpensIsStillSeenToExit) {
+  SegmentConfig c;
+  c.slot = test_layout();
+  c.queue_slots = 64;
+  c.result_slots = 64;
+  c.max_workers = 1;
+  c.batch_size = 4;
+  c.pool_bytes = 1u << 20;
+  c.registry_bytes = 4096;
+  std::unique_ptr<Segment> seg = Segment::create(prefix, c);
+  std::vector<pid_t> spawned;
+  SupervisorOptions o;
+  o.workers = 1;
+  o.children_are_ours = false;
+  o.spawn = [&](uint32_t, uint32_t) {
+    pid_t pid = fork();
+    if (pid == 0) _exit(0);
+    waitpid(pid, nullptr, 0);  // gone, and reaped, before pidfd_open
+    spawned.push_back(pid);
+    return pid;
+  };
+  Supervisor sup(*seg, std::move(o));
+  sup.start();
+  // Each death during start-up without a recorded error is retried, up to 5 deaths.
+  ASSERT_TRUE(eventually([&] { return !sup.last_error().empty(); })) << spawned.size() << " spawned";
+  EXPECT_NE(sup.last_error().find("worker 0 failed to start"), std::string::npos) << sup.last_error();
+  EXPECT_EQ(spawned.size(), 5u);
+  EXPECT_EQ(seg->workers().record(0).state.load(), static_cast<uint32_t>(WorkerState::kDead));
+  sup.stop(false, kSec);  // returns: no worker is left to wait for
+  EXPECT_FALSE(sup.running());
+}
+
 TEST_F(SupervisorTest, GracefulStopAfterTheWorkLeavesNoChild) {
   Pool p(prefix, PoolSetup{});
   Book b(mixed_tasks(2000, 0, 5, 7));

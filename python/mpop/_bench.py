@@ -442,8 +442,13 @@ def run_bench(args) -> int:
     if "idle" in only:
         rows.append(bench_idle(workers, 1.0 if quick else 3.0))
     if "prototype" in only:
-        sizes = [900, 9_000] if quick else [900, 9_000, 90_000, 1_800_000]
-        rows += bench_prototype(workers, sizes, ["light"] if quick else ["light", "medium"])
+        if quick:
+            rows += bench_prototype(workers, [900, 9_000], ["light"])
+        else:
+            rows += bench_prototype(workers, [900, 9_000, 90_000, 1_800_000], ["light", "medium"])
+            # heavy x 1.8M takes 20 min a side on 2 cores: only with --long
+            rows += bench_prototype(workers, [900, 9_000, 90_000] + ([1_800_000] if getattr(args, "long", False) else []),
+                                    ["heavy"])
     _print(rows)
     if args.plot:
         _plot(args.plot, workers, quick)

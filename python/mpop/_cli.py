@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     p.add_argument("--plot", metavar="FILE.png", help="draw throughput against task size")
     p.add_argument("--only", metavar="SCENARIO", action="append", help="run only these scenarios")
+    p.add_argument("--long", action="store_true",
+                   help="add the prototype's heavy workload x 1,800,000 (about an hour more)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("status", help="live view of a running app, attached by segment name")
     p.add_argument("name")
