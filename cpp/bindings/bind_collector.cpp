@@ -1,6 +1,8 @@
 // Collector bindings: drains the result ring into Python tuples in batches; the wait for
 // the first result happens without the GIL.
-#include "bindings.hpp"
+#include "bindings.hpp"  // first: Python.h before structmember.h
+#include <structmember.h>
+
 #include "mpop/collector.hpp"
 #include "py_codec.hpp"
 
@@ -29,6 +31,152 @@ class PyCollector {
   // one result and wants it with the least latency (future.result()); it costs CPU the
   // workers could use, so the others do not spin.
   py::list drain(size_t max, const py::object& timeout, uint32_t want, bool spin) {
+    wait_for(timeout, want, spin);
+    py::list out;
+    drain_into([&](const ResultHeader& h, uint8_t status, py::object& v) {
+      out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
+                                h.enqueue_ns, h.start_ns, h.end_ns, h.route));
+    }, max);
+    return out;
+  }
+
+  // settle(): where the results that need no Python code go. `futures` is the dispatcher's
+  // seq -> future dict; futures of class `future_cls` are settled by writing `_result` and
+  // `_state` (= `finished`) while holding their shared lock (`acquire`, `release`), unless
+  // somebody waits on one (concurrent.futures.wait's waiters) or it has callbacks or was
+  // cancelled. A plain (enqueue()d) task's value becomes a `result_cls` (TaskResult) passed
+  // to `plain_append`. `timings_append` (or None) receives (queue_wait_s, run_time_s).
+  void bind_settle(py::dict futures, py::object future_cls, py::object pending, py::object finished,
+                   py::object acquire, py::object release, py::object result_cls, py::object plain_append,
+                   py::object timings_append) {
+    if (!PyType_Check(future_cls.ptr()) || !PyType_Check(result_cls.ptr()))
+      throw py::type_error("bind_settle: future_cls and result_cls must be classes");
+    s_ = std::make_unique<Settle>();
+    s_->futures = std::move(futures);
+    s_->future_cls = std::move(future_cls);
+    s_->pending = std::move(pending);
+    s_->finished = std::move(finished);
+    s_->acquire = std::move(acquire);
+    s_->release = std::move(release);
+    s_->result_cls = std::move(result_cls);
+    // Where each field of a result lives in the instance (its slot's offset).
+    const char* fields[kResultFields] = {"success", "value", "error", "tsk_id", "seq", "fn_id", "worker_id",
+                                         "attempts", "queue_wait_s", "run_time_s"};
+    auto* tp = reinterpret_cast<PyTypeObject*>(s_->result_cls.ptr());
+    for (int i = 0; i < kResultFields; ++i) {
+      PyObject* descr = PyDict_GetItemString(tp->tp_dict, fields[i]);  // borrowed
+      if (descr == nullptr || Py_TYPE(descr) != &PyMemberDescr_Type)
+        throw py::type_error(std::string("bind_settle: result_cls has no slot ") + fields[i]);
+      PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
+      if (m->type != T_OBJECT_EX || m->offset < static_cast<Py_ssize_t>(sizeof(PyObject)) ||
+          m->offset + static_cast<Py_ssize_t>(sizeof(PyObject*)) > tp->tp_basicsize)
+        throw py::type_error(std::string("bind_settle: unexpected slot ") + fields[i]);
+      s_->offsets[i] = m->offset;
+    }
+    s_->plain_append = std::move(plain_append);
+    s_->timings_append = std::move(timings_append);
+  }
+
+  // drain() that settles what it can itself (see bind_settle): returns (delivered, records
+  // for the dispatcher's _deliver, [(future, value)] for its _set_value). Records of
+  // failures, map chunks, and futures it cannot settle go back to Python.
+  py::tuple settle(size_t max, const py::object& timeout, uint32_t want, bool spin) {
+    if (!s_) throw std::logic_error("mpop: Collector.settle before bind_settle");
+    Settle& S = *s_;
+    wait_for(timeout, want, spin);
+    py::list slow, slow_futs;
+    std::vector<std::pair<py::object, py::object>> ready;  // (future, value), settled below
+    const bool timed = !S.timings_append.is_none();
+    size_t n = drain_into([&](const ResultHeader& h, uint8_t status, py::object& v) {
+      if (status == static_cast<uint8_t>(ResultStatus::kOk) && h.route == kRoutePlain) {
+        py::object wait_s = py::none(), run_s = py::none();
+        if (h.start_ns) {
+          run_s = py::float_((h.end_ns - h.start_ns) / 1e9);
+          if (h.enqueue_ns) wait_s = py::float_((static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9);
+          if (timed) S.timings_append(py::make_tuple(wait_s.is_none() ? py::float_(0.0) : wait_s, run_s));
+        }
+        S.plain_append(make_result(S, h, v, wait_s, run_s));
+        return;
+      }
+      if (status == static_cast<uint8_t>(ResultStatus::kOk) && h.route == kRouteFuture) {
+        py::int_ key(h.seq);
+        PyObject* fut = PyDict_GetItemWithError(S.futures.ptr(), key.ptr());
+        if (fut == nullptr && PyErr_Occurred()) throw py::error_already_set();
+        if (fut != nullptr) {
+          py::object f = py::reinterpret_borrow<py::object>(fut);
+          if (PyDict_DelItem(S.futures.ptr(), key.ptr()) < 0) throw py::error_already_set();
+          if (timed && h.start_ns)
+            S.timings_append(py::make_tuple(
+                h.enqueue_ns ? (static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9 : 0.0,
+                (h.end_ns - h.start_ns) / 1e9));
+          if (Py_TYPE(fut) == reinterpret_cast<PyTypeObject*>(S.future_cls.ptr()))
+            ready.emplace_back(std::move(f), v);
+          else
+            slow_futs.append(py::make_tuple(f, v));
+          return;
+        }
+        // Not registered (yet): the dispatcher keeps it as an early result.
+      }
+      slow.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v, h.enqueue_ns,
+                                 h.start_ns, h.end_ns, h.route));
+    }, max);
+    if (!ready.empty()) {
+      // Interned once and never freed (no destructor running after the interpreter's end).
+      static PyObject* const k_w = PyUnicode_InternFromString("_w");
+      static PyObject* const k_cbs = PyUnicode_InternFromString("_cbs");
+      static PyObject* const k_state = PyUnicode_InternFromString("_state");
+      static PyObject* const k_result = PyUnicode_InternFromString("_result");
+      S.acquire();
+      try {
+        for (auto& [f, v] : ready) {
+          py::object d = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(f.ptr(), nullptr));
+          if (!d) throw py::error_already_set();
+          PyObject* state = PyDict_GetItemWithError(d.ptr(), k_state);
+          if (state == nullptr && PyErr_Occurred()) throw py::error_already_set();
+          bool pending = state == nullptr || PyObject_RichCompareBool(state, S.pending.ptr(), Py_EQ) == 1;
+          if (!pending || PyDict_Contains(d.ptr(), k_w) != 0 || PyDict_Contains(d.ptr(), k_cbs) != 0) {
+            slow_futs.append(py::make_tuple(f, v));  // waiters, callbacks or cancelled: _set_value
+            continue;
+          }
+          if (PyDict_SetItem(d.ptr(), k_result, v.ptr()) < 0 || PyDict_SetItem(d.ptr(), k_state, S.finished.ptr()) < 0)
+            throw py::error_already_set();
+          // Written into its dict, not set: a future submit() left untracked (LazyTracked)
+          // must be tracked once it holds a value that may refer back to it.
+          if (!atomic(v.ptr()) && !PyObject_GC_IsTracked(f.ptr())) PyObject_GC_Track(f.ptr());
+        }
+      } catch (...) {
+        S.release();
+        throw;
+      }
+      S.release();
+    }
+    return py::make_tuple(n, slow, slow_futs);
+  }
+
+  // Wakes a drain() that is waiting, from any thread.
+  void interrupt() {
+    interrupts_.fetch_add(1);
+    seg_->results().wake_consumers();
+  }
+
+  // Results published and not yet drained (a snapshot; no waiting, no syscall).
+  uint64_t pending() const { return seg_->results().size(); }
+
+  Collector& native() { return col_; }
+
+ private:
+  static constexpr uint32_t kRoutePlain = 0, kRouteFuture = 1;  // _dispatch.ROUTE_*
+
+  static constexpr int kResultFields = 10;
+
+  struct Settle {
+    py::object futures, future_cls, pending, finished, acquire, release, result_cls, plain_append,
+        timings_append;
+    Py_ssize_t offsets[kResultFields] = {};
+  };
+
+  // Waits up to `timeout` for `want` results (see drain()).
+  void wait_for(const py::object& timeout, uint32_t want, bool spin) {
     int64_t deadline = deadline_from_timeout(timeout);
     uint32_t epoch = interrupts_.load();
     auto stop = [&] { return interrupts_.load() != epoch; };
@@ -38,9 +186,15 @@ class PyCollector {
       py::gil_scoped_release nogil;
       seg_->results().wait_published_n(want, deadline, stop, spin ? 64 : 0, spin ? kResultSpinNs : 0);
     }
-    py::list out;
+  }
+
+  // Hands up to `max` results already published to sink(header, status, value), decoded.
+  template <class Sink>
+  size_t drain_into(Sink&& sink, size_t max = 4096) {
+    uint32_t epoch = interrupts_.load();
+    auto stop = [&] { return interrupts_.load() != epoch; };
     const uint64_t pin_limit = seg_->pool().capacity_bytes() / 4;
-    col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {
+    return col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {
       py::object v = py::none();
       auto status = static_cast<uint8_t>(h.status);
       // An array in a pooled result becomes a view over its block (no copy out), as long as
@@ -59,41 +213,88 @@ class PyCollector {
           status = static_cast<uint8_t>(ResultStatus::kError);
         }
       }
-      out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
-                                h.enqueue_ns, h.start_ns, h.end_ns, h.route));
+      sink(h, status, v);
       if (!lease || lease.use_count() == 1) return false;  // no view made: freed as usual
       pinned_->fetch_add(h.value_len, std::memory_order_relaxed);
       lease->pinned = true;  // the last view frees the block
       return true;
     }, stop);
+  }
+
+  // A TaskResult for an ok plain task. TaskResult is a slots dataclass: its fields are
+  // written straight into their slots (offsets found by bind_settle), as its __init__
+  // would set them, without that Python frame and its ten stores, the largest cost of a
+  // result (tests compare the two).
+  // Values that cannot refer to anything (so a holder of only these joins no cycle).
+  static bool atomic(PyObject* v) {
+    return v == Py_None || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyUnicode_CheckExact(v) ||
+           PyBytes_CheckExact(v) || PyBool_Check(v);
+  }
+
+  static py::object make_result(const Settle& S, const ResultHeader& h, const py::object& v,
+                                const py::object& wait_s, const py::object& run_s) {
+    auto* tp = reinterpret_cast<PyTypeObject*>(S.result_cls.ptr());
+    PyObject* r = tp->tp_alloc(tp, 0);
+    if (r == nullptr) throw py::error_already_set();
+    PyObject* vals[kResultFields] = {Py_True, v.ptr(), Py_None, PyLong_FromUnsignedLong(h.tsk_id),
+                                     PyLong_FromUnsignedLongLong(h.seq), PyLong_FromUnsignedLong(h.fn_id),
+                                     PyLong_FromUnsignedLong(h.worker_id), PyLong_FromUnsignedLong(h.attempts),
+                                     wait_s.ptr(), run_s.ptr()};
+    for (int i : {0, 1, 2, 8, 9}) Py_INCREF(vals[i]);  // the others are new references
+    bool ok = true;
+    for (int i = 0; i < kResultFields; ++i) {
+      ok = ok && vals[i] != nullptr;
+      *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(r) + S.offsets[i]) = vals[i];
+    }
+    py::object out = py::reinterpret_steal<py::object>(r);  // frees whatever was set on failure
+    if (!ok) throw py::error_already_set();
+    // A result holding only atomic values cannot be part of a reference cycle, so the
+    // garbage collector need not walk it (CPython untracks such tuples and dicts too).
+    // With hundreds of thousands of results kept, walking them took a third of the owner's
+    // time. Setting a field tracks it again (ResultBase's setattro).
+    if (atomic(v.ptr())) PyObject_GC_UnTrack(r);
     return out;
   }
 
-  // Wakes a drain() that is waiting, from any thread.
-  void interrupt() {
-    interrupts_.fetch_add(1);
-    seg_->results().wake_consumers();
-  }
-
-  // Results published and not yet drained (a snapshot; no waiting, no syscall).
-  uint64_t pending() const { return seg_->results().size(); }
-
-  Collector& native() { return col_; }
-
- private:
   SegmentPtr seg_;
   Collector col_;
+  std::unique_ptr<Settle> s_;
   // Bytes of result blocks held by array views handed out (shared with their leases).
   std::shared_ptr<std::atomic<uint64_t>> pinned_ = std::make_shared<std::atomic<uint64_t>>(0);
   std::atomic<uint32_t> interrupts_{0};
 };
 
+// LazyTracked: the base of classes whose instances the native code leaves untracked by the
+// garbage collector while they hold only atomic values (TaskResult, the futures of
+// submit()). Setting an attribute tracks the instance again, as CPython does for a dict
+// given a container; code that changes one another way must track it itself.
+int result_setattro(PyObject* self, PyObject* name, PyObject* value) {
+  if (PyObject_GenericSetAttr(self, name, value) < 0) return -1;
+  if (PyType_IS_GC(Py_TYPE(self)) && !PyObject_GC_IsTracked(self)) PyObject_GC_Track(self);
+  return 0;
+}
+
+PyType_Slot result_base_slots[] = {
+    {Py_tp_setattro, reinterpret_cast<void*>(result_setattro)},
+    {Py_tp_doc, const_cast<char*>("Base of classes whose instances may start untracked by the GC (private).")},
+    {0, nullptr}};
+
+PyType_Spec result_base_spec = {"mpop._core.LazyTracked", sizeof(PyObject), 0,
+                                Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, result_base_slots};
+
 }  // namespace
 
 void register_collector(py::module_& m) {
+  PyObject* base = PyType_FromSpec(&result_base_spec);
+  if (base == nullptr) throw py::error_already_set();
+  m.attr("LazyTracked") = py::reinterpret_steal<py::object>(base);
+
   py::class_<PyCollector>(m, "Collector")
       .def(py::init<SegmentPtr>())
       .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none(),
+           py::arg("want") = 1, py::arg("spin") = false)
+      .def("bind_settle", &PyCollector::bind_settle)
+      .def("settle", &PyCollector::settle, py::arg("max") = 4096, py::arg("timeout") = py::none(),
            py::arg("want") = 1, py::arg("spin") = false)
       .def("interrupt", &PyCollector::interrupt)
       .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })

@@ -3,11 +3,13 @@ tasks through the native producer, runs the supervisor, and hands results back."
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import itertools
 import logging
 import math
+import operator
 import os
 import pickle
 import sys
@@ -34,6 +36,8 @@ log = logging.getLogger("mpop")
 _START_METHODS = ("spawn", "fork", "forkserver")
 _MAX_TSK_ID = 0xFFFFFFFF
 _UNSERIALISABLE = (pickle.PicklingError, TypeError, AttributeError)
+_SEQ, _SUCCESS, _ATTEMPTS, _WORKER_ID, _RUN_TIME, _QUEUE_WAIT = map(operator.attrgetter, (
+    "seq", "success", "attempts", "worker_id", "run_time_s", "queue_wait_s"))
 
 
 def _available_cpus() -> int:
@@ -58,9 +62,12 @@ class _Runtime:
         self.supervisor = None
         self.forkserver = None
         self.dispatcher: Dispatcher | None = None
+        self.fast = None  # _core.FastPath: armed while the workers run
         self.closed = False
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
+        if self.fast is not None:
+            self.fast.armed = False  # calls take the Python path, which restarts workers
         sup, self.supervisor = self.supervisor, None
         if sup is not None:
             sup.stop(graceful, timeout)
@@ -69,10 +76,15 @@ class _Runtime:
         if self.closed:
             return
         self.closed = True
+        if self.fast is not None:
+            self.fast.armed = False
         # First the result thread: at interpreter exit a daemon thread still inside native
         # code would be killed while retaking the GIL, which aborts the process.
         if self.dispatcher is not None:
             self.dispatcher.stop_background()
+            # No future stays pending (it would also keep the dispatcher alive: an untracked
+            # one's class refers to it, see MpopFuture).
+            self.dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
         self.producer.close()
         self.segment.set_shutdown()
         self.stop_workers(graceful=False, timeout=2.0)
@@ -351,11 +363,16 @@ class MpopApi:
             blob = h.spec()
         except Exception as e:
             raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
+        rt = rt or self._runtime
         try:
-            (rt or self._runtime).segment.write_registry(h.fn_id, blob)
+            rt.segment.write_registry(h.fn_id, blob)
         except ValueError as e:
             raise RegistryError(str(e).removeprefix("mpop: ")) from None
         self._written.add(h.fn_id)
+        # Calls of the function itself may now take the native path, which does what
+        # resolve() and check_args() do for them: the argument count is all it checks.
+        if not h.slot_mode and not h.needs_kw and self._registry.resolves_directly(h):
+            rt.fast.add(h.fn, h.fn_id, h.min_pos, -1 if h.max_pos == float("inf") else int(h.max_pos))
 
     def _handler_name(self, fn_id: int) -> str:
         h = self._registry.get(fn_id)
@@ -392,8 +409,22 @@ class MpopApi:
                 "debug": c["debug"],
             }
             seg.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
-            self._dispatcher = rt.dispatcher = Dispatcher(rt.collector, self._handler_name, c,
-                                                          lambda: rt.producer.submitted)
+            # The runtime refers to the app only weakly, so that dropping the app lets its
+            # finalizer release the runtime (a strong reference would keep both alive).
+            app = weakref.ref(self)
+
+            def names(fn_id: int) -> str:
+                a = app()
+                return a._handler_name(fn_id) if a is not None else f"fn_id {fn_id:#x}"
+
+            def check_workers() -> None:
+                a = app()
+                if a is not None:
+                    a._check_workers()
+
+            d = self._dispatcher = rt.dispatcher = Dispatcher(rt.collector, names, c, lambda: rt.producer.submitted)
+            rt.fast = d.fast = _core.fast_path(rt.producer, self._tsk_ids, _MAX_TSK_ID)
+            rt.fast.bind(d.futures, d.early, d.register_future, d.future_cls, d._work.set, check_workers)
             for h in self._registry.handlers(internal=True):
                 self._write_handler(h, rt)
             # Published last: a thread that finds _runtime set (without the lock) finds the
@@ -441,6 +472,7 @@ class MpopApi:
             rt.supervisor = sup
             rt.producer.start_feeding()
             self._dispatcher.start_background()
+            rt.fast.armed = True
             if self._run_started is None:
                 self._run_started = time.monotonic()
 
@@ -497,6 +529,13 @@ class MpopApi:
                 blocking: bool = True, timeout: float | None = None, **handler_kwargs: Any) -> bool:
         """Queues one task. Returns True, or False when ``blocking=False`` and the ring is
         full; raises QueueFull when a blocking enqueue times out."""
+        if (fn_id is None and kwargs is None and tsk_id is None and c_args is None and blocking is True
+                and timeout is None and not handler_kwargs):
+            # The usual call, enqueue(fn, args=(...)): one native step while the workers run
+            # (FastPath); None when it does not apply, and the steps below run instead.
+            rt = self._runtime
+            if rt is not None and rt.fast.enqueue(fn, args):
+                return True
         self._check_open()
         h = self._registry.resolve(fn, fn_id)
         if handler_kwargs:
@@ -535,6 +574,11 @@ class MpopApi:
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         """Queues ``fn(*args, **kwargs)`` and returns a concurrent.futures.Future."""
+        rt = self._runtime
+        if rt is not None and not kwargs:
+            fut = rt.fast.submit(fn, args)  # the native path, as in enqueue()
+            if fut is not None:
+                return fut
         self._check_open()
         h = self._registry.resolve(fn)
         h.check_args(args, kwargs)
@@ -797,7 +841,8 @@ class MpopApi:
                 bar.close()
             if view is not None:
                 view.close()
-        results = sorted(self._take_plain(), key=lambda r: r.seq)
+        results = self._take_plain()
+        results.sort(key=_SEQ)
         stats = self._stats(results, time.monotonic() - started)
         if self._config["auto_terminate"] and not interrupted:
             self._stop_workers(graceful=True)
@@ -805,29 +850,36 @@ class MpopApi:
 
     def _take_plain(self) -> list[TaskResult]:
         d = self._dispatcher
+        if d._drain_lock.acquire(blocking=False):
+            try:  # nobody appends meanwhile: take them in one step
+                out = list(d.plain)
+                d.plain.clear()
+                return out
+            finally:
+                d._drain_lock.release()
         out = []
         while d.plain:
             out.append(d.plain.popleft())
         return out
 
     def _stats(self, results: list[TaskResult], elapsed: float) -> dict:
-        per_worker: dict[int, int] = {}
-        for r in results:
-            per_worker[r.worker_id] = per_worker.get(r.worker_id, 0) + 1
+        # Iterations in C (map, attrgetter, Counter): run() returns after this, per task.
         sup_counters = self._runtime.supervisor.counters() if self._runtime.supervisor else {}
+        attempts = list(map(_ATTEMPTS, results))
         stats = {
             "tasks": len(results),
-            "failed": sum(1 for r in results if not r.success),
+            "failed": list(map(_SUCCESS, results)).count(False),
             "elapsed_s": elapsed,
             "tasks_per_s": len(results) / elapsed if elapsed > 0 else 0.0,
-            "per_worker": per_worker,
-            "retries": sum(max(0, r.attempts - 1) for r in results),
+            "per_worker": dict(collections.Counter(map(_WORKER_ID, results))),
+            "retries": sum(attempts) - len(attempts) + attempts.count(0),  # sum of max(0, a - 1)
             "crashes": sup_counters.get("crashes", 0),
         }
         # Percentiles of this run's own tasks (each result carries its timings).
-        waits = sorted(r.queue_wait_s for r in results if r.queue_wait_s is not None)
-        runs = sorted(r.run_time_s for r in results if r.run_time_s is not None)
-        if runs:
+        runs = list(map(_RUN_TIME, results))
+        if runs.count(None) < len(runs):
+            waits = sorted(w for w in map(_QUEUE_WAIT, results) if w is not None)
+            runs = sorted(r for r in runs if r is not None)
             stats.update(queue_wait_p50_s=_percentile(waits, 0.5), queue_wait_p99_s=_percentile(waits, 0.99),
                          run_time_p50_s=_percentile(runs, 0.5), run_time_p99_s=_percentile(runs, 0.99))
         return stats
@@ -864,6 +916,7 @@ class MpopApi:
         finally:
             self._shutdown = True
             if rt is not None:
+                rt.fast.armed = False
                 self._dispatcher.stop_background()
                 rt.stop_workers(graceful=wait, timeout=10.0 if wait else 2.0)
                 self._dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))

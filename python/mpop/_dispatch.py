@@ -13,6 +13,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, Callable
 
+from ._core import LazyTracked
 from ._errors import MpopError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError
 from ._results import TaskResult
 
@@ -45,7 +46,7 @@ def unpack_error(value: Any) -> BaseException:
     return exc
 
 
-class MpopFuture(Future):
+class MpopFuture(LazyTracked, Future):
     """A concurrent.futures.Future that costs one object until somebody needs more.
 
     Future.__init__ builds a Condition (an RLock, a deque, five bound methods) and two
@@ -54,7 +55,10 @@ class MpopFuture(Future):
     Here the state lives in class defaults until it changes, the lock is one RLock shared
     by the app's futures (concurrent.futures.wait and as_completed only acquire and
     release `_condition`, and an RLock lets them take it once per future), and the waiter
-    and callback lists are made on first use.
+    and callback lists are made on first use. A future from the native submit() path
+    starts untracked by the garbage collector, which then never walks the futures a caller
+    holds; it is tracked again once it holds anything that could refer back to it
+    (LazyTracked).
 
     Blocking waits (result(), exception()) never sleep on `_condition`: they drain results
     in the waiting thread (Dispatcher.help_until), so a round trip costs no hand-off
@@ -69,15 +73,28 @@ class MpopFuture(Future):
 
     __init__ = object.__init__  # nothing per instance until needed (see above)
 
+    # The lists are set as attributes (not put in __dict__): that tracks a future that
+    # submit() left untracked by the garbage collector (LazyTracked), since a waiter or a
+    # callback may refer back to it.
     @property
     def _waiters(self) -> list:
         w = self.__dict__.get("_w")
-        return w if w is not None else self.__dict__.setdefault("_w", [])
+        if w is None:
+            with self._condition:
+                w = self.__dict__.get("_w")
+                if w is None:
+                    self._w = w = []
+        return w
 
     @property
     def _done_callbacks(self) -> list:
         cbs = self.__dict__.get("_cbs")
-        return cbs if cbs is not None else self.__dict__.setdefault("_cbs", [])
+        if cbs is None:
+            with self._condition:
+                cbs = self.__dict__.get("_cbs")
+                if cbs is None:
+                    self._cbs = cbs = []
+        return cbs
 
     def _invoke_callbacks(self) -> None:
         if "_cbs" in self.__dict__:
@@ -218,22 +235,61 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._work = threading.Event()  # wakes the background thread
-        self._sleeping = False  # the background thread waits on _work (set it only then)
+        self._idle = False  # the background thread waits on _work (see _sleeping)
         # Callers blocked in help_until (future.result(), map, run...), under `cond`. While
         # there are any, the background thread leaves draining to them: a result then goes
         # straight to the thread that waits for it, with no hand-off between threads.
         self._helpers = 0
         self._bg_pumping = False  # the background thread holds the drain lock
         # This app's futures: their class carries the dispatcher and the one lock they share.
+        cond = threading.Condition(threading.RLock())
         self.future_cls = type("MpopFuture", (MpopFuture,), {
             "__module__": __name__, "__qualname__": "MpopFuture",
-            "_dispatcher": self, "_condition": threading.Condition(threading.RLock())})
+            "_dispatcher": self, "_condition": cond})
+        # The native enqueue/submit path (_core.FastPath), when the app has one: it pushes
+        # and registers futures itself and wakes this thread when `sleeping` says so.
+        self.fast: Any = None
+        # Results that need no Python code (ok values of futures and of enqueue()d tasks)
+        # are settled by the collector itself (Collector.settle); the rest come back here.
+        # With debug, every result goes through _deliver, which logs it.
+        self._native_settle = None
+        if not self.debug and hasattr(collector, "bind_settle"):
+            try:
+                collector.bind_settle(self.futures, self.future_cls, PENDING, FINISHED, cond.acquire, cond.release,
+                                      TaskResult, self.plain.append,
+                                      self.timings.append if self.keep_timings else None)
+                self._native_settle = collector.settle
+            except TypeError:  # TaskResult without slots (Python < 3.11): the Python path
+                pass
+
+    @property
+    def _sleeping(self) -> bool:
+        """The background thread waits on _work: a push must set it."""
+        return self._idle
+
+    @_sleeping.setter
+    def _sleeping(self, value: bool) -> None:
+        self._idle = value
+        if self.fast is not None:
+            self.fast.sleeping = value
 
     # -- draining ---------------------------------------------------------------------------
 
     def pump(self, timeout: float | None, want: int = 1, spin: bool = False) -> int:
         """Drains one batch, first waiting up to `timeout` for `want` results (spinning
         briefly first if `spin`). Caller must hold the drain lock."""
+        if self._native_settle is not None:
+            n, slow, slow_futures = self._native_settle(4096, timeout, want, spin)
+            if not n:
+                return 0
+            for fut, value in slow_futures:  # waited on, with callbacks, or cancelled
+                fut._set_value(value)
+            for rec in slow:
+                self._deliver(rec)
+            with self.cond:
+                self.finished += n
+                self.cond.notify_all()
+            return n
         batch = self._collector.drain(4096, timeout, want, spin)
         if not batch:
             return 0
@@ -350,14 +406,22 @@ class Dispatcher:
                 self._sleeping = False
                 continue
             # Tasks in flight and no future: callers that block (run, map, wait) drain for
-            # themselves; step in only when results sit undrained. A snapshot read, so the
-            # workers never pay a wake-up for this thread.
-            if self._stop.wait(0.005):
-                return
-            if self._collector.pending and self._drain_lock.acquire(blocking=False):
+            # themselves. Otherwise (the caller is busy enqueuing) drain once results for
+            # everything in flight are in, or half the result ring, or 5 ms have passed:
+            # the workers pay one wake-up per batch, and a producer waiting for room in a
+            # full task ring waits for one batch, not for a poll.
+            if self._helpers:
+                with self.cond:
+                    if self._helpers:
+                        self.cond.wait(0.005)
+                continue
+            if self._drain_lock.acquire(timeout=0.005):
+                self._bg_pumping = True  # before looking at _helpers: see help_until
                 try:
-                    self.pump(0)
+                    if not self._helpers:
+                        self.pump(0.005, max(1, self._submitted() - self.finished))
                 finally:
+                    self._bg_pumping = False
                     self._drain_lock.release()
 
     def notify_work(self) -> None:

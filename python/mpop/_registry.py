@@ -277,6 +277,14 @@ class Registry:
         except TypeError:  # unhashable or not weakly referenceable
             return None
 
+    def resolves_directly(self, h: Handler) -> bool:
+        """Whether resolve(h.fn) finds `h` by its one-lookup path (a hashable function that
+        is registered under h's fn_id first)."""
+        try:
+            return self._handler_of.get(h.fn) is h
+        except TypeError:
+            return False
+
     def handlers(self, internal: bool = False) -> list[Handler]:
         with self._lock:
             return sorted((h for h in self._by_id.values() if internal or not h.internal),

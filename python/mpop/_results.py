@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._core import LazyTracked
+
+# Slots (with a weakref slot, as a plain dataclass has one) from Python 3.11; before that
+# a plain dataclass, and the owner builds results through the Python path.
+_SLOTS = {"slots": True, "weakref_slot": True} if sys.version_info >= (3, 11) else {}
 
 __all__ = ["TaskResult", "RunResult"]
 
 
-@dataclass
-class TaskResult:
+@dataclass(**_SLOTS)
+class TaskResult(LazyTracked):
     """The outcome of one task.
 
     Handlers may return one (``TaskResult(success=True, value=...)``); the runtime fills in
-    the identifying fields of the ones it delivers."""
+    the identifying fields of the ones it delivers. A slots class: the owner makes one per
+    enqueue()d task, natively (see Collector.settle), so it stays small and cheap to build,
+    and one holding only atomic values is not tracked by the garbage collector until a
+    field is set (LazyTracked)."""
 
     success: bool = True
     value: Any = None
