@@ -8,6 +8,7 @@ import concurrent.futures as cf
 import gc
 import os
 import threading
+import time
 import weakref
 
 import pytest
@@ -216,3 +217,51 @@ def test_a_dropped_app_is_released_by_the_garbage_collector():
     gc.collect()
     assert not os.path.exists(os.path.join(SHM, name))
     assert pending.done()
+
+
+def gated(path: str) -> int:
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    return 1
+
+
+def test_wait_and_run_are_not_ended_by_other_threads_results(tmp_path):
+    # finished counts results of every kind: wait() must wait for its own tasks, not for
+    # as many results as there were tasks. Two workers hold the gated tasks, a third runs
+    # the other thread's.
+    gate = str(tmp_path / "open")
+    app = MpopApi(workers=3, worker_batch_size=1, auto_terminate=False)
+    app.start()
+    app.enqueue(gated, args=(gate,))
+    app.enqueue(gated, args=(gate,))
+    returned = threading.Event()
+    t = threading.Thread(target=lambda: (app.wait(), returned.set()))
+    t.start()
+    try:
+        assert [app.submit(add, i).result(timeout=60) for i in range(5)] == [1, 2, 3, 4, 5]
+        assert not returned.wait(0.5)  # its two tasks are still blocked on the gate
+    finally:
+        open(gate, "w").close()
+    t.join(60)
+    try:
+        assert returned.is_set()
+        assert [r.value for r in app.run().results] == [1, 1]
+    finally:
+        app.shutdown()
+
+
+def test_a_future_the_user_settled_does_not_stop_result_delivery(app):
+    app.start()
+    app.register(gated)
+    f = app.submit(add, 1)
+    try:
+        f.set_result("mine")  # before the worker's result arrives (or after: either way)
+    except cf.InvalidStateError:
+        pass
+    assert f.result() in ("mine", 2)
+    futs = [app.submit(add, i) for i in range(100)]
+    fired = threading.Event()
+    futs[-1].add_done_callback(lambda _: fired.set())  # needs the result thread
+    assert fired.wait(60)
+    assert [g.result(timeout=60) for g in futs] == [i + 1 for i in range(100)]
+    assert app._dispatcher._thread.is_alive()

@@ -561,3 +561,33 @@ def test_self_registration_from_several_threads_while_running():
     for r in res.results:
         t, i = divmod(r.tsk_id, 1000)
         assert r.value == i * 1000 + (t * 7 + i) % 32
+
+
+
+def test_a_start_failed_by_an_unsendable_handler_can_be_retried():
+    # The handlers written into the failed start's segment must be written again into the
+    # next one (they were once remembered app-wide and then never sent), and the failed
+    # segment must not stay behind.
+    box = [threading.Lock()]
+
+    def uses_a_lock(x):  # travels by value, with its closure: a lock cannot
+        return (box[0], x)
+
+    app = make_app(workers=2, auto_terminate=False)
+    app.register(triple_local)
+    app.register(uses_a_lock)
+    with pytest.raises(mpop.RegistryError, match="cannot be sent to workers"):
+        app.start()
+    try:
+        assert app.segment_name is None and not [n for n in os.listdir("/dev/shm") if n.startswith(PREFIX)]
+        box[0] = None
+        app.start()
+        assert app.submit(triple_local, 3).result(timeout=TIMEOUT) == 9
+        app.enqueue(uses_a_lock, args=(1,))
+        assert app.run(timeout=TIMEOUT).values() == [(None, 1)]
+    finally:
+        app.shutdown()
+
+
+def triple_local(x):
+    return 3 * x

@@ -179,7 +179,11 @@ class PyCollector {
   void wait_for(const py::object& timeout, uint32_t want, bool spin) {
     int64_t deadline = deadline_from_timeout(timeout);
     uint32_t epoch = interrupts_.load();
-    auto stop = [&] { return interrupts_.load() != epoch; };
+    // Also stop when somebody waits for room in the pool and results are in: draining them
+    // frees their blocks (see PoolControl::starving).
+    auto stop = [&] {
+      return interrupts_.load() != epoch || (seg_->pool().starving() != 0 && seg_->results().has_published());
+    };
     // At most half the ring: the workers keep room to publish while this thread drains.
     want = std::clamp<uint32_t>(want, 1, seg_->results().capacity() / 2);
     if (deadline != 0 && seg_->results().published_run(want) < want) {
@@ -298,7 +302,9 @@ void register_collector(py::module_& m) {
            py::arg("want") = 1, py::arg("spin") = false)
       .def("interrupt", &PyCollector::interrupt)
       .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
-      .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); });
+      .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
+      .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })
+      .def("mark_complete", [](PyCollector& c, uint64_t seq) { return c.native().mark_complete(seq); });
 }
 
 }  // namespace mpop::bindings

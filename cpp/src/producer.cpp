@@ -49,7 +49,8 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
   auto stop = [this] { return cancelled(); };
   if (d.header.encoding == ArgEncoding::kPooled) {
     const uint64_t cap = pool_.producer_cap_bytes();
-    uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop, cap)
+    auto nudge = [this] { seg_.results().wake_consumers(); };
+    uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop, cap, ArgPool::kArgTag, nudge)
                             : pool_.try_alloc(d.stream_len, cap);
     if (!off) return cancelled() ? PushOutcome::kClosed : PushOutcome::kFull;
     d.copy_stream(pool_.data(off));
@@ -159,10 +160,14 @@ void Producer::feed_loop() {
         // Sleep until something is freed (or briefly, since a free too small for us also
         // wakes us), then look again.
         uint32_t key = pool_.control().freed.prepare_wait();
-        if (!cancelled())
+        if (!cancelled()) {
+          pool_.control().starving.fetch_add(1, std::memory_order_seq_cst);
+          seg_.results().wake_consumers();  // see PoolControl::starving
           pool_.control().freed.commit_wait(key, 20'000'000);
-        else
+          pool_.control().starving.fetch_sub(1, std::memory_order_relaxed);
+        } else {
           pool_.control().freed.cancel_wait();
+        }
         continue;
       }
       std::memcpy(pool_.data(off), slot + slot_used, stream_len);

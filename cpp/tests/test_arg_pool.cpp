@@ -253,6 +253,44 @@ TEST(ArgPool, BlockingAllocSleepsUntilAnotherThreadFrees) {
   EXPECT_EQ(f.pool.used_bytes(), 0u);
 }
 
+// An allocator about to sleep for room counts itself as starving and nudges (the owner's
+// result consumer, which must then drain: blocks come back only as results are drained).
+TEST(ArgPool, ASleepingAllocatorCountsAsStarvingAndNudgesFirst) {
+  PoolFixture f(kWord);
+  uint64_t all = f.pool.try_alloc(kWord);
+  ASSERT_NE(all, 0u);
+  EXPECT_EQ(f.pool.starving(), 0u);
+  std::atomic<int> nudges{0};
+  std::atomic<uint32_t> starving_at_nudge{0};
+  std::atomic<uint64_t> got{~uint64_t{0}};
+  std::thread waiter([&] {
+    got.store(f.pool.alloc(3 * kUnit, monotonic_ns() + 30'000'000'000, [] { return false; }, UINT64_MAX,
+                           ArgPool::kArgTag, [&] {
+                             starving_at_nudge.store(f.pool.starving());
+                             nudges.fetch_add(1);
+                           }));
+  });
+  int64_t deadline = monotonic_ns() + 10'000'000'000;
+  while (f.pool.control().freed.waiters.load() == 0 && monotonic_ns() < deadline)
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  ASSERT_EQ(f.pool.control().freed.waiters.load(), 1u);
+  EXPECT_GE(nudges.load(), 1);
+  EXPECT_EQ(starving_at_nudge.load(), 1u);  // counted before the nudge: the consumer sees it
+  EXPECT_EQ(f.pool.starving(), 1u);
+  f.pool.free(all, kWord);
+  waiter.join();
+  EXPECT_EQ(got.load(), all);
+  EXPECT_EQ(f.pool.starving(), 0u);
+  // Room at once: no sleep, no nudge.
+  int before = nudges.load();
+  uint64_t more = f.pool.alloc(kUnit, -1, [] { return false; }, UINT64_MAX, ArgPool::kArgTag,
+                               [&] { nudges.fetch_add(1); });
+  EXPECT_NE(more, 0u);
+  EXPECT_EQ(nudges.load(), before);
+  f.pool.free(more, kUnit);
+  f.pool.free(got.load(), 3 * kUnit);
+}
+
 TEST(ArgPool, BlockingAllocGivesUpAtTheDeadlineOrWhenCancelled) {
   PoolFixture f(kWord);
   uint64_t all = f.pool.try_alloc(kWord);

@@ -580,6 +580,34 @@ class SupervisorTest : public ::testing::Test {
 
 // ---- 1. a plain run --------------------------------------------------------------------------
 
+// The collector's completion window: which seqs have their final result, and the lowest
+// that has not (what wait() and run() wait on), across words, out of order, with growth.
+TEST(CompletionWindow, FirstIncompleteIsTheLowestSeqWithoutItsResult) {
+  CompletionWindow w;
+  EXPECT_EQ(w.first_incomplete(), 1u);
+  EXPECT_TRUE(w.mark(2));
+  EXPECT_EQ(w.first_incomplete(), 1u);
+  EXPECT_TRUE(w.mark(1));
+  EXPECT_EQ(w.first_incomplete(), 3u);
+  EXPECT_FALSE(w.mark(2));  // a duplicate
+  // Out of order over many words, including ones far ahead (the window grows).
+  std::vector<uint64_t> seqs;
+  for (uint64_t s = 3; s < 5000; ++s) seqs.push_back(s);
+  test::SplitMix rng{7};
+  for (size_t i = seqs.size(); i > 1; --i) std::swap(seqs[i - 1], seqs[rng.next() % i]);
+  uint64_t lowest_missing = 3;
+  std::vector<bool> done(5001, false);
+  for (uint64_t s : seqs) {
+    EXPECT_TRUE(w.mark(s));
+    done[s] = true;
+    while (lowest_missing < 5000 && done[lowest_missing]) ++lowest_missing;
+    ASSERT_EQ(w.first_incomplete(), lowest_missing) << "after marking " << s;
+  }
+  EXPECT_EQ(w.first_incomplete(), 5000u);
+  EXPECT_TRUE(w.contains(4999));
+  EXPECT_FALSE(w.contains(5000));
+}
+
 TEST_F(SupervisorTest, PlainRunDeliversEveryResultOnce) {
   Pool p(prefix, PoolSetup{});
   Book b(mixed_tasks(scaled(50000), 0, 97, 31));

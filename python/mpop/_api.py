@@ -63,6 +63,7 @@ class _Runtime:
         self.forkserver = None
         self.dispatcher: Dispatcher | None = None
         self.fast = None  # _core.FastPath: armed while the workers run
+        self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
         self.closed = False
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
@@ -257,7 +258,6 @@ class MpopApi:
         self._tsk_ids = itertools.count(1)
         self._routes = itertools.count(2)
         self._run_started: float | None = None
-        self._written: set[int] = set()
         if debug and not max_performance:
             self._enable_debug_logging()
         self._registry = Registry(slot_class, on_register=self._on_register)
@@ -357,18 +357,18 @@ class MpopApi:
             self._write_handler(h)
 
     def _write_handler(self, h: Handler, rt: _Runtime | None = None) -> None:
-        if h.fn_id in self._written:
+        rt = rt or self._runtime
+        if h.fn_id in rt.written:
             return
         try:
             blob = h.spec()
         except Exception as e:
             raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
-        rt = rt or self._runtime
         try:
             rt.segment.write_registry(h.fn_id, blob)
         except ValueError as e:
             raise RegistryError(str(e).removeprefix("mpop: ")) from None
-        self._written.add(h.fn_id)
+        rt.written.add(h.fn_id)
         # Calls of the function itself may now take the native path, which does what
         # resolve() and check_args() do for them: the argument count is all it checks.
         if not h.slot_mode and not h.needs_kw and self._registry.resolves_directly(h):
@@ -422,13 +422,18 @@ class MpopApi:
                 if a is not None:
                     a._check_workers()
 
-            d = self._dispatcher = rt.dispatcher = Dispatcher(rt.collector, names, c, lambda: rt.producer.submitted)
+            d = rt.dispatcher = Dispatcher(rt.collector, names, c, lambda: rt.producer.submitted)
             rt.fast = d.fast = _core.fast_path(rt.producer, self._tsk_ids, _MAX_TSK_ID)
             rt.fast.bind(d.futures, d.early, d.register_future, d.future_cls, d._work.set, check_workers)
-            for h in self._registry.handlers(internal=True):
-                self._write_handler(h, rt)
+            try:
+                for h in self._registry.handlers(internal=True):
+                    self._write_handler(h, rt)
+            except BaseException:
+                rt.close()  # e.g. a handler that cannot be pickled: the next call starts afresh
+                raise
             # Published last: a thread that finds _runtime set (without the lock) finds the
             # dispatcher and the handlers in place too.
+            self._dispatcher = d
             self._runtime_ref[0] = rt
             self._runtime = rt
             return rt
@@ -497,8 +502,8 @@ class MpopApi:
     def _push(self, h: Handler, tsk_id: int, args: tuple, kwargs: dict | None, c_args: Any,
               blocking: bool, timeout: float | None, route: int, claim_alone: bool = False) -> int:
         rt = self._runtime or self._ensure_runtime()
-        if h.fn_id not in self._written:
-            self._write_handler(h)
+        if h.fn_id not in rt.written:
+            self._write_handler(h, rt)
         try:
             seq = rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
                                       timeout, route, claim_alone, self._check_workers)
@@ -751,7 +756,7 @@ class MpopApi:
         target = self._runtime.producer.submitted
         deadline = None if timeout is None else time.monotonic() + timeout
         d = self._dispatcher
-        return d.help_until(lambda: d.finished >= target, deadline, self._check_workers,
+        return d.help_until(lambda: d.complete_below > target, deadline, self._check_workers,
                             want=lambda: target - d.finished)
 
     def results(self, timeout: float | None = None) -> Iterator[TaskResult]:
@@ -767,9 +772,9 @@ class MpopApi:
             while d.plain:
                 yield d.plain.popleft()
             target = self._runtime.producer.submitted
-            if d.finished >= target and not d.plain:
+            if d.complete_below > target and not d.plain:
                 return
-            if not d.help_until(lambda: bool(d.plain) or d.finished >= target, deadline, self._check_workers):
+            if not d.help_until(lambda: bool(d.plain) or d.complete_below > target, deadline, self._check_workers):
                 raise TimeoutError("results() timed out")
 
     # -- run --------------------------------------------------------------------------------
@@ -819,7 +824,7 @@ class MpopApi:
                 if view is not None:
                     view.update()
                 target = rt.producer.submitted
-                if not callback_active and d.finished >= target:
+                if not callback_active and d.complete_below > target:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"run() timed out after {timeout}s with "
@@ -827,7 +832,7 @@ class MpopApi:
                 # Between callback calls, poll for results: briefly while the callback keeps
                 # adding work, up to 10 ms when it added none (no busy spinning).
                 wait = (0.0 if added else 0.01) if callback_active else 0.1
-                d.help_until(lambda: d.finished >= target, time.monotonic() + wait, None,
+                d.help_until(lambda: d.complete_below > target, time.monotonic() + wait, None,
                              want=lambda: target - d.finished)
         except KeyboardInterrupt:
             interrupted = True
@@ -835,7 +840,7 @@ class MpopApi:
             self._stop_workers(graceful=False)
             # The stopped workers' tasks come back cancelled: collect them too.
             end = rt.producer.submitted
-            d.help_until(lambda: d.finished >= end, time.monotonic() + 5.0, None)
+            d.help_until(lambda: d.complete_below > end, time.monotonic() + 5.0, None)
         finally:
             if bar is not None:
                 bar.close()

@@ -222,7 +222,11 @@ class Dispatcher:
         self._config = config
         self._drain_lock = threading.Lock()  # one thread drains at a time
         self.cond = threading.Condition(threading.Lock())  # notified after every batch
-        self.finished = 0
+        self.finished = 0  # results delivered (of every kind: a count, not which)
+        # Every task with a seq below this has its final result (or was cancelled): what a
+        # caller waits on to know that the tasks it enqueued are done, whatever other
+        # threads submit meanwhile. Updated by the draining thread after each batch.
+        self.complete_below = 1
         self.plain: collections.deque[TaskResult] = collections.deque()
         self.futures: dict[int, Future] = {}
         self.early: dict[int, tuple] = {}  # future results that beat their registration
@@ -241,6 +245,7 @@ class Dispatcher:
         # straight to the thread that waits for it, with no hand-off between threads.
         self._helpers = 0
         self._bg_pumping = False  # the background thread holds the drain lock
+        self._pump_want = 0  # results the draining thread waits for (0: not waiting)
         # This app's futures: their class carries the dispatcher and the one lock they share.
         cond = threading.Condition(threading.RLock())
         self.future_cls = type("MpopFuture", (MpopFuture,), {
@@ -279,18 +284,30 @@ class Dispatcher:
         """Drains one batch, first waiting up to `timeout` for `want` results (spinning
         briefly first if `spin`). Caller must hold the drain lock."""
         if self._native_settle is not None:
-            n, slow, slow_futures = self._native_settle(4096, timeout, want, spin)
+            self._pump_want = want  # see help_until
+            try:
+                n, slow, slow_futures = self._native_settle(4096, timeout, want, spin)
+            finally:
+                self._pump_want = 0
             if not n:
                 return 0
             for fut, value in slow_futures:  # waited on, with callbacks, or cancelled
-                fut._set_value(value)
+                try:
+                    fut._set_value(value)
+                except InvalidStateError:  # the user settled it (set_result): theirs stands
+                    log.debug("result of an already settled future dropped: %r", fut)
             for rec in slow:
                 self._deliver(rec)
+            self.complete_below = self._collector.first_incomplete
             with self.cond:
                 self.finished += n
                 self.cond.notify_all()
             return n
-        batch = self._collector.drain(4096, timeout, want, spin)
+        self._pump_want = want
+        try:
+            batch = self._collector.drain(4096, timeout, want, spin)
+        finally:
+            self._pump_want = 0
         if not batch:
             return 0
         fast = not self.debug
@@ -320,6 +337,7 @@ class Dispatcher:
                     plain(TaskResult(True, value, None, tsk_id, seq, fn_id, worker_id, attempts, wait_s, run_s))
                     continue
             self._deliver(rec)
+        self.complete_below = self._collector.first_incomplete
         with self.cond:
             self.finished += len(batch)
             self.cond.notify_all()
@@ -352,8 +370,10 @@ class Dispatcher:
                         self._drain_lock.release()
                 else:
                     # Another caller drains, or the background thread: that one is told to
-                    # step aside (it looks at _helpers before every wait of its own).
-                    if self._bg_pumping:
+                    # step aside (it looks at _helpers before every wait of its own), and
+                    # so is a caller that waits for a run of results (run(), wait()): the
+                    # result this one needs may already be in, and is drained with the rest.
+                    if self._bg_pumping or self._pump_want > 1:
                         self._collector.interrupt()
                         step = min(step, 0.001)
                     with self.cond:
@@ -376,53 +396,61 @@ class Dispatcher:
         self._thread.start()
 
     def _run_background(self) -> None:
-        while True:
-            if self._stop.is_set():
-                return
-            if self.futures:
-                if self._helpers:
-                    # A caller waits for a result and drains for itself.
-                    with self.cond:
-                        if self._helpers:
-                            self.cond.wait(0.01)
-                    continue
-                if self._drain_lock.acquire(timeout=0.05):
-                    self._bg_pumping = True  # before looking at _helpers: see help_until
-                    try:
-                        if not self._helpers:
-                            self.pump(0.05)
-                    finally:
-                        self._bg_pumping = False
-                        self._drain_lock.release()
-                continue
-            if self._submitted() <= self.finished:
-                # Nothing in flight: sleep until a push wakes us (notify_work). _sleeping
-                # goes up before the re-check, so a producer either sees it or we see its
-                # task; an idle app then costs no CPU at all.
-                self._sleeping = True
-                self._work.clear()
-                if not self.futures and not self._stop.is_set() and self._submitted() <= self.finished:
-                    self._work.wait()
-                self._sleeping = False
-                continue
-            # Tasks in flight and no future: callers that block (run, map, wait) drain for
-            # themselves. Otherwise (the caller is busy enqueuing) drain once results for
-            # everything in flight are in, or half the result ring, or 5 ms have passed:
-            # the workers pay one wake-up per batch, and a producer waiting for room in a
-            # full task ring waits for one batch, not for a poll.
+        while not self._stop.is_set():
+            try:
+                self._background_step()
+            except Exception:  # never let one bad record end result delivery for the app
+                log.exception("mpop: error while delivering results (continuing)")
+                self._stop.wait(0.01)
+
+    def _background_step(self) -> None:
+        """One turn of the background thread: drains, or sleeps until there is work."""
+        if self.futures:
             if self._helpers:
+                # A caller waits for a result and drains for itself.
                 with self.cond:
                     if self._helpers:
-                        self.cond.wait(0.005)
-                continue
-            if self._drain_lock.acquire(timeout=0.005):
+                        self.cond.wait(0.01)
+                return
+            if self._drain_lock.acquire(timeout=0.05):
                 self._bg_pumping = True  # before looking at _helpers: see help_until
                 try:
                     if not self._helpers:
-                        self.pump(0.005, max(1, self._submitted() - self.finished))
+                        self.pump(0.05)
                 finally:
                     self._bg_pumping = False
                     self._drain_lock.release()
+            return
+        if self._submitted() <= self.finished:
+            # Nothing in flight: sleep until a push wakes us (notify_work). _sleeping goes
+            # up before the re-check, so a producer either sees it or we see its task; an
+            # idle app then costs no CPU at all.
+            self._sleeping = True
+            self._work.clear()
+            try:
+                if not self.futures and not self._stop.is_set() and self._submitted() <= self.finished:
+                    self._work.wait()
+            finally:
+                self._sleeping = False
+            return
+        # Tasks in flight and no future: callers that block (run, map, wait) drain for
+        # themselves. Otherwise (the caller is busy enqueuing) drain once results for
+        # everything in flight are in, or half the result ring, or 5 ms have passed: the
+        # workers pay one wake-up per batch, and a producer waiting for room in a full task
+        # ring waits for one batch, not for a poll.
+        if self._helpers:
+            with self.cond:
+                if self._helpers:
+                    self.cond.wait(0.005)
+            return
+        if self._drain_lock.acquire(timeout=0.005):
+            self._bg_pumping = True  # before looking at _helpers: see help_until
+            try:
+                if not self._helpers:
+                    self.pump(0.005, max(1, self._submitted() - self.finished))
+            finally:
+                self._bg_pumping = False
+                self._drain_lock.release()
 
     def notify_work(self) -> None:
         """Called after every push: wakes the background thread if it sleeps idle."""
@@ -499,6 +527,12 @@ class Dispatcher:
         self.plain.append(r)
 
     def _settle(self, fut: Future, rec: tuple) -> None:
+        try:
+            self._settle_one(fut, rec)
+        except (InvalidStateError, RuntimeError):  # the user settled it (set_result): theirs stands
+            log.debug("result of an already settled future dropped: %r", fut)
+
+    def _settle_one(self, fut: Future, rec: tuple) -> None:
         seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
         if status == CANCELLED_STATUS:
             if fut.cancel():
@@ -536,6 +570,8 @@ class Dispatcher:
         """Delivers a cancellation for a task removed from the queue before it ran."""
         with self._drain_lock:
             self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route))
+            self._collector.mark_complete(seq)
+            self.complete_below = self._collector.first_incomplete
         with self.cond:
             self.finished += 1
             self.cond.notify_all()

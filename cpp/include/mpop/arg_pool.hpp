@@ -29,11 +29,19 @@ struct alignas(kCacheLine) PoolControl {
   uint64_t data_off = 0;   // from the start of the pool region
   std::atomic<uint64_t> hint{0};       // no word below it has a free unit (a lower bound)
   std::atomic<uint64_t> arg_units{0};  // units held by kArgTag blocks (the producer's cap)
+  // Allocators asleep for room. Blocks are freed when the owner drains their results, so
+  // an owner waiting for a run of results must drain what it has while this is nonzero
+  // (else it and they wait on each other until a timeout).
+  std::atomic<uint32_t> starving{0};
   alignas(kCacheLine) EventCount freed;  // producers waiting for room sleep here
 };
 
 class ArgPool {
  public:
+  struct NoNudge {
+    void operator()() const {}
+  };
+
   static constexpr uint64_t kUnit = 256;
   static constexpr uint64_t kLanes = 4;  // unit tags per word
   // Capacity is a whole number of these (64 units), so geometry stays cache-line aligned.
@@ -105,9 +113,11 @@ class ArgPool {
 
   // Allocates, sleeping while the pool is full, until the deadline (monotonic ns, < 0 =
   // none) or `cancelled()`. Returns 0 on timeout.
-  template <class Cancelled>
+  // Before each sleep it counts itself in `starving` and calls nudge() (which should wake
+  // the owner's result consumer: see PoolControl::starving).
+  template <class Cancelled, class Nudge = NoNudge>
   uint64_t alloc(uint64_t bytes, int64_t deadline_ns, Cancelled&& cancelled,
-                 uint64_t cap_bytes = UINT64_MAX, uint16_t tag = kArgTag) {
+                 uint64_t cap_bytes = UINT64_MAX, uint16_t tag = kArgTag, Nudge&& nudge = Nudge{}) {
     for (;;) {
       uint64_t off = try_alloc(bytes, cap_bytes, tag);
       if (off || cancelled()) return off;
@@ -128,9 +138,14 @@ class ArgPool {
       // Bounded sleeps: a free of a block smaller than ours notifies too, and fragmentation
       // can make a wake-up useless, so re-check now and then rather than trusting wake-ups.
       if (timeout < 0 || timeout > 50'000'000) timeout = 50'000'000;
+      ctl_->starving.fetch_add(1, std::memory_order_seq_cst);
+      nudge();
       ctl_->freed.commit_wait(key, timeout);
+      ctl_->starving.fetch_sub(1, std::memory_order_relaxed);
     }
   }
+
+  uint32_t starving() const { return ctl_->starving.load(std::memory_order_seq_cst); }
 
   void free(uint64_t off, uint64_t bytes) {
     if (!off || !bytes) return;

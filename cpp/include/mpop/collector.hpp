@@ -3,6 +3,7 @@
 // frees the argument-pool blocks a task and its result used.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -42,6 +43,14 @@ class CompletionWindow {
     return (word(idx / 64) >> (idx % 64)) & 1;
   }
   uint64_t base() const { return base_; }
+  // The lowest seq without its final result (every seq below it has one).
+  uint64_t first_incomplete() const {
+    for (uint64_t i = 0; i < words_.size(); ++i) {
+      uint64_t w = word(i);
+      if (w != ~uint64_t{0}) return base_ + 64 * i + static_cast<uint64_t>(std::countr_one(w));
+    }
+    return base_ + 64 * words_.size();
+  }
   size_t capacity_words() const { return words_.size(); }
 
  private:
@@ -110,6 +119,11 @@ class Collector {
 
   // Whether `seq` has had its final result. Only from the draining thread.
   bool is_complete(uint64_t seq) const { return window_.contains(seq); }
+  // The lowest seq without its final result. Only from the draining thread.
+  uint64_t first_incomplete() const { return window_.first_incomplete(); }
+  // Records that `seq` ended without a result through the ring (a task cancelled before a
+  // worker took it); a result for it that still comes is then dropped as a duplicate.
+  bool mark_complete(uint64_t seq) { return window_.mark(seq); }
 
  private:
   Segment& seg_;

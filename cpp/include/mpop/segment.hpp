@@ -17,7 +17,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 2;  // 2: the argument pool tags each unit with its owner
+constexpr uint32_t kLayoutVersion = 3;  // 2: pool units tagged by owner; 3: pool counts starving allocators
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {

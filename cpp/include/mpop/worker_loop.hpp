@@ -302,7 +302,8 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
                 std::to_string(pool.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
         } else {
           off = pool.alloc(vlen, monotonic_ns() + kResultWaitNs,
-                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; }, UINT64_MAX, tag);
+                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; }, UINT64_MAX, tag,
+                           [&] { results.wake_consumers(); });
           if (!off && (!owner.alive() || hdr.shutdown.load() != 0)) return exit_with(WorkerExit::kOwnerDied);
           if (!off)
             why = "the result takes " + std::to_string(vlen) + " bytes encoded and found no room in the argument pool (" +
