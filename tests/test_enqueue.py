@@ -766,16 +766,16 @@ def test_plain_lists_and_tuples_keep_their_types_and_contents():
 
 
 
-def test_idle_result_thread_sleeps_until_a_push_wakes_it(app):
-    """With nothing in flight the background result thread blocks without a timeout (an
-    idle app costs no CPU); the next enqueue wakes it, and it drains that task's result
-    though no caller waits for it."""
+def test_idle_result_thread_sleeps_until_a_result_wakes_it(app):
+    """With nothing in flight the background result thread blocks in the native wait
+    without a timeout (an idle app costs no CPU); the next task's result wakes it, and it
+    drains that result though no caller waits for it."""
     a = app
     a.start()
     assert a.enqueue(add, args=(1, 2))
     assert a.wait(timeout=TIMEOUT)
     d = a._dispatcher
-    _poll(lambda: d._sleeping, "the result thread to go idle")
+    _poll(lambda: d._idle, "the result thread to go idle")
     before = d.finished
     assert a.enqueue(add, args=(3, 4))
     _poll(lambda: d.finished == before + 1, "the background thread to drain the new result")

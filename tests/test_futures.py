@@ -239,7 +239,7 @@ class _NoResults:
 
     pending = 0
 
-    def drain(self, max, timeout=None, want=1, spin=False):
+    def drain(self, max, timeout=None, want=1, spin=False, epoch=None):
         return []
 
     def interrupt(self):

@@ -30,8 +30,8 @@ class PyCollector {
   // for each. `spin` polls for kResultSpinNs before sleeping, for a caller that waits for
   // one result and wants it with the least latency (future.result()); it costs CPU the
   // workers could use, so the others do not spin.
-  py::list drain(size_t max, const py::object& timeout, uint32_t want, bool spin) {
-    wait_for(timeout, want, spin);
+  py::list drain(size_t max, const py::object& timeout, uint32_t want, bool spin, const py::object& epoch) {
+    wait_for(timeout, want, spin, epoch);
     py::list out;
     drain_into([&](const ResultHeader& h, uint8_t status, py::object& v) {
       out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
@@ -80,10 +80,10 @@ class PyCollector {
   // drain() that settles what it can itself (see bind_settle): returns (delivered, records
   // for the dispatcher's _deliver, [(future, value)] for its _set_value). Records of
   // failures, map chunks, and futures it cannot settle go back to Python.
-  py::tuple settle(size_t max, const py::object& timeout, uint32_t want, bool spin) {
+  py::tuple settle(size_t max, const py::object& timeout, uint32_t want, bool spin, const py::object& epoch) {
     if (!s_) throw std::logic_error("mpop: Collector.settle before bind_settle");
     Settle& S = *s_;
-    wait_for(timeout, want, spin);
+    wait_for(timeout, want, spin, epoch);
     py::list slow, slow_futs;
     std::vector<std::pair<py::object, py::object>> ready;  // (future, value), settled below
     const bool timed = !S.timings_append.is_none();
@@ -153,6 +153,9 @@ class PyCollector {
     return py::make_tuple(n, slow, slow_futs);
   }
 
+  // Interrupts so far (see wait_for's `since`).
+  uint32_t epoch() const { return interrupts_.load(); }
+
   // Wakes a drain() that is waiting, from any thread.
   void interrupt() {
     interrupts_.fetch_add(1);
@@ -176,9 +179,11 @@ class PyCollector {
   };
 
   // Waits up to `timeout` for `want` results (see drain()).
-  void wait_for(const py::object& timeout, uint32_t want, bool spin) {
+  // An interrupt() after `since` (an earlier `epoch` reading; None: now) ends the wait: a
+  // caller that checked its own stop flag after reading the epoch misses no interrupt.
+  void wait_for(const py::object& timeout, uint32_t want, bool spin, const py::object& since) {
     int64_t deadline = deadline_from_timeout(timeout);
-    uint32_t epoch = interrupts_.load();
+    uint32_t epoch = since.is_none() ? interrupts_.load() : since.cast<uint32_t>();
     // Also stop when somebody waits for room in the pool and results are in: draining them
     // frees their blocks (see PoolControl::starving).
     auto stop = [&] {
@@ -296,11 +301,12 @@ void register_collector(py::module_& m) {
   py::class_<PyCollector>(m, "Collector")
       .def(py::init<SegmentPtr>())
       .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none(),
-           py::arg("want") = 1, py::arg("spin") = false)
+           py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("bind_settle", &PyCollector::bind_settle)
       .def("settle", &PyCollector::settle, py::arg("max") = 4096, py::arg("timeout") = py::none(),
-           py::arg("want") = 1, py::arg("spin") = false)
+           py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("interrupt", &PyCollector::interrupt)
+      .def_property_readonly("epoch", [](PyCollector& c) { return c.epoch(); })
       .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
       .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })

@@ -192,11 +192,9 @@ struct FastPathObject {
   PyObject* early;       // the dispatcher's results that came before their future
   PyObject* reg;         // the dispatcher's register_future(seq, future)
   PyObject* future_cls;  // the app's future class (called with no arguments)
-  PyObject* wake;        // wakes the idle result thread
   PyObject* check;       // raises if the workers failed, while a push waits for room
   uint64_t label_mask;
   char armed;            // workers running and the result thread started
-  char sleeping;         // the result thread is idle: wake it after a push
 };
 
 int fast_traverse(PyObject* o, visitproc visit, void* arg) {
@@ -209,7 +207,6 @@ int fast_traverse(PyObject* o, visitproc visit, void* arg) {
   Py_VISIT(self->early);
   Py_VISIT(self->reg);
   Py_VISIT(self->future_cls);
-  Py_VISIT(self->wake);
   Py_VISIT(self->check);
   return 0;
 }
@@ -225,7 +222,6 @@ int fast_clear(PyObject* o) {
   Py_CLEAR(self->early);
   Py_CLEAR(self->reg);
   Py_CLEAR(self->future_cls);
-  Py_CLEAR(self->wake);
   Py_CLEAR(self->check);
   return 0;
 }
@@ -276,15 +272,6 @@ long long fast_push(FastPathObject* self, PyObject* fn, PyObject* args, uint32_t
   }
 }
 
-void fast_wake(FastPathObject* self) {
-  if (!self->sleeping || self->wake == nullptr) return;
-  PyObject* r = PyObject_CallNoArgs(self->wake);
-  if (r == nullptr)
-    PyErr_WriteUnraisable(self->wake);
-  else
-    Py_DECREF(r);
-}
-
 // enqueue(fn, args) -> True, or None when the Python path must take the call.
 PyObject* fast_enqueue(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   if (argc != 2) {
@@ -295,7 +282,6 @@ PyObject* fast_enqueue(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   long long seq = fast_push(self, argv[0], argv[1], 0);
   if (seq < 0) return nullptr;
   if (seq == 0) Py_RETURN_NONE;
-  fast_wake(self);
   Py_RETURN_TRUE;
 }
 
@@ -331,7 +317,7 @@ PyObject* fast_submit(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
       return nullptr;
     }
     Py_DECREF(r);
-    return fut;  // register_future wakes the result thread itself
+    return fut;
   }
   if (key == nullptr || PyDict_SetItem(self->futures, key, fut) < 0) {
     // The task is queued and nothing could be registered (out of memory): its result will
@@ -341,7 +327,6 @@ PyObject* fast_submit(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
     return nullptr;
   }
   Py_DECREF(key);
-  fast_wake(self);
   return fut;
 }
 
@@ -365,16 +350,16 @@ PyObject* fast_add(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   Py_RETURN_NONE;
 }
 
-// bind(futures, early, register_future, future_cls, wake, check): what submit() and a
-// waiting push need.
+// bind(futures, early, register_future, future_cls, check): what submit() and a waiting
+// push need.
 PyObject* fast_bind(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   auto* self = reinterpret_cast<FastPathObject*>(o);
-  if (argc != 6 || !PyDict_Check(argv[0]) || !PyDict_Check(argv[1])) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.bind(futures: dict, early: dict, register_future, future_cls, wake, check)");
+  if (argc != 5 || !PyDict_Check(argv[0]) || !PyDict_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError, "FastPath.bind(futures: dict, early: dict, register_future, future_cls, check)");
     return nullptr;
   }
-  PyObject** fields[] = {&self->futures, &self->early, &self->reg, &self->future_cls, &self->wake, &self->check};
-  for (int i = 0; i < 6; ++i) {
+  PyObject** fields[] = {&self->futures, &self->early, &self->reg, &self->future_cls, &self->check};
+  for (int i = 0; i < 5; ++i) {
     Py_INCREF(argv[i]);
     Py_XSETREF(*fields[i], argv[i]);
   }
@@ -389,12 +374,11 @@ PyMethodDef fast_methods[] = {
     {"add", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_add)), METH_FASTCALL,
      "add(fn, fn_id, min_pos, max_pos): lets calls of fn take the fast path"},
     {"bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_bind)), METH_FASTCALL,
-     "bind(futures, early, register_future, future_cls, wake, check)"},
+     "bind(futures, early, register_future, future_cls, check)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMemberDef fast_members[] = {
     {"armed", T_BOOL, offsetof(FastPathObject, armed), 0, "calls may take the fast path"},
-    {"sleeping", T_BOOL, offsetof(FastPathObject, sleeping), 0, "wake the result thread after a push"},
     {nullptr, 0, 0, 0, nullptr}};
 
 PyType_Slot fast_slots[] = {
@@ -447,9 +431,9 @@ void register_producer(py::module_& m) {
     self->handlers = PyDict_New();
     self->table = new std::vector<FastHandler>();
     self->labels = labels.release().ptr();
-    self->futures = self->early = self->reg = self->future_cls = self->wake = self->check = nullptr;
+    self->futures = self->early = self->reg = self->future_cls = self->check = nullptr;
     self->label_mask = label_mask;
-    self->armed = self->sleeping = 0;
+    self->armed = 0;
     PyObject_GC_Track(self);
     auto obj = py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(self));
     if (self->handlers == nullptr) throw py::error_already_set();

@@ -423,8 +423,8 @@ class MpopApi:
                     a._check_workers()
 
             d = rt.dispatcher = Dispatcher(rt.collector, names, c, lambda: rt.producer.submitted)
-            rt.fast = d.fast = _core.fast_path(rt.producer, self._tsk_ids, _MAX_TSK_ID)
-            rt.fast.bind(d.futures, d.early, d.register_future, d.future_cls, d._work.set, check_workers)
+            rt.fast = _core.fast_path(rt.producer, self._tsk_ids, _MAX_TSK_ID)
+            rt.fast.bind(d.futures, d.early, d.register_future, d.future_cls, check_workers)
             try:
                 for h in self._registry.handlers(internal=True):
                     self._write_handler(h, rt)
@@ -505,11 +505,8 @@ class MpopApi:
         if h.fn_id not in rt.written:
             self._write_handler(h, rt)
         try:
-            seq = rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
-                                      timeout, route, claim_alone, self._check_workers)
-            if seq and rt.dispatcher._sleeping:
-                rt.dispatcher.notify_work()
-            return seq
+            return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
+                                       timeout, route, claim_alone, self._check_workers)
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
                 raise TypeError(str(e)[6:]) from None

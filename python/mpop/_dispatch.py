@@ -238,8 +238,7 @@ class Dispatcher:
         self.debug = config.get("debug", False) and not config.get("max_performance", False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._work = threading.Event()  # wakes the background thread
-        self._idle = False  # the background thread waits on _work (see _sleeping)
+        self._idle = False  # the background thread sleeps: nothing in flight
         # Callers blocked in help_until (future.result(), map, run...), under `cond`. While
         # there are any, the background thread leaves draining to them: a result then goes
         # straight to the thread that waits for it, with no hand-off between threads.
@@ -251,9 +250,6 @@ class Dispatcher:
         self.future_cls = type("MpopFuture", (MpopFuture,), {
             "__module__": __name__, "__qualname__": "MpopFuture",
             "_dispatcher": self, "_condition": cond})
-        # The native enqueue/submit path (_core.FastPath), when the app has one: it pushes
-        # and registers futures itself and wakes this thread when `sleeping` says so.
-        self.fast: Any = None
         # Results that need no Python code (ok values of futures and of enqueue()d tasks)
         # are settled by the collector itself (Collector.settle); the rest come back here.
         # With debug, every result goes through _deliver, which logs it.
@@ -267,26 +263,15 @@ class Dispatcher:
             except TypeError:  # TaskResult without slots (Python < 3.11): the Python path
                 pass
 
-    @property
-    def _sleeping(self) -> bool:
-        """The background thread waits on _work: a push must set it."""
-        return self._idle
-
-    @_sleeping.setter
-    def _sleeping(self, value: bool) -> None:
-        self._idle = value
-        if self.fast is not None:
-            self.fast.sleeping = value
-
     # -- draining ---------------------------------------------------------------------------
 
-    def pump(self, timeout: float | None, want: int = 1, spin: bool = False) -> int:
+    def pump(self, timeout: float | None, want: int = 1, spin: bool = False, epoch: int | None = None) -> int:
         """Drains one batch, first waiting up to `timeout` for `want` results (spinning
         briefly first if `spin`). Caller must hold the drain lock."""
         if self._native_settle is not None:
             self._pump_want = want  # see help_until
             try:
-                n, slow, slow_futures = self._native_settle(4096, timeout, want, spin)
+                n, slow, slow_futures = self._native_settle(4096, timeout, want, spin, epoch)
             finally:
                 self._pump_want = 0
             if not n:
@@ -305,7 +290,7 @@ class Dispatcher:
             return n
         self._pump_want = want
         try:
-            batch = self._collector.drain(4096, timeout, want, spin)
+            batch = self._collector.drain(4096, timeout, want, spin, epoch)
         finally:
             self._pump_want = 0
         if not batch:
@@ -404,58 +389,52 @@ class Dispatcher:
                 self._stop.wait(0.01)
 
     def _background_step(self) -> None:
-        """One turn of the background thread: drains, or sleeps until there is work."""
-        if self.futures:
-            if self._helpers:
-                # A caller waits for a result and drains for itself.
-                with self.cond:
-                    if self._helpers:
-                        self.cond.wait(0.01)
-                return
-            if self._drain_lock.acquire(timeout=0.05):
-                self._bg_pumping = True  # before looking at _helpers: see help_until
-                try:
-                    if not self._helpers:
-                        self.pump(0.05)
-                finally:
-                    self._bg_pumping = False
-                    self._drain_lock.release()
+        """One turn of the background thread: drains what no caller drains."""
+        # Read before looking at _stop: an interrupt from stop_background() after this
+        # ends the wait below even if it came before the wait began.
+        epoch = self._collector.epoch
+        if self._stop.is_set():
             return
-        if self._submitted() <= self.finished:
-            # Nothing in flight: sleep until a push wakes us (notify_work). _sleeping goes
-            # up before the re-check, so a producer either sees it or we see its task; an
-            # idle app then costs no CPU at all.
-            self._sleeping = True
-            self._work.clear()
-            try:
-                if not self.futures and not self._stop.is_set() and self._submitted() <= self.finished:
-                    self._work.wait()
-            finally:
-                self._sleeping = False
-            return
-        # Tasks in flight and no future: callers that block (run, map, wait) drain for
-        # themselves. Otherwise (the caller is busy enqueuing) drain once results for
-        # everything in flight are in, or half the result ring, or 5 ms have passed: the
-        # workers pay one wake-up per batch, and a producer waiting for room in a full task
-        # ring waits for one batch, not for a poll.
         if self._helpers:
+            # A caller waits in help_until and drains for itself.
             with self.cond:
                 if self._helpers:
-                    self.cond.wait(0.005)
+                    self.cond.wait(0.01)
             return
-        if self._drain_lock.acquire(timeout=0.005):
-            self._bg_pumping = True  # before looking at _helpers: see help_until
+        if not self._drain_lock.acquire(timeout=0.05):
+            return
+        self._bg_pumping = True  # before looking at _helpers: see help_until
+        try:
+            if self._helpers:
+                return
+            pending = len(self.futures)
+            if pending:
+                # Futures nobody waits on in a blocking call (callbacks, wait(),
+                # as_completed): a lone one's result at once; with many in flight, in runs
+                # of up to 256 or every 2 ms, so that neither this thread nor the workers
+                # pay a wake-up per result.
+                self.pump(0.05 if pending == 1 else 0.002, min(pending, 256))
+                return
+            outstanding = self._submitted() - self.finished
+            if outstanding > 0:
+                # Plain tasks in flight and the caller busy enqueuing (callers that block
+                # in run, map or wait drain for themselves): drain once results for all of
+                # them are in, or half the result ring, or 5 ms have passed. The workers
+                # pay one wake-up per batch, and a producer waiting for room in a full
+                # task ring waits for one batch, not for a poll.
+                self.pump(0.005, outstanding)
+                return
+            # Nothing in flight: sleep in the native wait, without a timeout, until a result
+            # comes in (so an idle app costs no CPU and a push needs no wake-up call of its
+            # own). Callers and stop_background() interrupt it.
+            self._idle = True
             try:
-                if not self._helpers:
-                    self.pump(0.005, max(1, self._submitted() - self.finished))
+                self.pump(None, epoch=epoch)
             finally:
-                self._bg_pumping = False
-                self._drain_lock.release()
-
-    def notify_work(self) -> None:
-        """Called after every push: wakes the background thread if it sleeps idle."""
-        if self._sleeping:
-            self._work.set()
+                self._idle = False
+        finally:
+            self._bg_pumping = False
+            self._drain_lock.release()
 
     def wake_helpers(self) -> None:
         """Makes callers blocked in help_until look at their condition again now."""
@@ -465,7 +444,6 @@ class Dispatcher:
 
     def stop_background(self) -> None:
         self._stop.set()
-        self._work.set()
         self._collector.interrupt()
         if self._thread is not None:
             self._thread.join()
@@ -553,8 +531,6 @@ class Dispatcher:
                 self.futures.pop(seq, None)
                 self._settle(fut, rec)
                 return
-        if self._sleeping:
-            self._work.set()
 
     def fail_all(self, exc_factory: Callable[[], BaseException]) -> None:
         """Ends every future still waiting (used at shutdown)."""
@@ -568,10 +544,16 @@ class Dispatcher:
 
     def cancel(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
         """Delivers a cancellation for a task removed from the queue before it ran."""
-        with self._drain_lock:
+        # The drainer may be asleep in a wait (the background thread, idle, has no
+        # timeout): interrupt it until the lock is ours.
+        while not self._drain_lock.acquire(timeout=0.001):
+            self._collector.interrupt()
+        try:
             self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route))
             self._collector.mark_complete(seq)
             self.complete_below = self._collector.first_incomplete
+        finally:
+            self._drain_lock.release()
         with self.cond:
             self.finished += 1
             self.cond.notify_all()
