@@ -69,6 +69,10 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
     d.header.pool_ref = 0;
     return cancelled() ? PushOutcome::kClosed : PushOutcome::kFull;
   }
+  // A cell claimed alone (a map chunk) is not taken along by the consumer already on its
+  // way to an earlier cell, for whom the push may have skipped the wake (wake_for_push):
+  // wake another now rather than once that one has claimed.
+  if (d.header.flags & kClaimAlone) ring_.wake_if_more();
   return PushOutcome::kRing;
 }
 
