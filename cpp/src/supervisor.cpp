@@ -156,7 +156,20 @@ void Supervisor::spawn(uint32_t id) {
   }
   c.pid = pid;
   c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  c.start_time = c.pidfd < 0 ? Segment::process_start_time(pid) : 0;
   rec.pid.store(static_cast<int32_t>(pid), std::memory_order_relaxed);
+}
+
+bool Supervisor::still_ours(const Child& c) const {
+  return c.start_time != 0 && Segment::process_start_time(c.pid) == c.start_time;
+}
+
+void Supervisor::signal_child(const Child& c, int sig) {
+  if (c.pid <= 0) return;
+  // Our own unreaped child keeps its pid; another process's child without a pidfd may be
+  // gone and its pid reused: signal it only while it is still the process we spawned.
+  if (c.pidfd < 0 && !opts_.children_are_ours && !still_ours(c)) return;
+  kill(c.pid, sig);
 }
 
 std::vector<std::pair<uint32_t, uint64_t>> Supervisor::claim_snapshot(uint32_t except,
@@ -339,7 +352,7 @@ void Supervisor::check_timeouts() {
         rec.running_seq.load(std::memory_order_acquire) == seq &&
         rec.running_since_ns.load(std::memory_order_acquire) == since) {
       c.timed_out_seq = seq;
-      kill(c.pid, SIGKILL);
+      signal_child(c, SIGKILL);
     }
   }
 }
@@ -417,7 +430,7 @@ void Supervisor::loop() {
         if (children_[i].pid <= 0) continue;
         children_[i].stopping = true;
         seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
-        if (!graceful_.load()) kill(children_[i].pid, SIGKILL);
+        if (!graceful_.load()) signal_child(children_[i], SIGKILL);
       }
       seg_.tasks().wake_consumers();
     }
@@ -425,10 +438,10 @@ void Supervisor::loop() {
     for (auto& c : children_) any_alive |= c.pid > 0;
     if (quitting && !any_alive) break;
     if (quitting && monotonic_ns() > stop_deadline_ns_.load()) {
-      for (auto& c : children_)
-        if (c.pid > 0) kill(c.pid, SIGKILL);
-      // A worker we cannot watch (no pidfd) and that still looks alive 2 s after its
-      // SIGKILL is not ours to wait for (its pid was reused): stop() must end.
+      for (auto& c : children_) signal_child(c, SIGKILL);
+      // A worker we cannot watch (no pidfd) that still looks alive 2 s after its SIGKILL:
+      // stop() must end all the same (a safety net; the poll below already takes a pid
+      // that shows another start time for a worker gone).
       if (monotonic_ns() > stop_deadline_ns_.load() + 2'000'000'000) {
         for (uint32_t id = 0; id < children_.size(); ++id)
           if (children_[id].pid > 0 && children_[id].pidfd < 0) on_exit(id, true, -1);
@@ -465,7 +478,7 @@ void Supervisor::loop() {
       scale_pending_ = false;
     }
     for (uint32_t id : kills)
-      if (children_[id].pid > 0) kill(children_[id].pid, SIGKILL);
+      signal_child(children_[id], SIGKILL);
     if (rescale && !quitting) {
       uint32_t n = target_.load();
       for (uint32_t i = 0; i < children_.size(); ++i) {
@@ -496,14 +509,15 @@ void Supervisor::loop() {
     }
     // A worker whose pidfd could not be opened: a fork server's child that died and was
     // reaped before pidfd_open (a worker that fails at once), or a kernel without pidfd.
-    // Our own children are still reapable; another process's are gone once kill() says so.
+    // Our own children are still reapable; another process's are gone once their pid no
+    // longer shows the start time seen at spawn (gone, or reused by another process).
     for (uint32_t id = 0; id < children_.size(); ++id) {
       Child& c = children_[id];
       if (c.pid <= 0 || c.pidfd >= 0) continue;
       int status = -1;
       if (opts_.children_are_ours) {
         if (waitpid(c.pid, &status, WNOHANG) == 0) continue;
-      } else if (kill(c.pid, 0) == 0 || errno != ESRCH) {
+      } else if (still_ours(c)) {
         continue;
       }
       auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());

@@ -67,6 +67,9 @@ class Supervisor {
   struct Child {
     pid_t pid = -1;
     int pidfd = -1;
+    // Without a pidfd, the /proc start time seen at spawn: the process is still ours only
+    // while its pid shows that same start time (0: it was already gone).
+    uint64_t start_time = 0;
     bool active = false;      // part of the target set
     bool stopping = false;    // asked to stop; its exit is not a crash
     uint32_t gen = 0;
@@ -89,6 +92,10 @@ class Supervisor {
   void spawn(uint32_t id);
   // exit: the wait status, or -1 when unknown (not our child).
   void on_exit(uint32_t id, bool crashed, int exit);
+  // Whether a child without a pidfd that another process reaps is still the process we
+  // spawned (its pid not reused since), and a signal that reaches only that process.
+  bool still_ours(const Child& c) const;
+  void signal_child(const Child& c, int sig);
   void check_timeouts();
   void run_recoveries();
   void flush_requeue();
