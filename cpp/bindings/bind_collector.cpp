@@ -91,9 +91,9 @@ class PyCollector {
       if (status == static_cast<uint8_t>(ResultStatus::kOk) && h.route == kRoutePlain) {
         py::object wait_s = py::none(), run_s = py::none();
         if (h.start_ns) {
-          run_s = py::float_((h.end_ns - h.start_ns) / 1e9);
-          if (h.enqueue_ns) wait_s = py::float_((static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9);
-          if (timed) S.timings_append(py::make_tuple(wait_s.is_none() ? py::float_(0.0) : wait_s, run_s));
+          run_s = py::float_(run_time_s(h));
+          if (h.enqueue_ns) wait_s = py::float_(queue_wait_s(h));
+          if (timed) S.timings_append(py::make_tuple(queue_wait_s(h), run_s));
         }
         S.plain_append(make_result(S, h, v, wait_s, run_s));
         return;
@@ -105,10 +105,7 @@ class PyCollector {
         if (fut != nullptr) {
           py::object f = py::reinterpret_borrow<py::object>(fut);
           if (PyDict_DelItem(S.futures.ptr(), key.ptr()) < 0) throw py::error_already_set();
-          if (timed && h.start_ns)
-            S.timings_append(py::make_tuple(
-                h.enqueue_ns ? (static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9 : 0.0,
-                (h.end_ns - h.start_ns) / 1e9));
+          if (timed && h.start_ns) S.timings_append(py::make_tuple(queue_wait_s(h), run_time_s(h)));
           if (Py_TYPE(fut) == reinterpret_cast<PyTypeObject*>(S.future_cls.ptr()))
             ready.emplace_back(std::move(f), v);
           else
@@ -234,6 +231,16 @@ class PyCollector {
   // written straight into their slots (offsets found by bind_settle), as its __init__
   // would set them, without that Python frame and its ten stores, the largest cost of a
   // result (tests compare the two).
+  // Seconds the handler ran, and from enqueue to start (0 when the enqueue time was not
+  // taken), as timings and TaskResult give them.
+  static double run_time_s(const ResultHeader& h) {
+    return static_cast<double>(static_cast<int64_t>(h.end_ns) - static_cast<int64_t>(h.start_ns)) / 1e9;
+  }
+  static double queue_wait_s(const ResultHeader& h) {
+    return h.enqueue_ns ? static_cast<double>(static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9
+                        : 0.0;
+  }
+
   // Values that cannot refer to anything (so a holder of only these joins no cycle).
   static bool atomic(PyObject* v) {
     return v == Py_None || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyUnicode_CheckExact(v) ||
@@ -260,7 +267,7 @@ class PyCollector {
     // A result holding only atomic values cannot be part of a reference cycle, so the
     // garbage collector need not walk it (CPython untracks such tuples and dicts too).
     // With hundreds of thousands of results kept, walking them took a third of the owner's
-    // time. Setting a field tracks it again (ResultBase's setattro).
+    // time. Setting a field tracks it again (LazyTracked's setattro).
     if (atomic(v.ptr())) PyObject_GC_UnTrack(r);
     return out;
   }
@@ -277,24 +284,24 @@ class PyCollector {
 // garbage collector while they hold only atomic values (TaskResult, the futures of
 // submit()). Setting an attribute tracks the instance again, as CPython does for a dict
 // given a container; code that changes one another way must track it itself.
-int result_setattro(PyObject* self, PyObject* name, PyObject* value) {
+int lazy_tracked_setattro(PyObject* self, PyObject* name, PyObject* value) {
   if (PyObject_GenericSetAttr(self, name, value) < 0) return -1;
   if (PyType_IS_GC(Py_TYPE(self)) && !PyObject_GC_IsTracked(self)) PyObject_GC_Track(self);
   return 0;
 }
 
-PyType_Slot result_base_slots[] = {
-    {Py_tp_setattro, reinterpret_cast<void*>(result_setattro)},
+PyType_Slot lazy_tracked_slots[] = {
+    {Py_tp_setattro, reinterpret_cast<void*>(lazy_tracked_setattro)},
     {Py_tp_doc, const_cast<char*>("Base of classes whose instances may start untracked by the GC (private).")},
     {0, nullptr}};
 
-PyType_Spec result_base_spec = {"mpop._core.LazyTracked", sizeof(PyObject), 0,
-                                Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, result_base_slots};
+PyType_Spec lazy_tracked_spec = {"mpop._core.LazyTracked", sizeof(PyObject), 0,
+                                 Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, lazy_tracked_slots};
 
 }  // namespace
 
 void register_collector(py::module_& m) {
-  PyObject* base = PyType_FromSpec(&result_base_spec);
+  PyObject* base = PyType_FromSpec(&lazy_tracked_spec);
   if (base == nullptr) throw py::error_already_set();
   m.attr("LazyTracked") = py::reinterpret_steal<py::object>(base);
 

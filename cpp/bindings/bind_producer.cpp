@@ -197,17 +197,15 @@ struct FastPathObject {
   char armed;            // workers running and the result thread started
 };
 
+// Every reference a FastPath holds, for the garbage collector's traverse and clear.
+constexpr PyObject* FastPathObject::*kFastRefs[] = {
+    &FastPathObject::producer, &FastPathObject::handlers, &FastPathObject::labels, &FastPathObject::futures,
+    &FastPathObject::early,    &FastPathObject::reg,      &FastPathObject::future_cls, &FastPathObject::check};
+
 int fast_traverse(PyObject* o, visitproc visit, void* arg) {
   auto* self = reinterpret_cast<FastPathObject*>(o);
   Py_VISIT(Py_TYPE(o));
-  Py_VISIT(self->producer);
-  Py_VISIT(self->handlers);
-  Py_VISIT(self->labels);
-  Py_VISIT(self->futures);
-  Py_VISIT(self->early);
-  Py_VISIT(self->reg);
-  Py_VISIT(self->future_cls);
-  Py_VISIT(self->check);
+  for (auto ref : kFastRefs) Py_VISIT(self->*ref);
   return 0;
 }
 
@@ -215,14 +213,7 @@ int fast_clear(PyObject* o) {
   auto* self = reinterpret_cast<FastPathObject*>(o);
   self->armed = 0;
   self->prod = nullptr;
-  Py_CLEAR(self->producer);
-  Py_CLEAR(self->handlers);
-  Py_CLEAR(self->labels);
-  Py_CLEAR(self->futures);
-  Py_CLEAR(self->early);
-  Py_CLEAR(self->reg);
-  Py_CLEAR(self->future_cls);
-  Py_CLEAR(self->check);
+  for (auto ref : kFastRefs) Py_CLEAR(self->*ref);
   return 0;
 }
 

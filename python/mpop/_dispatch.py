@@ -76,25 +76,23 @@ class MpopFuture(LazyTracked, Future):
     # The lists are set as attributes (not put in __dict__): that tracks a future that
     # submit() left untracked by the garbage collector (LazyTracked), since a waiter or a
     # callback may refer back to it.
+    def _list(self, name: str) -> list:
+        lst = self.__dict__.get(name)
+        if lst is None:
+            with self._condition:
+                lst = self.__dict__.get(name)
+                if lst is None:
+                    lst = []
+                    setattr(self, name, lst)
+        return lst
+
     @property
     def _waiters(self) -> list:
-        w = self.__dict__.get("_w")
-        if w is None:
-            with self._condition:
-                w = self.__dict__.get("_w")
-                if w is None:
-                    self._w = w = []
-        return w
+        return self._list("_w")
 
     @property
     def _done_callbacks(self) -> list:
-        cbs = self.__dict__.get("_cbs")
-        if cbs is None:
-            with self._condition:
-                cbs = self.__dict__.get("_cbs")
-                if cbs is None:
-                    self._cbs = cbs = []
-        return cbs
+        return self._list("_cbs")
 
     def _invoke_callbacks(self) -> None:
         if "_cbs" in self.__dict__:
@@ -268,34 +266,25 @@ class Dispatcher:
     def pump(self, timeout: float | None, want: int = 1, spin: bool = False, epoch: int | None = None) -> int:
         """Drains one batch, first waiting up to `timeout` for `want` results (spinning
         briefly first if `spin`). Caller must hold the drain lock."""
-        if self._native_settle is not None:
-            self._pump_want = want  # see help_until
-            try:
-                n, slow, slow_futures = self._native_settle(4096, timeout, want, spin, epoch)
-            finally:
-                self._pump_want = 0
-            if not n:
-                return 0
-            for fut, value in slow_futures:  # waited on, with callbacks, or cancelled
-                try:
-                    fut._set_value(value)
-                except InvalidStateError:  # the user settled it (set_result): theirs stands
-                    log.debug("result of an already settled future dropped: %r", fut)
-            for rec in slow:
-                self._deliver(rec)
-            self.complete_below = self._collector.first_incomplete
-            with self.cond:
-                self.finished += n
-                self.cond.notify_all()
-            return n
-        self._pump_want = want
+        self._pump_want = want  # see help_until
         try:
-            batch = self._collector.drain(4096, timeout, want, spin, epoch)
+            if self._native_settle is not None:
+                n, batch, slow_futures = self._native_settle(4096, timeout, want, spin, epoch)
+            else:
+                batch = self._collector.drain(4096, timeout, want, spin, epoch)
+                n, slow_futures = len(batch), ()
         finally:
             self._pump_want = 0
-        if not batch:
+        if not n:
             return 0
-        fast = not self.debug
+        for fut, value in slow_futures:  # waited on, with callbacks, or cancelled
+            try:
+                fut._set_value(value)
+            except InvalidStateError:  # the user settled it (set_result): theirs stands
+                log.debug("result of an already settled future dropped: %r", fut)
+        # Without native settling (debug, or Python < 3.11), the commonest records are
+        # settled here; with it, `batch` holds only what it left to _deliver.
+        fast = self._native_settle is None and not self.debug
         timings = self.timings if self.keep_timings else None
         pop = self.futures.pop
         plain = self.plain.append
@@ -324,9 +313,9 @@ class Dispatcher:
             self._deliver(rec)
         self.complete_below = self._collector.first_incomplete
         with self.cond:
-            self.finished += len(batch)
+            self.finished += n
             self.cond.notify_all()
-        return len(batch)
+        return n
 
     def help_until(self, done: Callable[[], bool], deadline: float | None,
                    check: Callable[[], None] | None = None, want: Callable[[], int] | None = None,
