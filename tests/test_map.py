@@ -105,9 +105,9 @@ def test_long_generator_input_runs_in_bounded_flight(app):
 
 
 def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
-    """Over a range (sub-ranges, nothing built ahead) the default window is 16 rings,
-    over other inputs 4: with queue_slots=16 and one worker, chunks of at most 128 and 32
-    items (two chunks per worker fit in the window)."""
+    """Over a range (sub-ranges, nothing built ahead) the default window is 64 rings,
+    over other inputs 4: with queue_slots=16 and one worker, chunks of at most 512 and 32
+    items (a chunk is at most half a worker's share of the window)."""
     with MpopApi(workers=1, queue_slots=16) as one:
         sizes: list[tuple[str, int]] = []
         push = one._push
@@ -120,7 +120,7 @@ def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
 
         monkeypatch.setattr(one, "_push", spy)
         assert list(one.map(inc, range(1000), chunksize=1000)) == [i + 1 for i in range(1000)]
-        assert {n for kind, n in sizes if kind == "range"} == {128, 1000 - 7 * 128}
+        assert {n for kind, n in sizes if kind == "range"} == {512, 1000 - 512}
         sizes.clear()
         assert list(one.map(inc, list(range(1000)), chunksize=1000)) == [i + 1 for i in range(1000)]
         assert {n for kind, n in sizes if kind == "list"} == {32, 1000 - 31 * 32}
@@ -233,3 +233,89 @@ def test_a_failed_taskresult_raises_from_map_in_order(app):
         for v in app.map(wrapped_or_plain, range(40), chunksize=8):
             got.append(v)
     assert got == [2 * x for x in range(13)]
+
+
+def test_the_window_is_topped_up_after_each_chunk_returned(app, monkeypatch):
+    """Four chunks in flight (max_in_flight=16, chunks of 4): the iterator sends the next
+    chunk as soon as the caller has the previous one, not once it has gone through every
+    chunk that is already back (the workers would sit idle meanwhile)."""
+    pushes = 0
+    push = app._push
+
+    def spy(*args):
+        nonlocal pushes
+        pushes += 1
+        return push(*args)
+
+    monkeypatch.setattr(app, "_push", spy)
+    seen = []
+    for i, v in enumerate(app.map(inc, range(64), chunksize=4, max_in_flight=16)):
+        assert v == i + 1
+        if i % 4 == 0:
+            seen.append(pushes)
+    assert seen == [min(16, 4 + j) for j in range(16)]
+
+
+def test_guided_range_chunks_shrink_no_further_than_the_floor(monkeypatch):
+    """Over a range, the last chunks shrink to a share of what is left, but not below
+    _CHUNK_FLOOR_NS of work: with the floor at 0 they halve down to one item; with a floor
+    of an hour, what is left after the first 16-item chunks goes as one chunk."""
+
+    def chunk_sizes(app):
+        sizes = []
+        push = app._push
+
+        def spy(h, tsk_id, args, *rest):
+            if rest[-1] and type(args[2]) is range:  # a map() chunk of a range
+                sizes.append(len(args[2]))
+            return push(h, tsk_id, args, *rest)
+
+        monkeypatch.setattr(app, "_push", spy)
+        out = list(app.map(inc, range(5000), max_in_flight=10**6))
+        assert out == [i + 1 for i in range(5000)]
+        return [n for n in sizes if n != 16]  # after the first chunks, of 16 items
+
+    with MpopApi(workers=1) as one:
+        monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 0)
+        later = chunk_sizes(one)
+        assert later[-1] == 1 and later == sorted(later, reverse=True) and len(later) > 5, later
+        monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 3600 * 10**9)
+        later = chunk_sizes(one)
+        assert len(later) == 1 and later[0] > 4000, later
+
+
+def test_background_thread_leaves_a_driven_map_alone(app):
+    """_maps_driven: true only while every task in flight is a chunk of an open map whose
+    caller touched it in the last 10 ms."""
+    from mpop._dispatch import MapState
+
+    d = app._dispatcher
+    app.wait()
+    assert not d._maps_driven()  # no map
+    state = MapState()
+    state.sent, state.received = 3, 1
+    d.maps[-1] = state
+    try:
+        assert d._maps_driven()
+        state.touched = time.monotonic() - 1.0
+        assert not d._maps_driven()  # its caller went away: the thread drains for it
+        state.touched = time.monotonic() + 60.0
+        state.closed = True
+        assert not d._maps_driven()
+    finally:
+        del d.maps[-1]
+
+
+def test_an_abandoned_map_is_still_drained(app):
+    """A map iterator left unconsumed (not closed): the background thread drains the
+    chunks it had in flight, and a future's callback submitted meanwhile still runs."""
+    it = app.map(inc, range(100_000), chunksize=1000)
+    assert next(it) == 1
+    state = next(s for s in app._dispatcher.maps.values())
+    done = []
+    app.submit(inc, 41).add_done_callback(lambda f: done.append(f.result()))
+    deadline = time.monotonic() + TIMEOUT
+    while (state.received < state.sent or not done) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.received == state.sent and done == [42]
+    it.close()

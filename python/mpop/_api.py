@@ -603,8 +603,8 @@ class MpopApi:
         Items travel in chunks: the first are small, later ones are sized so that each takes
         a worker about 5 ms, and no chunk of a range more than a share of what is left (or
         pass `chunksize`). At most `max_in_flight` items (default 4 x queue_slots, or
-        16 x queue_slots for a range, whose items are not built until they run) are in
-        flight, so any input length runs in flat memory."""
+        64 x queue_slots for a range, whose items are not built until they run) and
+        8 chunks a worker are in flight, so any input length runs in flat memory."""
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -620,6 +620,7 @@ class MpopApi:
         return it
 
     _CHUNK_TARGET_NS = 5_000_000  # worker time per chunk once the cost of an item is known
+    _CHUNK_FLOOR_NS = 200_000  # the least worker time a guided (range) chunk is cut to
     _CHUNK_MAX = 16384
     _SPREAD_MAX = 250  # a task carries at most 255 positional arguments
 
@@ -636,15 +637,19 @@ class MpopApi:
         source = iter(iterables[0]) if single else zip(*iterables)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = self._progress_bar(progress, None)
-        chunks_limit = max(2 * self._config["workers"], 4)
+        # Up to eight chunks per worker in flight: this thread is off its core for
+        # milliseconds at a time when the workers outnumber the free cores (the scheduler
+        # queues it behind the worker that woke it), and each worker must have work queued
+        # for that long, or a core idles while both wait.
+        chunks_limit = max(8 * self._config["workers"], 4)
         # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
         span = iterables[0] if single and type(iterables[0]) is range else None
         # Read ahead at most max_in_flight items, so memory stays flat for any input length.
-        # Default: four rings' worth, or sixteen for a range, whose items cost nothing until
-        # they run: trivial items then go in chunks of 16k (1-2 ms of work), enough for the
-        # workers to ride out this thread losing its core for a scheduler tick.
-        items_limit = max_in_flight or (16 if span is not None else 4) * self._config["queue_slots"]
-        # Keep two chunks per worker in flight within that window. With max_tasks_per_worker
+        # Default: four rings' worth, or sixty-four for a range, whose items cost nothing
+        # until they run: trivial items then go in chunks of 16k (1-2 ms of work), up to
+        # eight a worker.
+        items_limit = max_in_flight or (64 if span is not None else 4) * self._config["queue_slots"]
+        # Chunks of at most half a worker's share of that window. With max_tasks_per_worker
         # or task_timeout, every item stays one task.
         size_cap = max(1, min(self._CHUNK_MAX, items_limit // (2 * self._config["workers"])))
         if self._config["max_tasks_per_worker"] or self._config["task_timeout"]:
@@ -658,15 +663,19 @@ class MpopApi:
         exhausted = checked = False
         try:
             while True:
+                state.touched = time.monotonic()  # the background thread leaves us alone
                 while (not exhausted and sent - done < chunks_limit
                        and sum(sizes.values()) < items_limit):
                     room = items_limit - sum(sizes.values())
                     if span is not None:
                         # Guided: no chunk takes more than a share of what is left, so the
                         # workers finish together instead of one waiting on a last big chunk.
+                        # Not below 0.2 ms of work, though: at the end, a chunk smaller than
+                        # that costs more in its trip through this thread than it saves.
                         if chunksize is None:
                             left = len(span) - taken
-                            room = min(room, max(1, -(-left // (2 * self._config["workers"]))))
+                            floor = 1 if per_item_ns is None else int(self._CHUNK_FLOOR_NS / max(per_item_ns, 1.0))
+                            room = min(room, max(1, floor, -(-left // (2 * self._config["workers"]))))
                         items = span[taken:taken + min(size, room)]
                         taken += len(items)
                     else:
@@ -695,38 +704,41 @@ class MpopApi:
                         self._push(runner, key, args, None, None, True, None, route, True)
                     sizes[key] = len(items)
                     sent += 1
+                    state.sent = sent
                 if done == sent and exhausted:
                     return
-                self._wait_map(state, ordered, done, deadline)
-                while True:
-                    if ordered:
-                        key = done & _MAX_TSK_ID
-                        if key not in state.results:
-                            break
-                        status, value = state.results.pop(key)
-                    else:
-                        if not state.results:
-                            break
-                        key, (status, value) = state.results.popitem()
-                    done += 1
-                    n = sizes.pop(key, 0)
-                    if status != 0:
-                        raise value
-                    values, elapsed_ns, error = value
-                    if chunksize is None and values:
-                        sample = elapsed_ns / len(values)
-                        per_item_ns = sample if per_item_ns is None else 0.5 * per_item_ns + 0.5 * sample
-                        size = int(min(size_cap, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
-                    if bar is not None:
-                        bar.update(len(values) + (1 if error is not None else 0))
-                    yield values
-                    if error is not None:
-                        raise unpack_error(error)
-                    if len(values) != n:  # pragma: no cover - defensive
-                        raise MpopError(f"map() chunk returned {len(values)} values for {n} items")
+                if ordered:
+                    key = done & _MAX_TSK_ID
+                    if key not in state.results:
+                        self._wait_map(state, ordered, done, deadline)
+                    status, value = state.results.pop(key)
+                else:
+                    if not state.results:
+                        self._wait_map(state, ordered, done, deadline)
+                    key, (status, value) = state.results.popitem()
+                done += 1
+                n = sizes.pop(key, 0)
+                if status != 0:
+                    raise value
+                values, elapsed_ns, error = value
+                if chunksize is None and values:
+                    sample = elapsed_ns / len(values)
+                    per_item_ns = sample if per_item_ns is None else 0.5 * per_item_ns + 0.5 * sample
+                    size = int(min(size_cap, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
+                if bar is not None:
+                    bar.update(len(values) + (1 if error is not None else 0))
+                # One chunk at a time, then the window is topped up again: the caller's work
+                # on a backlog of results takes milliseconds, and the workers would sit idle
+                # for want of chunks if it went through all of them first.
+                yield values
+                if error is not None:
+                    raise unpack_error(error)
+                if len(values) != n:  # pragma: no cover - defensive
+                    raise MpopError(f"map() chunk returned {len(values)} values for {n} items")
         finally:
             state.closed = True
             d.maps.pop(route, None)
+            d._bg_wake.set()  # chunks still in flight are the background thread's to drain
             if bar is not None:
                 bar.close()
 

@@ -201,12 +201,14 @@ class MpopFuture(LazyTracked, Future):
 class MapState:
     """Results of one map() call, keyed by the item's index (carried as tsk_id)."""
 
-    __slots__ = ("results", "closed", "received")
+    __slots__ = ("results", "closed", "received", "sent", "touched")
 
     def __init__(self) -> None:
         self.results: dict[int, tuple[int, Any]] = {}
         self.closed = False
         self.received = 0
+        self.sent = 0  # chunks pushed
+        self.touched = time.monotonic()  # when the caller last drove the iterator
 
 
 class Dispatcher:
@@ -241,6 +243,10 @@ class Dispatcher:
         # there are any, the background thread leaves draining to them: a result then goes
         # straight to the thread that waits for it, with no hand-off between threads.
         self._helpers = 0
+        # What the background thread waits on while it leaves draining to others. Not
+        # `cond`: that one is notified after every batch, and each notification would have
+        # the background thread take the GIL from the thread that drains.
+        self._bg_wake = threading.Event()
         self._bg_pumping = False  # the background thread holds the drain lock
         self._pump_want = 0  # results the draining thread waits for (0: not waiting)
         # This app's futures: their class carries the dispatcher and the one lock they share.
@@ -357,6 +363,9 @@ class Dispatcher:
         finally:
             with self.cond:
                 self._helpers -= 1
+                last = not self._helpers
+            if last and self.futures:
+                self._bg_wake.set()  # futures nobody waits on are the background thread's again
 
     def start_background(self) -> None:
         """A thread that keeps results moving when no caller drains them: for futures nobody
@@ -384,11 +393,13 @@ class Dispatcher:
         epoch = self._collector.epoch
         if self._stop.is_set():
             return
-        if self._helpers:
-            # A caller waits in help_until and drains for itself.
-            with self.cond:
-                if self._helpers:
-                    self.cond.wait(0.01)
+        if self._helpers or (not self.futures and self._maps_driven()):
+            # A caller waits in help_until and drains for itself, or every task in flight
+            # is a chunk of a map() whose caller is working through it (and drains when it
+            # needs the next chunk): taking the results from under it would only add
+            # hand-offs of the GIL between the two threads.
+            self._bg_wake.wait(0.01)
+            self._bg_wake.clear()
             return
         if not self._drain_lock.acquire(timeout=0.05):
             return
@@ -425,6 +436,20 @@ class Dispatcher:
             self._bg_pumping = False
             self._drain_lock.release()
 
+    def _maps_driven(self) -> bool:
+        """Whether every task in flight is a chunk of an open map() whose caller drove its
+        iterator in the last 10 ms."""
+        maps = list(self.maps.values())
+        if not maps:
+            return False
+        now = time.monotonic()
+        in_flight = 0
+        for state in maps:
+            if state.closed or now - state.touched > 0.01:
+                return False
+            in_flight += state.sent - state.received
+        return self._submitted() - self.finished <= in_flight
+
     def wake_helpers(self) -> None:
         """Makes callers blocked in help_until look at their condition again now."""
         self._collector.interrupt()
@@ -433,6 +458,7 @@ class Dispatcher:
 
     def stop_background(self) -> None:
         self._stop.set()
+        self._bg_wake.set()
         self._collector.interrupt()
         if self._thread is not None:
             self._thread.join()
