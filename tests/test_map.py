@@ -319,3 +319,20 @@ def test_an_abandoned_map_is_still_drained(app):
         time.sleep(0.01)
     assert state.received == state.sent and done == [42]
     it.close()
+
+
+def test_the_iterator_waits_for_a_run_of_chunks(app, monkeypatch):
+    """Waiting for a chunk, the iterator asks the native wait for half the chunks in
+    flight, so it is woken once per run of results rather than once per chunk (the
+    wait still ends within its 50 ms step when fewer come)."""
+    d = app._dispatcher
+    wants = []
+    help_until = d.help_until
+
+    def spy(done, deadline, check=None, want=None, spin=False):
+        wants.append(want() if want is not None else 1)
+        return help_until(done, deadline, check, want, spin)
+
+    monkeypatch.setattr(d, "help_until", spy)
+    assert list(app.map(inc, range(640), chunksize=10, max_in_flight=160)) == [i + 1 for i in range(640)]
+    assert wants and max(wants) == 8 and min(wants) >= 1, wants

@@ -710,11 +710,11 @@ class MpopApi:
                 if ordered:
                     key = done & _MAX_TSK_ID
                     if key not in state.results:
-                        self._wait_map(state, ordered, done, deadline)
+                        self._wait_map(state, ordered, done, deadline, sent - done)
                     status, value = state.results.pop(key)
                 else:
                     if not state.results:
-                        self._wait_map(state, ordered, done, deadline)
+                        self._wait_map(state, ordered, done, deadline, sent - done)
                     key, (status, value) = state.results.popitem()
                 done += 1
                 n = sizes.pop(key, 0)
@@ -742,10 +742,12 @@ class MpopApi:
             if bar is not None:
                 bar.close()
 
-    def _wait_map(self, state: MapState, ordered: bool, done: int, deadline: float | None) -> None:
+    def _wait_map(self, state: MapState, ordered: bool, done: int, deadline: float | None,
+                  in_flight: int = 1) -> None:
         key = done & _MAX_TSK_ID
         ready = (lambda: key in state.results) if ordered else (lambda: bool(state.results))
-        if not self._dispatcher.help_until(ready, deadline, self._check_workers):
+        want = max(1, in_flight // 2)
+        if not self._dispatcher.help_until(ready, deadline, self._check_workers, want=lambda: want):
             raise TimeoutError("map() timed out waiting for results")
 
     # -- waiting and results ----------------------------------------------------------------
