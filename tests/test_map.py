@@ -336,3 +336,15 @@ def test_the_iterator_waits_for_a_run_of_chunks(app, monkeypatch):
     monkeypatch.setattr(d, "help_until", spy)
     assert list(app.map(inc, range(640), chunksize=10, max_in_flight=160)) == [i + 1 for i in range(640)]
     assert wants and max(wants) == 8 and min(wants) >= 1, wants
+
+
+def mixed_value(x: int):
+    return (x, -x * 1.5, None, 1 << 70, str(x), True, [x, x + 1])[x % 7]
+
+
+def test_chunk_values_of_mixed_kinds_come_back_exactly(app):
+    """Ints travel by a fast path of their own; every other kind around them (and an int
+    too big for 64 bits, which goes pickled) must come back as it was."""
+    out = list(app.map(mixed_value, range(700)))
+    assert out == [mixed_value(x) for x in range(700)]
+    assert [type(v) for v in out[:7]] == [int, float, type(None), int, str, bool, list]

@@ -109,6 +109,7 @@ bool encode_plain(PyObject* o, StreamWriter& w, int depth, std::vector<py::objec
   if (n > static_cast<Py_ssize_t>(UINT32_MAX)) return false;
   const StreamWriter::Mark at = w.mark();
   w.container(list ? Tag::kList : Tag::kTuple, static_cast<uint32_t>(n));
+  w.reserve(9 * static_cast<size_t>(n));  // as many ints or floats
   for (Py_ssize_t i = 0; i < n; ++i) {
     // A list may change under us only if an item's conversion ran Python code; none does.
     PyObject* item = list ? PyList_GET_ITEM(o, i) : PyTuple_GET_ITEM(o, i);
@@ -216,7 +217,14 @@ py::object decode_next(StreamReader& r, const std::shared_ptr<BlockLease>* lease
   if (!c) throw py::error_already_set();
   py::object out = py::reinterpret_steal<py::object>(c);
   for (uint32_t i = 0; i < it.len; ++i) {
-    PyObject* v = decode_next(r, lease, depth + 1).release().ptr();
+    int64_t iv;
+    PyObject* v;
+    if (r.next_int(iv)) {
+      v = PyLong_FromLongLong(iv);
+      if (!v) throw py::error_already_set();
+    } else {
+      v = decode_next(r, lease, depth + 1).release().ptr();
+    }
     if (list)
       PyList_SET_ITEM(c, i, v);
     else

@@ -346,5 +346,33 @@ TEST(Codec, ContainersCarryACountThenTheirItemsAndCanBeRewound) {
   EXPECT_THROW(cut.item(), std::runtime_error);
 }
 
+TEST(Codec, NextIntReadsOnlyAWholeIntAndLeavesAnythingElse) {
+  std::vector<uint8_t> buf;
+  StreamWriter w(buf);
+  w.reserve(64);
+  const size_t cap = buf.capacity();
+  w.integer(-7);
+  w.real(1.5);
+  w.integer(std::numeric_limits<int64_t>::max());
+  w.blob(Tag::kStr, "ab", 2);
+  EXPECT_EQ(buf.capacity(), cap);  // the reservation held everything
+  StreamReader r(buf.data(), buf.size());
+  int64_t v = 0;
+  ASSERT_TRUE(r.next_int(v));
+  EXPECT_EQ(v, -7);
+  EXPECT_FALSE(r.next_int(v));  // a float: not read
+  EXPECT_EQ(bits(r.item().f), bits(1.5));
+  ASSERT_TRUE(r.next_int(v));
+  EXPECT_EQ(v, std::numeric_limits<int64_t>::max());
+  EXPECT_FALSE(r.next_int(v));  // a str: not read
+  EXPECT_EQ(blob_of(r.item()), "ab");
+  EXPECT_TRUE(r.done());
+  EXPECT_FALSE(r.next_int(v));  // at the end
+  // An int cut short is not read by next_int, and item() then reports the truncation.
+  StreamReader cut(buf.data(), 5);
+  EXPECT_FALSE(cut.next_int(v));
+  EXPECT_THROW(cut.item(), std::runtime_error);
+}
+
 }  // namespace
 }  // namespace mpop

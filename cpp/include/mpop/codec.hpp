@@ -8,6 +8,7 @@
 // block or a slot), so an array is copied once on its way.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -72,13 +73,12 @@ class StreamWriter {
   }
   void none() { tag(Tag::kNone); }
   void boolean(bool v) { tag(v ? Tag::kTrue : Tag::kFalse); }
-  void integer(int64_t v) {
-    tag(Tag::kInt);
-    put(&v, 8);
-  }
-  void real(double v) {
-    tag(Tag::kFloat);
-    put(&v, 8);
+  void integer(int64_t v) { tagged8(Tag::kInt, &v); }
+  void real(double v) { tagged8(Tag::kFloat, &v); }
+  // Room for `n` more bytes, so that a container's items do not regrow the buffer item by
+  // item (a hint: writing past it is fine).
+  void reserve(size_t n) {
+    if (buf_.capacity() - buf_.size() < n) buf_.reserve(std::max(buf_.size() + n, 2 * buf_.capacity()));
   }
   void blob(Tag t, const void* data, size_t n) {
     if (n > UINT32_MAX) throw std::length_error("mpop: a single argument is larger than 4 GiB");
@@ -148,6 +148,13 @@ class StreamWriter {
 
  private:
   void tag(Tag t) { put(&t, 1); }
+  // A tag and 8 bytes in one step (the commonest items: ints and floats).
+  void tagged8(Tag t, const void* v) {
+    size_t at = buf_.size();
+    buf_.resize(at + 9);
+    buf_[at] = static_cast<uint8_t>(t);
+    std::memcpy(buf_.data() + at + 1, v, 8);
+  }
   void put(const void* p, size_t n) {
     size_t at = buf_.size();
     buf_.resize(at + n);
@@ -248,6 +255,14 @@ class StreamReader {
         throw std::runtime_error("mpop: corrupt argument stream (unknown tag)");
     }
     return it;
+  }
+  // The next item if it is an int (the commonest item of a map() chunk's values): true
+  // with `v` set and the item read, or false with nothing read.
+  bool next_int(int64_t& v) {
+    if (end_ - p_ < 9 || *p_ != static_cast<uint8_t>(Tag::kInt)) return false;
+    std::memcpy(&v, p_ + 1, 8);
+    p_ += 9;
+    return true;
   }
   bool done() const { return p_ == end_; }
   size_t remaining() const { return static_cast<size_t>(end_ - p_); }
