@@ -14,7 +14,8 @@ def test_rounds_interleave_sides_and_take_self_timed_values():
     order = []
     times = _bench._rounds({"a": lambda: order.append("a"), "b": lambda: order.append("b") or 0.25,
                             "c": lambda: order.append("c")}, 3, self_timed=("b",))
-    assert order == ["a", "b", "c"] * 3  # side by side in each round, not one side's runs in a row
+    # Side by side in each round, not one side's runs in a row; each round starts one later.
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert times["b"] == [0.25] * 3
     assert all(t >= 0 for t in times["a"] + times["c"]) and len(times["a"]) == 3
 

@@ -166,10 +166,13 @@ def _rounds(fns: dict[str, Callable[[], object]], rounds: int,
     """Times each callable once per round, in turn, for `rounds` rounds (those named in
     `self_timed` return their own time in seconds). On a shared machine whose speed drifts
     by tens of percent within seconds, runs side by side in the same round compare fairly;
-    best-of-N per side, taken minutes apart, did not."""
+    best-of-N per side, taken minutes apart, did not. Each round starts one side later than
+    the round before, so that no side always runs first (or always right after another)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn = fns[k]
             times[k].append(fn() if k in self_timed else _timed(fn))  # type: ignore[arg-type]
     return times
 
@@ -331,7 +334,7 @@ def _static_partition(fn, n: int, workers: int) -> None:
 def bench_prototype(workers: int, sizes: list[int], kinds: list[str], rounds: int = 3) -> list[Row]:
     """The prototype's benchmark: its workloads at several sizes, against Pool.map and a
     static partition, interleaved in rounds (see _rounds); the best of each side's runs.
-    Sizes whose single run would take over a minute get one round."""
+    Sizes whose single run would take over ten minutes get one round."""
     fns = {"light": light, "medium": medium, "heavy": heavy}
     per_item_s = {"light": 7e-6, "medium": 70e-6, "heavy": 700e-6}  # rough, for the round count
     rows = []
@@ -341,7 +344,7 @@ def bench_prototype(workers: int, sizes: list[int], kinds: list[str], rounds: in
         for kind in kinds:
             fn = fns[kind]
             for n in sizes:
-                r = rounds if n * per_item_s[kind] / workers < 60 else 1
+                r = rounds if n * per_item_s[kind] / workers < 600 else 1
                 t = _rounds({
                     "mpop": lambda: sum(app.map(fn, range(n), ordered=False)),
                     "pool": lambda: sum(pool.map(fn, range(n))),
@@ -430,13 +433,13 @@ def run_bench(args) -> int:
     print(f"mpop bench: {workers} workers, {os.cpu_count()} CPUs, stdlib pools use the fork context\n")
     rows: list[Row] = []
     if "submit" in only:
-        rows += bench_submit(workers, 5_000 if quick else 50_000)
+        rows += bench_submit(workers, 5_000 if quick else 50_000, 3 if quick else 5)
     if "map" in only:
-        rows += bench_map(workers, 100_000 if quick else 1_000_000)
+        rows += bench_map(workers, 100_000 if quick else 1_000_000, 3 if quick else 10)
     if "numpy" in only:
         rows += bench_numpy(workers, 50, 8)
     if "cpu" in only:
-        rows += bench_cpu(workers, 400 if quick else 4000, 2 if quick else 5)
+        rows += bench_cpu(workers, 400 if quick else 4000, 2 if quick else 9)
     if "latency" in only:
         rows.append(bench_latency(workers, 300 if quick else 3000))
     if "idle" in only:
