@@ -323,8 +323,8 @@ def test_an_abandoned_map_is_still_drained(app):
 
 def test_the_iterator_waits_for_a_run_of_chunks(app, monkeypatch):
     """Waiting for a chunk, the iterator asks the native wait for half the chunks in
-    flight, so it is woken once per run of results rather than once per chunk (the
-    wait still ends within its 50 ms step when fewer come)."""
+    flight (up to about 16k items), so it is woken once per run of results rather than
+    once per chunk (the wait still ends within its 50 ms step when fewer come)."""
     d = app._dispatcher
     wants = []
     help_until = d.help_until
@@ -336,6 +336,13 @@ def test_the_iterator_waits_for_a_run_of_chunks(app, monkeypatch):
     monkeypatch.setattr(d, "help_until", spy)
     assert list(app.map(inc, range(640), chunksize=10, max_in_flight=160)) == [i + 1 for i in range(640)]
     assert wants and max(wants) == 8 and min(wants) >= 1, wants
+    # A run holds at most about 16k items' values (decoded before the first is returned):
+    # chunks of 8k go two at a time, chunks of 16k one at a time.
+    for size, most in ((8192, 2), (16384, 1)):
+        wants.clear()
+        out = list(app.map(inc, range(8 * size), chunksize=size, max_in_flight=8 * size))
+        assert out == [i + 1 for i in range(8 * size)]
+        assert wants and max(wants) == most, (size, wants)
 
 
 def mixed_value(x: int):
