@@ -355,3 +355,23 @@ def test_chunk_values_of_mixed_kinds_come_back_exactly(app):
     out = list(app.map(mixed_value, range(700)))
     assert out == [mixed_value(x) for x in range(700)]
     assert [type(v) for v in out[:7]] == [int, float, type(None), int, str, bool, list]
+
+
+def test_a_wait_never_asks_for_more_chunks_than_are_still_to_come(app, monkeypatch):
+    """Ordered, with chunks finishing out of order: chunks already back but not yet
+    returned must not count towards the run waited for, or the wait would sit out its
+    50 ms step for results that never come."""
+    d = app._dispatcher
+    seen = []
+    help_until = d.help_until
+
+    def spy(done, deadline, check=None, want=None, spin=False):
+        state = next(iter(d.maps.values()))
+        seen.append((want() if want is not None else 1, state.sent - state.received))
+        return help_until(done, deadline, check, want, spin)
+
+    monkeypatch.setattr(d, "help_until", spy)
+    out = list(app.map(jittery_square, range(400), chunksize=1, max_in_flight=32))
+    assert out == [x * x for x in range(400)]
+    assert seen and all(1 <= want <= max(1, to_come) for want, to_come in seen), seen
+    assert any(want > 1 for want, _ in seen)  # runs were waited for

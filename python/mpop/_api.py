@@ -710,11 +710,11 @@ class MpopApi:
                 if ordered:
                     key = done & _MAX_TSK_ID
                     if key not in state.results:
-                        self._wait_map(state, ordered, done, deadline, sent - done, size)
+                        self._wait_map(state, ordered, done, deadline, size)
                     status, value = state.results.pop(key)
                 else:
                     if not state.results:
-                        self._wait_map(state, ordered, done, deadline, sent - done, size)
+                        self._wait_map(state, ordered, done, deadline, size)
                     key, (status, value) = state.results.popitem()
                 done += 1
                 n = sizes.pop(key, 0)
@@ -745,15 +745,20 @@ class MpopApi:
     _WAIT_RUN_ITEMS = 16384  # at most this many items' worth of chunks woken for at once
 
     def _wait_map(self, state: MapState, ordered: bool, done: int, deadline: float | None,
-                  in_flight: int = 1, size: int = 1) -> None:
+                  size: int = 0) -> None:
         key = done & _MAX_TSK_ID
         ready = (lambda: key in state.results) if ordered else (lambda: bool(state.results))
         # Woken once per run of chunks, not per chunk (each wake-up costs this thread tens of
-        # microseconds, on a core the workers need): up to half the chunks in flight, but
-        # no more than about 16k items, whose values are all decoded before the first is
-        # returned (with more, they left the cache first and the trivial map ran 10% slower).
-        want = max(1, min(in_flight // 2, self._WAIT_RUN_ITEMS // max(1, size)))
-        if not self._dispatcher.help_until(ready, deadline, self._check_workers, want=lambda: want):
+        # microseconds, on a core the workers need): up to half the chunks still to come
+        # back (never more than will come: the wait would sit out its step), but no more
+        # than about 16k items, whose values are all decoded before the first is returned
+        # (with more, they left the cache first and the trivial map ran 10% slower).
+        run = self._WAIT_RUN_ITEMS // size if size else 1
+
+        def want() -> int:
+            return max(1, min((state.sent - state.received) // 2, run))
+
+        if not self._dispatcher.help_until(ready, deadline, self._check_workers, want=want):
             raise TimeoutError("map() timed out waiting for results")
 
     # -- waiting and results ----------------------------------------------------------------
