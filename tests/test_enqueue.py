@@ -367,7 +367,18 @@ def test_full_ring_blocking_enqueue_waits_for_room(tmp_path):
         assert res.values()[-1] == "late"
 
 
-def test_blocked_enqueue_is_interruptible_by_ctrl_c(tmp_path):
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, even when the suite was started in the background (a
+    shell starts background jobs with SIGINT ignored, and Python then keeps it ignored)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_blocked_enqueue_is_interruptible_by_ctrl_c(tmp_path, ctrl_c_as_in_a_terminal):
     import signal
 
     flag = tmp_path / "go"

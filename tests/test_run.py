@@ -261,6 +261,10 @@ CTRL_C = r"""
 import json, os, signal, sys, threading, time
 import mpop
 
+# Ctrl-C as in a terminal, even when the suite was started in the background (a shell
+# starts background jobs with SIGINT ignored, and Python then keeps it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def slow(x):
     time.sleep(60)
     return x
