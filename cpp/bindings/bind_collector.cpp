@@ -227,10 +227,6 @@ class PyCollector {
     }, stop);
   }
 
-  // A TaskResult for an ok plain task. TaskResult is a slots dataclass: its fields are
-  // written straight into their slots (offsets found by bind_settle), as its __init__
-  // would set them, without that Python frame and its ten stores, the largest cost of a
-  // result (tests compare the two).
   // Seconds the handler ran, and from enqueue to start (0 when the enqueue time was not
   // taken), as timings and TaskResult give them.
   static double run_time_s(const ResultHeader& h) {
@@ -247,6 +243,10 @@ class PyCollector {
            PyBytes_CheckExact(v) || PyBool_Check(v);
   }
 
+  // A TaskResult for an ok plain task. TaskResult is a slots dataclass: its fields are
+  // written straight into their slots (offsets found by bind_settle), as its __init__
+  // would set them, without that Python frame and its ten stores, the largest cost of a
+  // result (tests compare the two).
   static py::object make_result(const Settle& S, const ResultHeader& h, const py::object& v,
                                 const py::object& wait_s, const py::object& run_s) {
     auto* tp = reinterpret_cast<PyTypeObject*>(S.result_cls.ptr());

@@ -659,14 +659,14 @@ class MpopApi:
         taken = 0  # items of `span` sent so far
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
-        sent = done = 0
+        out = 0  # items in flight: the sum of `sizes`
+        done = 0  # chunks returned; state.sent counts those sent
         exhausted = checked = False
         try:
             while True:
                 state.touched = time.monotonic()  # the background thread leaves us alone
-                while (not exhausted and sent - done < chunks_limit
-                       and sum(sizes.values()) < items_limit):
-                    room = items_limit - sum(sizes.values())
+                while not exhausted and state.sent - done < chunks_limit and out < items_limit:
+                    room = items_limit - out
                     if span is not None:
                         # Guided: no chunk takes more than a share of what is left, so the
                         # workers finish together instead of one waiting on a last big chunk.
@@ -698,14 +698,14 @@ class MpopApi:
                                 source = itertools.chain(items[size:], source)
                                 items = items[:size]
                     args = (h.fn_id, False, None, *items) if spread else (h.fn_id, not single, items)
-                    key = sent & _MAX_TSK_ID
+                    key = state.sent & _MAX_TSK_ID
                     if not self._push(runner, key, args, None, None, False, None, route, True):
                         self._wait_map(state, ordered, done, deadline)
                         self._push(runner, key, args, None, None, True, None, route, True)
                     sizes[key] = len(items)
-                    sent += 1
-                    state.sent = sent
-                if done == sent and exhausted:
+                    out += len(items)
+                    state.sent += 1
+                if done == state.sent and exhausted:
                     return
                 if ordered:
                     key = done & _MAX_TSK_ID
@@ -718,6 +718,7 @@ class MpopApi:
                     key, (status, value) = state.results.popitem()
                 done += 1
                 n = sizes.pop(key, 0)
+                out -= n
                 if status != 0:
                     raise value
                 values, elapsed_ns, error = value
