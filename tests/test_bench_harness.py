@@ -25,10 +25,18 @@ def test_slices_in_children_times_the_slowest_slice():
     assert 0 < t < 60
 
 
+def test_static_partition_times_from_the_go_signal_and_leaves_no_child():
+    import multiprocessing
+
+    t = _bench._static_partition(inc, 10_000, 2)
+    assert 0 < t < 60
+    assert multiprocessing.active_children() == []
+
+
 def test_bench_cli_prints_each_scenario_with_its_ratio():
     with leak_check():
         proc = run_python(["-m", "mpop", "bench", "--quick", "--only", "cpu", "--only", "latency",
-                           "--only", "idle"], timeout=300)
+                           "--only", "idle", "--only", "startup"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert re.search(r"parallel efficiency, medium x 400, map \(ceiling [0-9.]+\)\s+[0-9.]+\s+[0-9.]+ efficiency\s+"
@@ -36,6 +44,12 @@ def test_bench_cli_prints_each_scenario_with_its_ratio():
     assert "parallel efficiency, medium x 400, enqueue+run" in out
     assert re.search(r"round trip median \(submit -> result\)\s+[0-9.]+\s+[0-9.]+\s+us", out), out
     assert "idle workers, % of one core" in out
+    for label in ("spawn, the default", "start_method='fork'"):
+        assert re.search(rf"worker start-up to first result \({label}\)\s+[0-9.e-]+\s+[0-9.e-]+\s+s\s+[0-9.]+x\s+"
+                         r"reported", out), out
+    # The efficiency rows' note: each side against the ceiling of its own round.
+    assert re.search(r"share of the ceiling in the same round \(median of 2\): map [0-9.]+, enqueue\+run [0-9.]+, "
+                     r"Pool.map [0-9.]+", out), out
 
 
 def test_bench_cli_rejects_an_unknown_scenario():
