@@ -256,6 +256,41 @@ def test_the_window_is_topped_up_after_each_chunk_returned(app, monkeypatch):
     assert seen == [min(16, 4 + j) for j in range(16)]
 
 
+def slow_inc(x: int) -> int:
+    time.sleep(0.001)
+    return x + 1
+
+
+def test_until_the_first_chunk_is_back_two_chunks_a_worker_go_out(app, monkeypatch):
+    """Before any chunk has come back, an item's cost is unknown: two small chunks a worker
+    are sent, not the whole window of eight a worker; the rest go out once the first
+    result has sized them."""
+    d = app._dispatcher
+    before_first = []
+    push = app._push
+
+    def spy(h, tsk_id, args, *rest):
+        if rest[-1]:  # a map() chunk
+            state = next(iter(d.maps.values()))
+            if state.received == 0:
+                before_first.append(tsk_id)
+        return push(h, tsk_id, args, *rest)
+
+    monkeypatch.setattr(app, "_push", spy)
+    assert sorted(app.map(slow_inc, range(400), ordered=False)) == [i + 1 for i in range(400)]
+    assert len(before_first) == 2 * app._config["workers"], before_first
+
+
+def test_a_finished_map_does_not_wake_the_background_thread(app):
+    """A map that ends with nothing else in flight leaves the background thread asleep (a
+    wake-up costs it, and a core the workers need, tens of microseconds a map)."""
+    d = app._dispatcher
+    app.wait()
+    d._bg_wake.clear()
+    assert list(app.map(inc, range(100))) == [i + 1 for i in range(100)]
+    assert not d._bg_wake.is_set()
+
+
 def test_guided_range_chunks_shrink_no_further_than_the_floor(monkeypatch):
     """Over a range, the last chunks shrink to a share of what is left, but not below
     _CHUNK_FLOOR_NS of work: with the floor at 0 they halve down to one item; with a floor

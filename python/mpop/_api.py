@@ -600,11 +600,12 @@ class MpopApi:
         """Yields ``fn(*items)`` for items drawn from the iterables (in order unless
         ``ordered=False``).
 
-        Items travel in chunks: the first are small, later ones are sized so that each takes
-        a worker about 5 ms, and no chunk of a range more than a share of what is left (or
-        pass `chunksize`). At most `max_in_flight` items (default 4 x queue_slots, or
-        64 x queue_slots for a range, whose items are not built until they run) and
-        8 chunks a worker are in flight, so any input length runs in flat memory."""
+        Items travel in chunks: the first are small (two a worker, until one is back),
+        later ones are sized so that each takes a worker about 5 ms, and no chunk of a range
+        more than a share of what is left (or pass `chunksize`). At most `max_in_flight`
+        items (default 4 x queue_slots, or 64 x queue_slots for a range, whose items are not
+        built until they run) and 8 chunks a worker are in flight, so any input length runs
+        in flat memory."""
         self._check_open()
         if not iterables:
             raise TypeError("map() needs at least one iterable")
@@ -642,6 +643,9 @@ class MpopApi:
         # have work queued for that long (with two a worker, a core sat idle 20% of the time
         # in list(map(inc, range(10**6)))).
         chunks_limit = max(8 * self._config["workers"], 4)
+        # Until the first chunk is back, nothing is known of an item's cost: two small
+        # chunks a worker, not the whole window (the rest go out sized from that timing).
+        probe_limit = 2 * self._config["workers"]
         # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
         span = iterables[0] if single and type(iterables[0]) is range else None
         # Read ahead at most max_in_flight items, so memory stays flat for any input length.
@@ -665,7 +669,8 @@ class MpopApi:
         try:
             while True:
                 state.touched = time.monotonic()  # the background thread leaves us alone
-                while not exhausted and state.sent - done < chunks_limit and out < items_limit:
+                limit = chunks_limit if per_item_ns is not None or chunksize else probe_limit
+                while not exhausted and state.sent - done < limit and out < items_limit:
                     room = items_limit - out
                     if span is not None:
                         # Guided: no chunk takes more than a share of what is left, so the
@@ -739,7 +744,8 @@ class MpopApi:
         finally:
             state.closed = True
             d.maps.pop(route, None)
-            d._bg_wake.set()  # chunks still in flight are the background thread's to drain
+            if state.sent != state.received or d.futures or d._submitted() != d.finished:
+                d._bg_wake.set()  # what is still in flight is the background thread's to drain
             if bar is not None:
                 bar.close()
 
