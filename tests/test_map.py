@@ -341,6 +341,28 @@ def test_background_thread_leaves_a_driven_map_alone(app):
         del d.maps[-1]
 
 
+def test_the_background_thread_steps_aside_for_a_driven_map_in_long_turns(app, monkeypatch):
+    """While a map's caller drives it, the background thread sleeps on its own event in
+    turns of _STEP_ASIDE_POLL_S (each turn costs it CPU on a core the workers need), and
+    is woken early only by whoever hands results back to it."""
+    import threading
+
+    d = app._dispatcher
+    timeouts = []
+
+    class SpyEvent(threading.Event):
+        def wait(self, timeout=None):
+            timeouts.append(timeout)
+            return super().wait(timeout)
+
+    spy = SpyEvent()
+    monkeypatch.setattr(d, "_bg_wake", spy)
+    spy.set()  # the thread may be asleep on the old event: let it come round to this one
+    assert sorted(app.map(slow_inc, range(300), chunksize=5, ordered=False)) == [i + 1 for i in range(300)]
+    assert timeouts and set(timeouts) == {d._STEP_ASIDE_POLL_S}, timeouts
+    assert d._STEP_ASIDE_POLL_S >= 0.05
+
+
 def test_an_abandoned_map_is_still_drained(app):
     """A map iterator left unconsumed (not closed): the background thread drains the
     chunks it had in flight, and a future's callback submitted meanwhile still runs."""
