@@ -33,6 +33,11 @@ def test_static_partition_times_from_the_go_signal_and_leaves_no_child():
     assert multiprocessing.active_children() == []
 
 
+def test_prototype_rounds_shrink_as_a_run_grows():
+    assert [_bench._prototype_rounds(s) for s in (0.003, 1.9, 7, 65, 599, 1200)] == [9, 9, 5, 3, 3, 1]
+    assert _bench._prototype_rounds(0.003, quick=True) == 3
+
+
 def test_bench_cli_prints_each_scenario_with_its_ratio():
     with leak_check():
         proc = run_python(["-m", "mpop", "bench", "--quick", "--only", "cpu", "--only", "latency",

@@ -383,10 +383,18 @@ def _static_partition(fn, n: int, workers: int) -> float:
     return elapsed
 
 
-def bench_prototype(workers: int, sizes: list[int], kinds: list[str], rounds: int = 3) -> list[Row]:
+def _prototype_rounds(run_s: float, quick: bool = False) -> int:
+    """Rounds for a prototype size whose single run takes about `run_s` seconds: nine under
+    2 s, five under 20 s, three up to ten minutes, one beyond (or three, for --quick)."""
+    if quick:
+        return 3
+    return 9 if run_s < 2 else 5 if run_s < 20 else 3 if run_s < 600 else 1
+
+
+def bench_prototype(workers: int, sizes: list[int], kinds: list[str], quick: bool = False) -> list[Row]:
     """The prototype's benchmark: its workloads at several sizes, against Pool.map and a
     static partition, interleaved in rounds (see _rounds); the best of each side's runs.
-    Sizes whose single run would take over ten minutes get one round."""
+    Short sizes get more rounds than long ones (_prototype_rounds)."""
     fns = {"light": light, "medium": medium, "heavy": heavy}
     per_item_s = {"light": 7e-6, "medium": 70e-6, "heavy": 700e-6}  # rough, for the round count
     rows = []
@@ -396,7 +404,7 @@ def bench_prototype(workers: int, sizes: list[int], kinds: list[str], rounds: in
         for kind in kinds:
             fn = fns[kind]
             for n in sizes:
-                r = rounds if n * per_item_s[kind] / workers < 600 else 1
+                r = _prototype_rounds(n * per_item_s[kind] / workers, quick)
                 t = _rounds({
                     "mpop": lambda: sum(app.map(fn, range(n), ordered=False)),
                     "pool": lambda: sum(pool.map(fn, range(n))),
@@ -508,7 +516,7 @@ def run_bench(args) -> int:
         rows += bench_startup(workers, 2 if quick else 5)
     if "prototype" in only:
         if quick:
-            rows += bench_prototype(workers, [900, 9_000], ["light"])
+            rows += bench_prototype(workers, [900, 9_000], ["light"], quick=True)
         else:
             rows += bench_prototype(workers, [900, 9_000, 90_000, 1_800_000], ["light", "medium"])
             # heavy x 1.8M takes 20 min a side on 2 cores: only with --long
