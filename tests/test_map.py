@@ -45,6 +45,10 @@ def inc(x: int) -> int:
     return x + 1
 
 
+def concat_ints(a: int, b: int) -> int:
+    return a + b
+
+
 def fails_at_five(x: int) -> int:
     if x == 5:
         raise KeyError(f"no item {x}")
@@ -299,6 +303,48 @@ def test_chunks_after_the_first_are_sized_from_the_time_an_item_took(app, monkey
     probes = 2 * app._config["workers"]
     assert sizes[:probes] == [16] * probes
     assert max(sizes[probes:]) <= 4, sizes
+
+
+def _chunk_sizes(app, monkeypatch):
+    sizes = []
+    push = app._push
+
+    def spy(h, tsk_id, args, *rest):
+        if rest[-1]:  # a map() chunk: (fn_id, star, items)
+            sizes.append(len(args[2]))
+        return push(h, tsk_id, args, *rest)
+
+    monkeypatch.setattr(app, "_push", spy)
+    return sizes
+
+
+def test_any_input_of_known_length_gets_guided_chunks(monkeypatch):
+    """A list, or several sized iterables zipped, is guided as a range is: later chunks
+    shrink to a share of what is left (here, with the floor at 0, down to one item), so the
+    workers finish together. A generator's length is unknown: its chunks do not shrink."""
+    monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 0)
+    with MpopApi(workers=1) as one:
+        sizes = _chunk_sizes(one, monkeypatch)
+        for args in ((list(range(5000)),), (list(range(5000)), (1,) * 6000)):
+            sizes.clear()
+            out = list(one.map(inc if len(args) == 1 else concat_ints, *args, max_in_flight=10**6))
+            assert out == [i + 1 for i in range(5000)]
+            later = sizes[2:]
+            assert sum(sizes) == 5000 and later[-1] == 1 and later == sorted(later, reverse=True), sizes
+        sizes.clear()
+        assert list(one.map(inc, (i for i in range(5000)), max_in_flight=10**6)) == [i + 1 for i in range(5000)]
+        assert sum(sizes) == 5000 and len(set(sizes[2:-1])) <= 2, sizes  # sized from timings only
+
+
+def test_a_generator_gets_shorter_chunks_than_a_sized_input(app, monkeypatch):
+    """Without a length there is no guiding the last chunks, so an input of unknown length
+    is cut to _CHUNK_TARGET_UNSIZED_NS of work a chunk rather than _CHUNK_TARGET_NS."""
+    sizes = _chunk_sizes(app, monkeypatch)
+    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_NS", 3600 * 10**9)
+    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_UNSIZED_NS", 4_000_000)
+    assert list(app.map(slow_inc, (i for i in range(200)))) == [i + 1 for i in range(200)]
+    probes = 2 * app._config["workers"]
+    assert sizes[:probes] == [16] * probes and max(sizes[probes:]) <= 4, sizes
 
 
 def test_a_finished_map_does_not_wake_the_background_thread(app):

@@ -51,6 +51,15 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _known_length(iterables: tuple) -> int | None:
+    """How many items map() will draw from `iterables` (zipped: the shortest), or None when
+    one of them has no length (a generator, an iterator). Only a hint for sizing chunks."""
+    try:
+        return min(len(it) for it in iterables)
+    except (TypeError, ValueError, OverflowError):  # unsized, or a length len() cannot give
+        return None
+
+
 class _Runtime:
     """The native objects of one app, owned apart from the app so that a finalizer can
     release them at garbage collection or interpreter exit without keeping the app alive."""
@@ -601,8 +610,9 @@ class MpopApi:
         ``ordered=False``).
 
         Items travel in chunks: the first are small (two a worker, until one is back),
-        later ones are sized so that each takes a worker about 20 ms, and no chunk of a range
-        more than a share of what is left (or pass `chunksize`). At most `max_in_flight`
+        later ones are sized so that each takes a worker about 20 ms (5 ms for an input of
+        unknown length, such as a generator), and, when the length is known, no chunk more
+        than a share of what is left (or pass `chunksize`). At most `max_in_flight`
         items (default 4 x queue_slots, or 64 x queue_slots for a range, whose items are not
         built until they run) and 8 chunks a worker are in flight, so any input length runs
         in flat memory."""
@@ -625,6 +635,9 @@ class MpopApi:
     # microseconds; at 5 ms, the owner used 1-1.4 us of CPU per medium item, on the cores
     # the workers need, and 0.5 us at 20 ms. Guided tail chunks keep the finish even.
     _CHUNK_TARGET_NS = 20_000_000
+    # An input of unknown length (a generator) cannot be guided: its last chunk may leave
+    # the other workers idle for as long as it takes, so its chunks stay at 5 ms.
+    _CHUNK_TARGET_UNSIZED_NS = 5_000_000
     _CHUNK_FLOOR_NS = 200_000  # the least worker time a guided (range) chunk is cut to
     _CHUNK_MAX = 16384
     _SPREAD_MAX = 250  # a task carries at most 255 positional arguments
@@ -652,6 +665,10 @@ class MpopApi:
         probe_limit = 2 * self._config["workers"]
         # A range travels as sub-ranges (a few bytes a chunk): no list to build or pickle.
         span = iterables[0] if single and type(iterables[0]) is range else None
+        # With the length known (a range, a list, any sized input), chunks are guided (see
+        # below); a generator's end comes unannounced, so its chunks stay small instead.
+        total = _known_length(iterables)
+        target_ns = self._CHUNK_TARGET_NS if total is not None else self._CHUNK_TARGET_UNSIZED_NS
         # Read ahead at most max_in_flight items, so memory stays flat for any input length.
         # Default: four rings' worth, or sixty-four for a range, whose items cost nothing
         # until they run: trivial items then go in chunks of 16k (1-2 ms of work), up to
@@ -664,7 +681,7 @@ class MpopApi:
             size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
         spread = False  # items as separate arguments (arrays): at most _SPREAD_MAX a chunk
-        taken = 0  # items of `span` sent so far
+        taken = 0  # items sent so far
         per_item_ns: float | None = None
         sizes: dict[int, int] = {}  # chunk index -> items, while in flight
         out = 0  # items in flight: the sum of `sizes`
@@ -676,17 +693,16 @@ class MpopApi:
                 limit = chunks_limit if per_item_ns is not None or chunksize else probe_limit
                 while not exhausted and state.sent - done < limit and out < items_limit:
                     room = items_limit - out
-                    if span is not None:
+                    if chunksize is None and total is not None:
                         # Guided: no chunk takes more than a share of what is left, so the
                         # workers finish together instead of one waiting on a last big chunk.
                         # Not below 0.2 ms of work, though: at the end, a chunk smaller than
                         # that costs more in its trip through this thread than it saves.
-                        if chunksize is None:
-                            left = len(span) - taken
-                            floor = 1 if per_item_ns is None else int(self._CHUNK_FLOOR_NS / max(per_item_ns, 1.0))
-                            room = min(room, max(1, floor, -(-left // (2 * self._config["workers"]))))
+                        left = total - taken
+                        floor = 1 if per_item_ns is None else int(self._CHUNK_FLOOR_NS / max(per_item_ns, 1.0))
+                        room = min(room, max(1, floor, -(-left // (2 * self._config["workers"]))))
+                    if span is not None:
                         items = span[taken:taken + min(size, room)]
-                        taken += len(items)
                     else:
                         items = list(itertools.islice(source, min(size, room)))
                     if not items:
@@ -713,6 +729,7 @@ class MpopApi:
                         self._push(runner, key, args, None, None, True, None, route, True)
                     sizes[key] = len(items)
                     out += len(items)
+                    taken += len(items)
                     state.sent += 1
                 if done == state.sent and exhausted:
                     return
@@ -734,7 +751,7 @@ class MpopApi:
                 if chunksize is None and values:
                     sample = elapsed_ns / len(values)
                     per_item_ns = sample if per_item_ns is None else 0.5 * per_item_ns + 0.5 * sample
-                    size = int(min(size_cap, max(1, self._CHUNK_TARGET_NS / max(per_item_ns, 1.0))))
+                    size = int(min(size_cap, max(1, target_ns / max(per_item_ns, 1.0))))
                 if bar is not None:
                     bar.update(len(values) + (1 if error is not None else 0))
                 # One chunk at a time, then the window is topped up again: the caller's work
