@@ -25,6 +25,14 @@ def test_slices_in_children_times_the_slowest_slice():
     assert 0 < t < 60
 
 
+def test_fork_slices_runs_each_slice_once_and_leaves_no_child():
+    import multiprocessing
+
+    out, elapsed = _bench._fork_slices(lambda lo, hi: (lo, hi), 10, 3)
+    assert sorted(out) == [(0, 4), (4, 8), (8, 10)] and elapsed > 0
+    assert multiprocessing.active_children() == []
+
+
 def test_static_partition_times_from_the_go_signal_and_leaves_no_child():
     import multiprocessing
 

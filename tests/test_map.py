@@ -285,26 +285,6 @@ def test_until_the_first_chunk_is_back_two_chunks_a_worker_go_out(app, monkeypat
     assert len(before_first) == 2 * app._config["workers"], before_first
 
 
-def test_chunks_after_the_first_are_sized_from_the_time_an_item_took(app, monkeypatch):
-    """Once a chunk is back, later chunks hold about _CHUNK_TARGET_NS of work: items that
-    sleep at least 1 ms go at most target / 1 ms to a chunk (the first, of 16, went out
-    before anything was known)."""
-    sizes = []
-    push = app._push
-
-    def spy(h, tsk_id, args, *rest):
-        if rest[-1]:
-            sizes.append(len(args[2]))
-        return push(h, tsk_id, args, *rest)
-
-    monkeypatch.setattr(app, "_push", spy)
-    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_NS", 4_000_000)
-    assert list(app.map(slow_inc, range(200))) == [i + 1 for i in range(200)]
-    probes = 2 * app._config["workers"]
-    assert sizes[:probes] == [16] * probes
-    assert max(sizes[probes:]) <= 4, sizes
-
-
 def _chunk_sizes(app, monkeypatch):
     sizes = []
     push = app._push
@@ -316,6 +296,18 @@ def _chunk_sizes(app, monkeypatch):
 
     monkeypatch.setattr(app, "_push", spy)
     return sizes
+
+
+def test_chunks_after_the_first_are_sized_from_the_time_an_item_took(app, monkeypatch):
+    """Once a chunk is back, later chunks hold about _CHUNK_TARGET_NS of work: items that
+    sleep at least 1 ms go at most target / 1 ms to a chunk (the first, of 16, went out
+    before anything was known)."""
+    sizes = _chunk_sizes(app, monkeypatch)
+    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_NS", 4_000_000)
+    assert list(app.map(slow_inc, range(200))) == [i + 1 for i in range(200)]
+    probes = 2 * app._config["workers"]
+    assert sizes[:probes] == [16] * probes
+    assert max(sizes[probes:]) <= 4, sizes
 
 
 def test_any_input_of_known_length_gets_guided_chunks(monkeypatch):

@@ -638,7 +638,7 @@ class MpopApi:
     # An input of unknown length (a generator) cannot be guided: its last chunk may leave
     # the other workers idle for as long as it takes, so its chunks stay at 5 ms.
     _CHUNK_TARGET_UNSIZED_NS = 5_000_000
-    _CHUNK_FLOOR_NS = 200_000  # the least worker time a guided (range) chunk is cut to
+    _CHUNK_FLOOR_NS = 200_000  # the least worker time a guided chunk is cut to
     _CHUNK_MAX = 16384
     _SPREAD_MAX = 250  # a task carries at most 255 positional arguments
 
@@ -763,10 +763,7 @@ class MpopApi:
                 if len(values) != n:  # pragma: no cover - defensive
                     raise MpopError(f"map() chunk returned {len(values)} values for {n} items")
         finally:
-            state.closed = True
-            d.maps.pop(route, None)
-            if state.sent != state.received or d.futures or d._submitted() != d.finished:
-                d._bg_wake.set()  # what is still in flight is the background thread's to drain
+            d.close_map(route, state)
             if bar is not None:
                 bar.close()
 

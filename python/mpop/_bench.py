@@ -216,7 +216,7 @@ def bench_cpu(workers: int, n: int, rounds: int = 5) -> list[Row]:
     note = (f"parallel efficiency, medium x {n}: share of the ceiling in the same round (median of {rounds}): "
             f"map {share['map']:.3f}, enqueue+run {share['enqueue']:.3f}, Pool.map {share['pool']:.3f}")
     extra = {"serial_s": statistics.median(t["serial"]), "machine_ceiling": eff["ceiling"], "rounds": rounds,
-             "share_of_ceiling": share, "note": note}
+             "note": note}
     ceiling = f"ceiling {eff['ceiling']:.2f}"
     return [
         Row(f"parallel efficiency, medium x {n}, map ({ceiling})", eff["map"], eff["pool"], "efficiency",
@@ -226,29 +226,45 @@ def bench_cpu(workers: int, n: int, rounds: int = 5) -> list[Row]:
     ]
 
 
-def _slices_in_children(fn, n: int, workers: int) -> float:
-    """The longest of `workers` forked processes' own times for running a slice of
-    range(n) each, all at once (start-up excluded)."""
+def _fork_slices(body: Callable[[int, int], object], n: int, workers: int) -> tuple[list, float]:
+    """Forks `workers` processes, each to run body(lo, hi) on its slice of range(n), and
+    lets them go together once all are started and waiting: what each returned, and the
+    seconds from that moment until the last of them was back (start-up excluded)."""
     ctx = multiprocessing.get_context("fork")
-    q = ctx.SimpleQueue()
-    go = ctx.Event()
     chunk = (n + workers - 1) // workers
+    ready = ctx.Barrier(workers + 1)
+    go = ctx.Event()
+    q = ctx.SimpleQueue()
 
     def run(lo: int, hi: int) -> None:
+        ready.wait()
         go.wait()
-        t0 = time.perf_counter()
-        for i in range(lo, hi):
-            fn(i)
-        q.put(time.perf_counter() - t0)
+        q.put(body(lo, hi))
 
     procs = [ctx.Process(target=run, args=(k * chunk, min(n, (k + 1) * chunk))) for k in range(workers)]
     for p in procs:
         p.start()
+    ready.wait()
+    t0 = time.perf_counter()
     go.set()
-    elapsed = max(q.get() for _ in procs)
+    out = [q.get() for _ in procs]
+    elapsed = time.perf_counter() - t0
     for p in procs:
         p.join()
-    return elapsed
+    return out, elapsed
+
+
+def _slices_in_children(fn, n: int, workers: int) -> float:
+    """The longest of `workers` forked processes' own times for running a slice of
+    range(n) each, all at once (start-up excluded)."""
+
+    def timed(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(lo, hi):
+            fn(i)
+        return time.perf_counter() - t0
+
+    return max(_fork_slices(timed, n, workers)[0])
 
 
 def _serial_in_child(fn, n: int) -> float:
@@ -355,32 +371,10 @@ def bench_idle(workers: int, seconds: float) -> Row:
 def _static_partition(fn, n: int, workers: int) -> float:
     """Seconds a hand-written static partition of range(n) over `workers` forked processes
     takes, each summing its slice: from the moment all of them are started and waiting
-    until both partial sums are back. Start-up is excluded, as it is for the pools (and as
+    until every partial sum is back. Start-up is excluded, as it is for the pools (and as
     the prototype's own baseline did: its clock started when the workers were signalled
     to run)."""
-    ctx = multiprocessing.get_context("fork")
-    chunk = (n + workers - 1) // workers
-    ready = ctx.Barrier(workers + 1)
-    go = ctx.Event()
-    q = ctx.SimpleQueue()
-
-    def part(lo: int, hi: int) -> None:
-        ready.wait()
-        go.wait()
-        q.put(sum(fn(i) for i in range(lo, hi)))
-
-    procs = [ctx.Process(target=part, args=(k * chunk, min(n, (k + 1) * chunk))) for k in range(workers)]
-    for p in procs:
-        p.start()
-    ready.wait()
-    t0 = time.perf_counter()
-    go.set()
-    for _ in procs:
-        q.get()
-    elapsed = time.perf_counter() - t0
-    for p in procs:
-        p.join()
-    return elapsed
+    return _fork_slices(lambda lo, hi: sum(fn(i) for i in range(lo, hi)), n, workers)[1]
 
 
 def _prototype_rounds(run_s: float, quick: bool = False) -> int:

@@ -457,6 +457,16 @@ class Dispatcher:
             in_flight += state.sent - state.received
         return self._submitted() - self.finished <= in_flight
 
+    def close_map(self, route: int, state: MapState) -> None:
+        """A map() ended (finished, failed or abandoned). The background thread stepped aside
+        for it: it is woken only if something is left for it to drain (this map's chunks
+        still in flight, other tasks, futures); otherwise a wake-up would only cost it, and
+        a core the workers need, tens of microseconds."""
+        state.closed = True
+        self.maps.pop(route, None)
+        if self.futures or self._submitted() != self.finished:
+            self._bg_wake.set()
+
     def wake_helpers(self) -> None:
         """Makes callers blocked in help_until look at their condition again now."""
         self._collector.interrupt()
