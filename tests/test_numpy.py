@@ -293,6 +293,22 @@ def test_a_map_waits_natively_for_room_other_tasks_hold(monkeypatch):
         assert wait_pool_empty(app) == 0
 
 
+def slow_first(a):
+    time.sleep(0.5)
+    return float(a[0])
+
+
+def test_a_map_waiting_for_pool_room_keeps_its_timeout():
+    # 3 fit in the pool; until the first chunk is back, 4 go out (two a worker)
+    arrays = [np.full(50_000, float(i)) for i in range(8)]
+    with make_app(workers=2, pool_bytes=2 << 20) as app:
+        with pytest.raises(TimeoutError, match="room for its next chunk"):
+            list(app.map(slow_first, arrays, timeout=0.2))
+        assert app.wait(timeout=TIMEOUT)
+        assert list(app.map(array_sum, arrays[:2], timeout=TIMEOUT)) == [0.0, 50_000.0]
+        assert wait_pool_empty(app) == 0
+
+
 def test_lists_of_arrays_travel_natively_both_ways():
     x = np.arange(50_000.0)
     with make_app() as app:
