@@ -20,9 +20,9 @@ def test_rounds_interleave_sides_and_take_self_timed_values():
     assert all(t >= 0 for t in times["a"] + times["c"]) and len(times["a"]) == 3
 
 
-def test_slices_in_children_times_the_slowest_slice():
-    t = _bench._slices_in_children(inc, 10_000, 2)
-    assert 0 < t < 60
+def test_slice_times_in_children_one_a_slice():
+    times = _bench._slice_times_in_children(inc, 10_000, 2)
+    assert len(times) == 2 and all(0 < t < 60 for t in times)
 
 
 def test_fork_slices_runs_each_slice_once_and_leaves_no_child():
@@ -62,7 +62,7 @@ def test_bench_cli_prints_each_scenario_with_its_ratio():
                          r"reported", out), out
     # The efficiency rows' note: each side against the ceiling of its own round.
     assert re.search(r"share of the ceiling in the same round \(median of 2\): map [0-9.]+, enqueue\+run [0-9.]+, "
-                     r"Pool.map [0-9.]+", out), out
+                     r"Pool.map [0-9.]+, static partition [0-9.]+; static partition's efficiency [0-9.]+", out), out
 
 
 def test_bench_cli_rejects_an_unknown_scenario():
