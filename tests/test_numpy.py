@@ -239,6 +239,20 @@ def test_result_views_are_capped_at_a_quarter_of_the_pool_then_copies():
         assert wait_pool_empty(app) == 0
 
 
+def _push_log(app, monkeypatch) -> list[tuple[bool, bool]]:
+    """From now on, each push the app makes (submit's fast path aside) as (blocking, pushed)."""
+    pushes = []
+    push = type(app)._push
+
+    def spy(self, h, tsk_id, args, kwargs, c_args, blocking, *rest):
+        ok = push(self, h, tsk_id, args, kwargs, c_args, blocking, *rest)
+        pushes.append((blocking, bool(ok)))
+        return ok
+
+    monkeypatch.setattr(type(app), "_push", spy)
+    return pushes
+
+
 def slow_sum(a):
     time.sleep(0.005)
     return float(a.sum())
@@ -251,15 +265,7 @@ def test_a_map_whose_arrays_fill_the_pool_drains_for_itself_while_it_waits_for_r
     # up to one of its turns each time (50 arrays of 8 MB ran at half submit()'s speed).
     arrays = [np.full(50_000, float(i)) for i in range(40)]  # 400 kB each; 3 fit in the pool
     with make_app(workers=2, pool_bytes=2 << 20) as app:
-        pushes = []
-        push = type(app)._push
-
-        def spy(self, h, tsk_id, args, kwargs, c_args, blocking, *rest):
-            ok = push(self, h, tsk_id, args, kwargs, c_args, blocking, *rest)
-            pushes.append((blocking, bool(ok)))
-            return ok
-
-        monkeypatch.setattr(type(app), "_push", spy)
+        pushes = _push_log(app, monkeypatch)
         assert list(app.map(slow_sum, arrays, timeout=TIMEOUT)) == [float(a.sum()) for a in arrays]
         assert (False, False) in pushes  # the pool was full at times...
         assert not [p for p in pushes if p[0]]  # ...and the map never waited in the native push
@@ -276,17 +282,9 @@ def test_a_map_waits_natively_for_room_other_tasks_hold(monkeypatch):
     # background thread drains): the map then waits for it in the native push.
     arrays = [np.full(50_000, float(i)) for i in range(6)]
     with make_app(workers=1, pool_bytes=2 << 20) as app:
-        pushes = []
-        push = type(app)._push
-
-        def spy(self, h, tsk_id, args, kwargs, c_args, blocking, *rest):
-            ok = push(self, h, tsk_id, args, kwargs, c_args, blocking, *rest)
-            pushes.append((blocking, bool(ok)))
-            return ok
-
         app.submit(array_sum, arrays[0]).result(timeout=TIMEOUT)  # workers up
         futures = [app.submit(sleepy_sum, a) for a in arrays[:3]]  # the pool is full
-        monkeypatch.setattr(type(app), "_push", spy)
+        pushes = _push_log(app, monkeypatch)
         assert list(app.map(array_sum, arrays, timeout=TIMEOUT)) == [float(a.sum()) for a in arrays]
         assert pushes[:2] == [(False, False), (True, True)]
         assert [f.result(timeout=TIMEOUT) for f in futures] == [float(a.sum()) for a in arrays[:3]]

@@ -788,7 +788,7 @@ class MpopApi:
     _WAIT_RUN_ITEMS = 16384  # at most this many items' worth of chunks woken for at once
 
     def _wait_map(self, state: MapState, ordered: bool, done: int, deadline: float | None,
-                  size: int = 0) -> None:
+                  size: int) -> None:
         key = done & _MAX_TSK_ID
         ready = (lambda: key in state.results) if ordered else (lambda: bool(state.results))
         # Woken once per run of chunks, not per chunk (each wake-up costs this thread tens of
@@ -796,7 +796,7 @@ class MpopApi:
         # back (never more than will come: the wait would sit out its step), but no more
         # than about 16k items, whose values are all decoded before the first is returned
         # (with more, they left the cache first and the trivial map ran 10% slower).
-        run = self._WAIT_RUN_ITEMS // size if size else 1
+        run = self._WAIT_RUN_ITEMS // size
 
         def want() -> int:
             return max(1, min((state.sent - state.received) // 2, run))

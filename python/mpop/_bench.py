@@ -223,8 +223,8 @@ def bench_cpu(workers: int, n: int, rounds: int = 5) -> list[Row]:
     note = (f"parallel efficiency, medium x {n}: share of the ceiling in the same round (median of {rounds}): "
             f"map {share['map']:.3f}, enqueue+run {share['enqueue']:.3f}, Pool.map {share['pool']:.3f}, "
             f"static partition {share['static']:.3f}; static partition's efficiency {eff['static']:.3f}")
-    extra = {"serial_s": statistics.median(t["serial"]), "machine_ceiling": eff["ceiling"],
-             "static_efficiency": eff["static"], "rounds": rounds, "note": note}
+    extra = {"serial_s": statistics.median(t["serial"]), "machine_ceiling": eff["ceiling"], "rounds": rounds,
+             "note": note}
     ceiling = f"ceiling {eff['ceiling']:.2f}"
     return [
         Row(f"parallel efficiency, medium x {n}, map ({ceiling})", eff["map"], eff["pool"], "efficiency",
