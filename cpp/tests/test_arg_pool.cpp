@@ -270,8 +270,10 @@ TEST(ArgPool, ASleepingAllocatorCountsAsStarvingAndNudgesFirst) {
                              nudges.fetch_add(1);
                            }));
   });
+  // The waiter registers on the eventcount (prepare_wait) before it counts itself starving
+  // and nudges: wait for the nudge, not only for the registration.
   int64_t deadline = monotonic_ns() + 10'000'000'000;
-  while (f.pool.control().freed.waiters.load() == 0 && monotonic_ns() < deadline)
+  while (nudges.load() == 0 && monotonic_ns() < deadline)
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   ASSERT_EQ(f.pool.control().freed.waiters.load(), 1u);
   EXPECT_GE(nudges.load(), 1);
