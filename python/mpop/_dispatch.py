@@ -259,13 +259,10 @@ class Dispatcher:
         # With debug, every result goes through _deliver, which logs it.
         self._native_settle = None
         if not self.debug and hasattr(collector, "bind_settle"):
-            try:
-                collector.bind_settle(self.futures, self.future_cls, PENDING, FINISHED, cond.acquire, cond.release,
-                                      TaskResult, self.plain.append,
-                                      self.timings.append if self.keep_timings else None)
-                self._native_settle = collector.settle
-            except TypeError:  # TaskResult without slots (Python < 3.11): the Python path
-                pass
+            collector.bind_settle(self.futures, self.future_cls, PENDING, FINISHED, cond.acquire, cond.release,
+                                  TaskResult, self.plain.append,
+                                  self.timings.append if self.keep_timings else None)
+            self._native_settle = collector.settle
 
     # -- draining ---------------------------------------------------------------------------
 
@@ -288,34 +285,7 @@ class Dispatcher:
                 fut._set_value(value)
             except InvalidStateError:  # the user settled it (set_result): theirs stands
                 log.debug("result of an already settled future dropped: %r", fut)
-        # Without native settling (debug, or Python < 3.11), the commonest records are
-        # settled here; with it, `batch` holds only what it left to _deliver.
-        fast = self._native_settle is None and not self.debug
-        timings = self.timings if self.keep_timings else None
-        pop = self.futures.pop
-        plain = self.plain.append
-        for rec in batch:
-            # The commonest records, a future's value and an enqueue()d task's value, are
-            # settled here without further calls; everything else goes through _deliver.
-            if fast and rec[5] == OK:
-                route = rec[10]
-                if route == ROUTE_FUTURE:
-                    fut = pop(rec[0], None)
-                    if fut is not None:
-                        if timings is not None and rec[8]:
-                            timings.append(((rec[8] - rec[7]) / 1e9 if rec[7] else 0.0, (rec[9] - rec[8]) / 1e9))
-                        fut._set_value(rec[6])
-                        continue
-                elif route == ROUTE_PLAIN:
-                    seq, tsk_id, fn_id, worker_id, attempts, _, value, enq, start, end, _ = rec
-                    if start:
-                        wait_s, run_s = (start - enq) / 1e9 if enq else None, (end - start) / 1e9
-                        if timings is not None:
-                            timings.append((wait_s or 0.0, run_s))
-                    else:
-                        wait_s = run_s = None
-                    plain(TaskResult(True, value, None, tsk_id, seq, fn_id, worker_id, attempts, wait_s, run_s))
-                    continue
+        for rec in batch:  # what the collector did not settle itself: see _deliver
             self._deliver(rec)
         self.complete_below = self._collector.first_incomplete
         with self.cond:

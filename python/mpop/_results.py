@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._core import LazyTracked
 
-# Slots (with a weakref slot, as a plain dataclass has one) from Python 3.11; before that
-# a plain dataclass, and the owner builds results through the Python path.
-_SLOTS = {"slots": True, "weakref_slot": True} if sys.version_info >= (3, 11) else {}
-
 __all__ = ["TaskResult", "RunResult"]
 
 
-@dataclass(**_SLOTS)
+def _with_slots(cls: type) -> type:
+    """A dataclass rebuilt with one slot per field and a ``__weakref__`` slot, as
+    ``dataclass(slots=True, weakref_slot=True)`` makes it from Python 3.11 (those flags do
+    not exist on 3.9). The native collector writes results straight into these slots."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in names and k not in ("__dict__", "__weakref__")}
+    namespace["__slots__"] = (*names, "__weakref__")
+    slotted = type(cls)(cls.__name__, cls.__bases__, namespace)
+    slotted.__qualname__ = cls.__qualname__
+    return slotted
+
+
+@_with_slots
+@dataclass
 class TaskResult(LazyTracked):
     """The outcome of one task.
 
