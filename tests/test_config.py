@@ -208,6 +208,7 @@ GOOD_VALUES = [
     ("worker_batch_size", 1),
     ("worker_batch_size", 24),
     ("worker_batch_size", 7),
+    ("worker_batch_size", 5000),  # any int >= 1; a claim takes at most queue_slots
     ("start_method", "spawn"),
     ("start_method", "fork"),
     ("start_method", "forkserver"),
@@ -244,6 +245,16 @@ def test_good_value_is_accepted_and_shown_in_config(param, value):
             assert shown in (value, value.__name__)
         else:
             assert shown == value
+    finally:
+        app.shutdown()
+
+
+def test_a_batch_larger_than_the_ring_claims_at_most_the_ring():
+    app = make_app(queue_slots=8, worker_batch_size=5000)
+    try:
+        for i in range(100):
+            app.enqueue(mpop.ProcTaskFnID.INCREMENT, args=(i,))
+        assert app.run(timeout=60).values() == [i + 1 for i in range(100)]
     finally:
         app.shutdown()
 

@@ -384,6 +384,20 @@ def test_unserialisable_argument_raises_type_error_at_enqueue(app, value):
     assert res.values() == ["fine"]
 
 
+def test_an_argument_nested_too_deeply_raises_type_error(app):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="nested too deeply"):
+        app.enqueue(ok, args=(deep,))
+    app.start()
+    with pytest.raises(TypeError, match="nested too deeply"):
+        app.enqueue(ok, args=(deep,))  # the native path while running
+    with pytest.raises(TypeError, match="nested too deeply"):
+        app.submit(ok, deep)
+    assert app.submit(ok, 5).result(timeout=TIMEOUT) == 5
+
+
 def test_unserialisable_argument_while_running(app):
     app.start()
     with pytest.raises(TypeError):

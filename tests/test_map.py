@@ -170,6 +170,31 @@ def test_failing_item_unordered(app):
     assert 5 not in got and set(got) <= set(range(10))
 
 
+def _raises_at(n: int):
+    for i in range(n + 1000):
+        if i == n:
+            raise ValueError(f"the input failed at item {n}")
+        yield i
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_input_that_raises_fails_at_its_position(app, ordered):
+    # Like Pool.imap: every item read before the input raised gets its result first.
+    got = []
+    with pytest.raises(ValueError, match="failed at item 5000"):
+        for v in app.map(square, _raises_at(5000), ordered=ordered):
+            got.append(v)
+    assert sorted(got) == [x * x for x in range(5000)]
+    if ordered:
+        assert got == [x * x for x in range(5000)]
+
+
+def test_an_input_that_raises_at_once_raises_at_once(app):
+    with pytest.raises(ValueError, match="failed at item 0"):
+        next(iter(app.map(square, _raises_at(0))))
+    assert list(app.map(square, range(3))) == [0, 1, 4]  # the app is fine
+
+
 def test_app_usable_after_abandoned_map(app):
     it = app.map(jittery_square, range(1000))
     assert next(it) == 0

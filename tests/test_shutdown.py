@@ -144,6 +144,7 @@ def test_use_after_shutdown_raises_shutdown_error():
         lambda: app.start(),
         lambda: app.register(lambda: 0),
         lambda: app.scale(2),
+        lambda: app.__enter__(),  # `with app:` on an app that was shut down
     ]
     for call in calls:
         with pytest.raises(mpop.ShutdownError):

@@ -516,6 +516,9 @@ class MpopApi:
         try:
             return rt.producer.enqueue(h.fn_id, tsk_id, args, kwargs, c_args, h.slot_mode, blocking,
                                        timeout, route, claim_alone, self._check_workers)
+        except RecursionError as e:  # a RuntimeError, but a fault of the argument, not the app
+            raise TypeError(f"an argument of task {tsk_id} for {h.name!r} cannot be serialised: "
+                            f"it is nested too deeply ({e})") from None
         except _UNSERIALISABLE as e:
             if isinstance(e, TypeError) and str(e).startswith("mpop:"):
                 raise TypeError(str(e)[6:]) from None
@@ -687,6 +690,7 @@ class MpopApi:
         out = 0  # items in flight: the sum of `sizes`
         done = 0  # chunks returned; state.sent counts those sent
         exhausted = checked = False
+        source_error: Exception | None = None  # what the input raised, once reached
         try:
             while True:
                 state.touched = time.monotonic()  # the background thread leaves us alone
@@ -704,7 +708,13 @@ class MpopApi:
                     if span is not None:
                         items = span[taken:taken + min(size, room)]
                     else:
-                        items = list(itertools.islice(source, min(size, room)))
+                        # extend() keeps the items read before the input raised: they go
+                        # out, and the error is raised in their place, after their values.
+                        items = []
+                        try:
+                            items.extend(itertools.islice(source, min(size, room)))
+                        except Exception as e:
+                            source_error, source = e, iter(())
                     if not items:
                         exhausted = True
                         break
@@ -730,6 +740,8 @@ class MpopApi:
                     taken += len(items)
                     state.sent += 1
                 if done == state.sent and exhausted:
+                    if source_error is not None:
+                        raise source_error
                     return
                 if ordered:
                     key = done & _MAX_TSK_ID
@@ -997,6 +1009,7 @@ class MpopApi:
     close = shutdown
 
     def __enter__(self) -> MpopApi:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: Any) -> None:
