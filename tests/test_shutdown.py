@@ -255,3 +255,60 @@ def test_killed_owner_leaves_nothing(tmp_path):
     # The workers notice their owner died, leave, and the last one out removes the segment.
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), 20), [p for p in pids if pid_alive(p)]
     assert wait_until(lambda: not (SHM / name).exists(), 20), name
+
+
+# -- what an app leaves in its own process ------------------------------------------------------
+
+
+def _mapped_segments() -> list[str]:
+    """mpop segments this process still maps (an unlinked one shows as '(deleted)')."""
+    with open("/proc/self/maps") as f:
+        return [line.split()[-2] if line.rstrip().endswith("(deleted)") else line.split()[-1]
+                for line in f if "/dev/shm/" in line and "mpop" in line]
+
+
+def _native_refs(app) -> list:
+    """Weak references to an app's native objects (the segment holds the mapping)."""
+    import weakref
+
+    rt = app._runtime
+    return [weakref.ref(rt.segment), weakref.ref(rt.producer), weakref.ref(rt.collector)]
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "with", "dropped"])
+def test_an_app_that_ends_releases_its_memory_at_once(ending):
+    # Without a garbage collection: nothing of the app may sit in a reference cycle that
+    # runs through a native object (the collector and the fast path hold the dispatcher's
+    # dict, future class and bound methods).
+    import gc
+
+    before = _mapped_segments()
+    gc.disable()
+    try:
+        app = MpopApi(workers=1, auto_terminate=False, pool_bytes=1 << 20)
+        kept = app.submit(add, 1, 2)  # a future the caller keeps after the end
+        assert kept.result(timeout=TIMEOUT) == 3
+        list(app.map(add, range(10), range(10)))
+        refs = _native_refs(app)
+        if ending == "shutdown":
+            app.shutdown()
+        elif ending == "with":
+            with app:
+                pass
+        del app
+        assert [r() for r in refs] == [None, None, None]
+        assert _mapped_segments() == before
+        assert kept.result() == 3
+    finally:
+        gc.enable()
+
+
+def test_many_apps_leave_no_mappings_behind():
+    before = _mapped_segments()
+    for i in range(30):
+        app = MpopApi(workers=1, start_method="fork", pool_bytes=1 << 20)
+        assert app.submit(add, i, 1).result(timeout=TIMEOUT) == i + 1
+        if i % 2:
+            app.shutdown()
+        del app
+    assert _mapped_segments() == before

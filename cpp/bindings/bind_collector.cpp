@@ -77,6 +77,20 @@ class PyCollector {
     s_->timings_append = std::move(timings_append);
   }
 
+  // Lets go of everything bind_settle gave it (at shutdown, and for the garbage collector:
+  // the dispatcher holds this collector, and this collector holds the dispatcher's dict,
+  // future class and bound methods, a cycle only the collector's traverse and clear let
+  // the garbage collector see and break).
+  void unbind_settle() { s_.reset(); }
+
+  int traverse(visitproc visit, void* arg) const {
+    if (!s_) return 0;
+    for (const py::object* o : {&s_->futures, &s_->future_cls, &s_->pending, &s_->finished, &s_->acquire,
+                                &s_->release, &s_->result_cls, &s_->plain_append, &s_->timings_append})
+      Py_VISIT(o->ptr());
+    return 0;
+  }
+
   // drain() that settles what it can itself (see bind_settle): returns (delivered, records
   // for the dispatcher's _deliver, [(future, value)] for its _set_value). Records of
   // failures, map chunks, and futures it cannot settle go back to Python.
@@ -305,11 +319,25 @@ void register_collector(py::module_& m) {
   if (base == nullptr) throw py::error_already_set();
   m.attr("LazyTracked") = py::reinterpret_steal<py::object>(base);
 
-  py::class_<PyCollector>(m, "Collector")
+  py::class_<PyCollector>(m, "Collector", py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                             auto* type = &heap_type->ht_type;
+                             type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                             type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+                               Py_VISIT(Py_TYPE(self));
+                               if (!py::detail::is_holder_constructed(self)) return 0;
+                               return py::cast<PyCollector&>(py::handle(self)).traverse(visit, arg);
+                             };
+                             type->tp_clear = [](PyObject* self) {
+                               if (py::detail::is_holder_constructed(self))
+                                 py::cast<PyCollector&>(py::handle(self)).unbind_settle();
+                               return 0;
+                             };
+                           }))
       .def(py::init<SegmentPtr>())
       .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none(),
            py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("bind_settle", &PyCollector::bind_settle)
+      .def("unbind_settle", &PyCollector::unbind_settle)
       .def("settle", &PyCollector::settle, py::arg("max") = 4096, py::arg("timeout") = py::none(),
            py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("interrupt", &PyCollector::interrupt)

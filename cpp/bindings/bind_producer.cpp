@@ -328,6 +328,10 @@ PyObject* fast_add(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
     PyErr_SetString(PyExc_TypeError, "FastPath.add(fn, fn_id, min_pos, max_pos)");
     return nullptr;
   }
+  if (self->handlers == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "mpop: FastPath.add after release()");
+    return nullptr;
+  }
   unsigned long fn_id = PyLong_AsUnsignedLong(argv[1]);
   Py_ssize_t lo = PyLong_AsSsize_t(argv[2]);
   Py_ssize_t hi = PyLong_AsSsize_t(argv[3]);
@@ -357,6 +361,13 @@ PyObject* fast_bind(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   Py_RETURN_NONE;
 }
 
+// release(): disarms and drops every reference (the app's shutdown), so that nothing the
+// fast path held keeps the dispatcher or the producer alive.
+PyObject* fast_release(PyObject* o, PyObject* const*, Py_ssize_t) {
+  fast_clear(o);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef fast_methods[] = {
     {"enqueue", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_enqueue)), METH_FASTCALL,
      "enqueue(fn, args) -> True, or None when the Python path must take the call"},
@@ -366,6 +377,8 @@ PyMethodDef fast_methods[] = {
      "add(fn, fn_id, min_pos, max_pos): lets calls of fn take the fast path"},
     {"bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_bind)), METH_FASTCALL,
      "bind(futures, early, register_future, future_cls, check)"},
+    {"release", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_release)), METH_FASTCALL,
+     "release(): disarms the fast path and drops every reference it holds"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMemberDef fast_members[] = {

@@ -10,6 +10,10 @@ Producer::Producer(Segment& seg)
     : seg_(seg), ring_(seg.tasks()), pool_(seg.pool()), slot_size_(seg.config().slot.size) {}
 
 Producer::~Producer() {
+  if (process_.inherited()) {
+    abandon_inherited_thread(feeder_);
+    return;
+  }
   close();
   if (feeder_.joinable()) feeder_.join();
 }

@@ -195,6 +195,7 @@ bool Segment::remove(const std::string& name) {
 uint32_t Segment::leave(bool owner_dead) {
   if (left_ || !header_) return 0;
   left_ = true;
+  if (process_.inherited()) return header_->attached.load(std::memory_order_acquire);
   if ((unlink_on_close_ || owner_dead) && header_->owner_released.exchange(1) == 0 && owner_dead)
     header_->attached.fetch_sub(1, std::memory_order_acq_rel);
   uint32_t left = header_->attached.fetch_sub(1, std::memory_order_acq_rel) - 1;

@@ -26,6 +26,7 @@ Supervisor::Supervisor(Segment& seg, SupervisorOptions opts)
 }
 
 Supervisor::~Supervisor() {
+  if (process_.inherited()) abandon_inherited_thread(thread_);
   if (thread_.joinable()) stop(false, 0);
   if (event_fd_ >= 0) close(event_fd_);
 }

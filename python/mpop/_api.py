@@ -74,6 +74,7 @@ class _Runtime:
         self.fast = None  # _core.FastPath: armed while the workers run
         self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
         self.closed = False
+        self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
         if self.fast is not None:
@@ -82,8 +83,17 @@ class _Runtime:
         if sup is not None:
             sup.stop(graceful, timeout)
 
+    def abandon(self) -> None:
+        """In a fork() child: this runtime is the parent's. The child never stops, closes or
+        drains it (the native objects' destructors leave it alone too); calls raise."""
+        self.inherited = True
+        if self.fast is not None:
+            self.fast.armed = False
+        if self.dispatcher is not None:
+            self.dispatcher.inherited = True
+
     def close(self) -> None:
-        if self.closed:
+        if self.closed or self.inherited:
             return
         self.closed = True
         if self.fast is not None:
@@ -101,6 +111,15 @@ class _Runtime:
         if self.forkserver is not None:
             self.forkserver.close()
         self.segment.leave()
+        # Let go of every Python object the native ones hold (the dispatcher's futures dict,
+        # future class and bound methods), so that nothing keeps the dispatcher, and through
+        # it the unlinked segment's mapping, alive after shutdown: futures the caller keeps
+        # refer to the dispatcher through their class.
+        if self.dispatcher is not None:
+            self.dispatcher.release()
+        self.collector.unbind_settle()
+        if self.fast is not None:
+            self.fast.release()
 
 
 _cleaned = False
@@ -124,6 +143,18 @@ def _cleanup_dead_owners_once() -> None:
 def _finalize(runtime_ref: list) -> None:
     if runtime_ref and runtime_ref[0] is not None:
         runtime_ref[0].close()
+
+
+# Every live app of this process, so that a fork() child can disown the ones it inherits.
+_APPS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for app in list(_APPS):
+        app._disown()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class MapIterator(itertools.chain):
@@ -269,8 +300,20 @@ class MpopApi:
         self._run_started: float | None = None
         if debug and not max_performance:
             self._enable_debug_logging()
-        self._registry = Registry(slot_class, on_register=self._on_register)
+        # The registry calls back into the app weakly: an app nobody refers to any more is
+        # freed (and its finalizer stops its workers) at once, not at the next collection.
+        app_ref = weakref.ref(self)
+
+        def on_register(h: Handler) -> None:
+            app = app_ref()
+            if app is not None:
+                app._on_register(h)
+
+        self._registry = Registry(slot_class, on_register=on_register)
+        self._owner_pid = os.getpid()
+        self._inherited = False  # see _disown
         self._finalizer = weakref.finalize(self, _finalize, self._runtime_ref)
+        _APPS.add(self)
         if handler_module is not None:
             try:
                 self.register_handlers(module=handler_module)
@@ -390,9 +433,24 @@ class MpopApi:
     # -- runtime ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        self._check_owner()
         if self._shutdown:
             raise ShutdownError("this MpopApi was shut down; create a new one")
 
+    def _check_owner(self) -> None:
+        if self._inherited:
+            raise MpopError(f"this MpopApi belongs to process {self._owner_pid}; process {os.getpid()} "
+                            f"inherited it through fork() and cannot use it: create a new MpopApi here")
+
+    def _disown(self) -> None:
+        """Called in a fork() child for every app it inherited: the parent's workers, segment
+        and results stay the parent's. Every call raises MpopError from now on, except
+        shutdown(), which only marks this copy shut down (a `with` block may end in the
+        child), and nothing is released at the child's exit."""
+        self._inherited = True
+        rt = self._runtime
+        if rt is not None:
+            rt.abandon()
     def _ensure_runtime(self) -> _Runtime:
         rt = self._runtime
         if rt is not None:
@@ -431,7 +489,10 @@ class MpopApi:
                 if a is not None:
                     a._check_workers()
 
-            d = rt.dispatcher = Dispatcher(rt.collector, names, c, lambda: rt.producer.submitted)
+            # The producer's count, not a closure over the runtime: nothing the dispatcher
+            # holds may lead back to the runtime (see _Runtime.close).
+            submitted = functools.partial(getattr, rt.producer, "submitted")
+            d = rt.dispatcher = Dispatcher(rt.collector, names, c, submitted)
             rt.fast = _core.fast_path(rt.producer, self._tsk_ids, _MAX_TSK_ID)
             rt.fast.bind(d.futures, d.early, d.register_future, d.future_cls, check_workers)
             try:
@@ -826,6 +887,7 @@ class MpopApi:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until every task enqueued so far has a result. Returns False on timeout."""
+        self._check_owner()
         if self._runtime is None:
             return True
         if self._outstanding() and not self._running():
@@ -839,6 +901,7 @@ class MpopApi:
     def results(self, timeout: float | None = None) -> Iterator[TaskResult]:
         """Yields the TaskResult of each enqueue()d task as it finishes, until every task
         enqueued so far is done (or `timeout` passes: TimeoutError)."""
+        self._check_owner()
         if self._runtime is None:
             return
         if self._outstanding() and not self._running():
@@ -984,6 +1047,9 @@ class MpopApi:
         (cancel_pending=True), then stops the workers and releases the shared memory."""
         if self._shutdown:
             return
+        if self._inherited:  # a fork() child's copy: the parent's to stop, not ours
+            self._shutdown = True
+            return
         rt = self._runtime
         try:
             if rt is not None:
@@ -1019,6 +1085,7 @@ class MpopApi:
 
     def status(self) -> dict:
         """A snapshot: {"config": .., "queue": .., "workers": [..]}."""
+        self._check_owner()
         rt = self._runtime
         queue: dict = {"capacity": self._config["queue_slots"], "queued": 0, "backlog": 0,
                        "submitted": 0, "finished": 0, "in_flight": 0}
@@ -1061,6 +1128,7 @@ class MpopApi:
     def kill_worker(self, worker_id: int) -> bool:
         """SIGKILLs one worker (administration and testing); the supervisor recovers its
         tasks and starts a replacement. Returns False if no such live worker."""
+        self._check_owner()
         rt = self._runtime
         if rt is None or rt.supervisor is None:
             return False

@@ -238,6 +238,8 @@ class Dispatcher:
         self.debug = config.get("debug", False) and not config.get("max_performance", False)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # A fork() child's copy of its parent's dispatcher: the results are the parent's.
+        self.inherited = False
         self._idle = False  # the background thread sleeps: nothing in flight
         # Callers blocked in help_until (future.result(), map, run...), under `cond`. While
         # there are any, the background thread leaves draining to them: a result then goes
@@ -303,6 +305,9 @@ class Dispatcher:
         that waits for one result and wants it with the least latency."""
         if done():
             return True
+        if self.inherited:
+            raise MpopError("this result belongs to the process that created the MpopApi; a fork() "
+                            "child cannot wait for it")
         with self.cond:
             self._helpers += 1
         try:
@@ -442,6 +447,17 @@ class Dispatcher:
         self._collector.interrupt()
         with self.cond:
             self.cond.notify_all()
+
+    def release(self) -> None:
+        """After shutdown (background thread stopped, every future settled): drops the
+        native collector and what is left to deliver, so that futures a caller keeps, which
+        refer to this dispatcher through their class, keep nothing else alive."""
+        self._collector = self._native_settle = None
+        self._submitted = int  # 0: the producer (and its segment) is let go too
+        self.futures.clear()
+        self.early.clear()
+        self.maps.clear()
+        self.plain.clear()
 
     def stop_background(self) -> None:
         self._stop.set()

@@ -97,6 +97,7 @@ class Producer {
   bool feeding_ = false;             // guarded by backlog_mutex_
   bool started_ = false;             // guarded by backlog_mutex_: workers are taking tasks
   std::thread feeder_;
+  ProcessOwned process_;  // in a fork() child, the destructor leaves the parent's ring alone
 };
 
 template <class Sink>

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "mpop/arg_pool.hpp"
+#include "mpop/process_owned.hpp"
 #include "mpop/result_ring.hpp"
 #include "mpop/slot_layout.hpp"
 #include "mpop/task_ring.hpp"
@@ -96,7 +97,8 @@ class Segment {
   void set_unlink_on_close(bool v) { unlink_on_close_ = v; }
   // Drops this process's attachment; returns the number still attached. A worker passes
   // owner_dead when the owner died without leaving, and drops the owner's share too, so
-  // that the last process out removes the segment.
+  // that the last process out removes the segment. In a fork() child of the process that
+  // mapped it, it only forgets the mapping: the attachment is the parent's.
   uint32_t leave(bool owner_dead = false);
 
   static uint64_t process_start_time(int pid);  // 0 if the process does not exist
@@ -116,6 +118,7 @@ class Segment {
   std::shared_ptr<void> region_;  // the Boost mapped_region
   bool left_ = false;
   bool unlink_on_close_ = false;
+  ProcessOwned process_;
 };
 
 }  // namespace mpop

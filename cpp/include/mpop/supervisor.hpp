@@ -115,6 +115,7 @@ class Supervisor {
   std::atomic<int64_t> stop_deadline_ns_{0};
   int event_fd_ = -1;
   std::thread thread_;
+  ProcessOwned process_;  // in a fork() child, the destructor leaves the parent's workers alone
 
   mutable std::mutex mutex_;  // commands and errors from other threads
   std::deque<uint32_t> kill_requests_;
