@@ -204,3 +204,59 @@ def test_handler_module_failing_in_workers_raises_instead_of_hanging(tmp_path, m
             app.shutdown(wait=False)
     finally:
         sys.modules.pop(name, None)
+
+
+OUTPUT_SCRIPT = r"""
+import sys, time
+import mpop
+
+def hello(i):
+    print("hello from a worker", i, flush=True)
+    return i
+
+def shout(n):
+    sys.stdout.write("x" * n + "\n")  # more than a pipe holds: must not block
+    sys.stdout.flush()
+    return n
+
+def sleepy(s):
+    time.sleep(s)
+    return s
+
+if __name__ == "__main__":
+    with mpop.MpopApi(workers=1, start_method=sys.argv[1], auto_terminate=False,
+                      task_timeout=2) as app:
+        assert app.submit(hello, 1).result(timeout=60) == 1
+        assert app.submit(shout, 200_000).result(timeout=60) == 200_000
+        old = app.status()["workers"][0]["pid"]
+        app.kill_worker(0)
+        deadline = time.monotonic() + 60
+        while app.status()["workers"][0]["pid"] in (old, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The replacement prints, and the supervisor knows its real pid: it can time out
+        # its task and kill it by id.
+        new = app.status()["workers"][0]["pid"]
+        assert new != old and new > 0, (old, new)
+        assert app.submit(hello, 2).result(timeout=60) == 2
+        assert app.status()["workers"][0]["pid"] == new
+        try:
+            app.submit(sleepy, 30).result(timeout=60)
+            raise SystemExit("task_timeout did not stop the task")
+        except mpop.TaskTimeoutError:
+            pass
+        assert app.submit(hello, 3).result(timeout=60) == 3
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_handler_output_reaches_the_owners_stdout(tmp_path, method):
+    script = tmp_path / "output.py"
+    script.write_text(OUTPUT_SCRIPT)
+    proc = run_python([str(script), method], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    lines = proc.stdout.splitlines()
+    for i in (1, 2, 3):
+        assert f"hello from a worker {i}" in lines, proc.stdout[-2000:]
+    assert "x" * 200_000 in lines
+    assert lines[-1] == "done"

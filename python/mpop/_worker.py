@@ -211,11 +211,12 @@ def _set_parent_death_signal() -> None:
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def forkserver_main(name: str, owner_pid: int, stdout_fd: int = -1) -> int:
+def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     """A fork server: a fresh interpreter that imports mpop and the handler module once,
     then forks one worker per request line ``ID GENERATION`` on stdin, answering with the
-    child's pid. It never imports the owner's ``__main__``; it exits when stdin closes or
-    its parent (the owner's supervisor thread) dies."""
+    child's pid on `reply_fd` (a pipe of its own: its standard output and error, and its
+    workers', are the owner's). It never imports the owner's ``__main__``; it exits when
+    stdin closes or its parent (the owner's supervisor thread) dies."""
     _set_parent_death_signal()
     if os.getppid() != owner_pid:
         return 1  # the owner died before the death signal was armed
@@ -232,18 +233,14 @@ def forkserver_main(name: str, owner_pid: int, stdout_fd: int = -1) -> int:
         traceback.print_exc()
     segment.leave()
     del segment
+    replies = os.fdopen(reply_fd, "w", buffering=1)
     for line in sys.stdin:
         worker_id, generation = map(int, line.split())
         pid = os.fork()
         if pid == 0:
             try:
                 sys.stdin.close()
-                # fd 1 was our pipe to the owner: give the worker the owner's stdout instead
-                # (closing it would let another file take fd 1 and print() write into it).
-                if stdout_fd >= 0:
-                    os.dup2(stdout_fd, 1)
-                else:
-                    os.dup2(2, 1)
+                os.close(reply_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _set_parent_death_signal()
                 code = run(name, worker_id, generation)
@@ -253,8 +250,7 @@ def forkserver_main(name: str, owner_pid: int, stdout_fd: int = -1) -> int:
             finally:
                 sys.stderr.flush()
             os._exit(code)
-        sys.stdout.write(f"{pid}\n")
-        sys.stdout.flush()
+        replies.write(f"{pid}\n")
     return 0
 
 
@@ -265,24 +261,34 @@ class ForkServer:
         self.name = name
         self.argv_prefix = argv_prefix
         self.proc = None
+        self.replies = None  # the read end of the fork server's reply pipe
 
     def spawn(self, worker_id: int, generation: int) -> int:
         import subprocess
 
         if self.proc is None or self.proc.poll() is not None:
+            self._close_replies()
+            # Replies (pids) come on a pipe of their own: the fork server's standard output
+            # and error, which its workers inherit, stay the owner's.
+            r, w = os.pipe()
             try:
-                out = sys.stdout.fileno()
-            except (AttributeError, OSError, ValueError):  # e.g. a notebook's stdout
-                out = 2
-            self.proc = subprocess.Popen(
-                [*self.argv_prefix, "--forkserver", self.name, str(os.getpid()), str(out)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(out,))
+                self.proc = subprocess.Popen(
+                    [*self.argv_prefix, "--forkserver", self.name, str(os.getpid()), str(w)],
+                    stdin=subprocess.PIPE, pass_fds=(w,))
+            finally:
+                os.close(w)
+            self.replies = os.fdopen(r, "rb")
         self.proc.stdin.write(f"{worker_id} {generation}\n".encode())
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        line = self.replies.readline()
         if not line:
             raise RuntimeError("the mpop fork server exited (see its stderr)")
         return int(line)
+
+    def _close_replies(self) -> None:
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
 
     def close(self) -> None:
         if self.proc is not None:
@@ -292,8 +298,8 @@ class ForkServer:
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
-            self.proc.stdout.close()
             self.proc = None
+        self._close_replies()
 
 
 if __name__ == "__main__":
