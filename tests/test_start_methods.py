@@ -260,3 +260,54 @@ def test_handler_output_reaches_the_owners_stdout(tmp_path, method):
         assert f"hello from a worker {i}" in lines, proc.stdout[-2000:]
     assert "x" * 200_000 in lines
     assert lines[-1] == "done"
+
+
+MAIN_TYPES_SCRIPT = r"""
+import sys
+from dataclasses import dataclass
+import mpop
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+class MainError(Exception):
+    pass
+
+def make(x):
+    return Point(x, x + 1)
+
+def norm(p):
+    return p.x + p.y
+
+def boom(x):
+    raise MainError(f"bad {x}")
+
+if __name__ == "__main__":
+    with mpop.MpopApi(workers=1, start_method=sys.argv[1]) as app:
+        p = app.submit(make, 1).result(timeout=60)
+        assert type(p) is Point and p == Point(1, 2), p          # the owner's own class
+        assert app.submit(norm, Point(2, 3)).result(timeout=60) == 5
+        assert list(app.map(norm, [Point(i, i) for i in range(5)])) == [0, 2, 4, 6, 8]
+        try:
+            app.submit(boom, 7).result(timeout=60)
+        except MainError as e:
+            assert type(e) is MainError and str(e) == "bad 7"
+            assert "MainError: bad 7" in str(e.__cause__)   # the worker's traceback
+        app.enqueue(make, args=(5,))
+        (r,) = app.run().results
+        assert type(r.value) is Point and r.value == Point(5, 6)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_classes_and_exceptions_defined_in_main(tmp_path, method):
+    # Returned, passed and raised: under spawn and forkserver the worker's __main__ is not
+    # the script, so these travel by value and come back as the script's own classes.
+    script = tmp_path / "main_types.py"
+    script.write_text(MAIN_TYPES_SCRIPT)
+    proc = run_python([str(script), method], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["ok"], proc.stdout + proc.stderr

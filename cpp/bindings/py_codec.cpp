@@ -4,6 +4,8 @@
 
 #include <Python.h>
 
+#include <string_view>
+
 namespace mpop::py_codec {
 
 namespace {
@@ -14,6 +16,28 @@ py::object& pickle_dumps() {
 py::object& pickle_loads() {
   static py::object* f = new py::object(py::module_::import("pickle").attr("loads"));
   return *f;
+}
+// mpop._pickling.dumps_by_value(obj, error): cloudpickle, or pickle's own error (see there).
+py::object& pickle_by_value() {
+  static py::object* f = new py::object(py::module_::import("mpop._pickling").attr("dumps_by_value"));
+  return *f;
+}
+
+// pickle.dumps(obj), unless it fails or refers to __main__ (which a worker's __main__ does
+// not hold): then cloudpickle, by value (see mpop._pickling).
+py::bytes pickle_value(py::handle obj) {
+  py::object pickled;
+  try {
+    pickled = pickle_dumps()(obj, 5);
+  } catch (py::error_already_set& e) {
+    return pickle_by_value()(obj, e.value());
+  }
+  char* data = nullptr;
+  Py_ssize_t n = 0;
+  if (PyBytes_AsStringAndSize(pickled.ptr(), &data, &n) < 0) throw py::error_already_set();
+  if (std::string_view(data, static_cast<size_t>(n)).find("__main__") != std::string_view::npos)
+    return pickle_by_value()(obj);
+  return pickled;
 }
 
 // A read-only buffer over memory someone else owns (a pool block): what a zero-copy array
@@ -130,7 +154,7 @@ void encode_value(py::handle obj, StreamWriter& w, std::vector<py::object>* keep
   // Scalars, arrays, and lists and tuples of those (a map() chunk's items and results, say)
   // natively: several times cheaper than pickling them, both ways.
   if (encode_plain(obj.ptr(), w, 0, keep)) return;
-  py::bytes pickled = pickle_dumps()(obj, 5);
+  py::bytes pickled = pickle_value(obj);
   char* data = nullptr;
   Py_ssize_t n = 0;
   PyBytes_AsStringAndSize(pickled.ptr(), &data, &n);

@@ -89,9 +89,11 @@ def _value_of(r, task_result: type):
 def pack_error(exc: BaseException) -> bytes:
     """A handler's exception as bytes: the exception itself when it survives pickling, and
     always the worker's formatted traceback."""
+    from ._pickling import dumps
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        data = pickle.dumps((exc, tb), protocol=5)
+        data = dumps((exc, tb))
         pickle.loads(data)
         return data
     except Exception:
