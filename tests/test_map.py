@@ -118,7 +118,7 @@ def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
 
         def spy(h, tsk_id, args, *rest):
             if rest[-1]:  # claim_alone: a map() chunk
-                items = args[2]
+                items = args[3]
                 sizes.append((type(items).__name__, len(items)))
             return push(h, tsk_id, args, *rest)
 
@@ -316,7 +316,7 @@ def _chunk_sizes(app, monkeypatch):
 
     def spy(h, tsk_id, args, *rest):
         if rest[-1]:  # a map() chunk: (fn_id, star, items)
-            sizes.append(len(args[2]))
+            sizes.append(len(args[3]))
         return push(h, tsk_id, args, *rest)
 
     monkeypatch.setattr(app, "_push", spy)
@@ -384,8 +384,8 @@ def test_guided_range_chunks_shrink_no_further_than_the_floor(monkeypatch):
         push = app._push
 
         def spy(h, tsk_id, args, *rest):
-            if rest[-1] and type(args[2]) is range:  # a map() chunk of a range
-                sizes.append(len(args[2]))
+            if rest[-1] and type(args[3]) is range:  # a map() chunk of a range
+                sizes.append(len(args[3]))
             return push(h, tsk_id, args, *rest)
 
         monkeypatch.setattr(app, "_push", spy)

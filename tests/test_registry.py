@@ -1,6 +1,7 @@
 """Handler registration: @app.task, register, register_handlers, list_functions, validate,
 reserved and duplicate ids/names, built-ins, late registration and self-registration."""
 
+import functools
 import os
 import textwrap
 import threading
@@ -493,12 +494,54 @@ def test_registered_function_is_not_registered_again(app):
     assert res.values() == [4]
 
 
-def test_lambda_and_closure_self_register(app):
+def test_lambdas_and_closures_run_without_being_registered(app):
     offset = 1000
     closure = lambda x: x + offset  # noqa: E731
+    before = app.list_functions()
     app.enqueue(closure, args=(1,))
     app.enqueue(lambda s: s.upper(), args=("abc",))
     assert app.run(timeout=TIMEOUT).values() == [1001, "ABC"]
+    assert app.list_functions() == before
+
+
+def add_three(a, b, c):
+    return a + 10 * b + 100 * c
+
+
+def test_functions_made_at_run_time_do_not_pile_up_in_the_registry():
+    # Distinct partials, closures and bound methods, far more than the registry holds:
+    # they travel with their tasks, and nothing accumulates for the app's life.
+    class Scaler:
+        def __init__(self, k):
+            self.k = k
+
+        def scale(self, x):
+            return self.k * x
+
+    with make_app(workers=1, auto_terminate=False, registry_bytes=1 << 16) as app:
+        futs = []
+        for i in range(3000):
+            futs.append(app.submit(functools.partial(add_three, i), 1, c=2))
+            futs.append(app.submit(lambda x, i=i: x + i, 1))
+            futs.append(app.submit(Scaler(i).scale, 2))
+        values = [f.result(timeout=TIMEOUT) for f in futs]
+        assert values == [v for i in range(3000) for v in (i + 10 + 200, 1 + i, 2 * i)]
+        assert list(app.map(functools.partial(add_three, c=1), range(5), range(5))) == \
+            [a + 10 * a + 100 for a in range(5)]
+        # Only the module-level function the partials wrap is registered.
+        assert [d["name"] for d in app.list_functions() if not d["builtin"]] == ["add_three"]
+        # A closure over 5 MB travels through the argument pool (the registry holds 64 KB),
+        # and the app carries on.
+        big = bytes(5_000_000)
+        assert app.submit(lambda: len(big)).result(timeout=TIMEOUT) == 5_000_000
+        assert app.submit(abs, -3).result(timeout=TIMEOUT) == 3
+
+
+def test_a_partial_is_checked_against_its_function(app):
+    with pytest.raises(TypeError, match="add_three"):
+        app.submit(functools.partial(add_three, 1, 2), 3, 4)
+    with pytest.raises(TypeError, match="add_three"):
+        app.enqueue(functools.partial(add_three, 1), args=(2,), c=3, d=4)
 
 
 def test_registration_from_several_threads_gets_distinct_ids(app):
@@ -527,15 +570,21 @@ def test_registration_from_several_threads_gets_distinct_ids(app):
     assert all(i >= 0x1000 for i in ids)
 
 
+def _module_level(k):
+    def handler(x):
+        return x * 1000 + k
+
+    handler.__qualname__ = handler.__name__ = f"concurrent_{k}"
+    return handler
+
+
+# 32 functions this module holds under their names: importable, so they register once.
+for _k in range(32):
+    globals()[f"concurrent_{_k}"] = _module_level(_k)
+
+
 def test_self_registration_from_several_threads_while_running():
-    def make(k):
-        def handler(x):
-            return x * 1000 + k
-
-        handler.__qualname__ = f"concurrent_{k}"
-        return handler
-
-    fns = [make(k) for k in range(32)]
+    fns = [globals()[f"concurrent_{k}"] for k in range(32)]
     errors = []
     with make_app(workers=2, auto_terminate=False) as app:
         app.start()

@@ -622,6 +622,7 @@ class MpopApi:
                 raise TypeError(f"c_args must be bytes, got {type(c_args).__name__}")
             c_args = bytes(c_args)
         label = self._label(tsk_id)
+        args, kwargs = h.call_args(args, kwargs)
         seq = self._push(h, label, args, kwargs, c_args, blocking, timeout, ROUTE_PLAIN)
         if seq:
             return True
@@ -660,7 +661,8 @@ class MpopApi:
         if not self._running():
             self.start()
         fut = self._dispatcher.future_cls()
-        seq = self._push(h, self._label(None), args, kwargs or None, None, True, None, ROUTE_FUTURE)
+        args, kwargs = h.call_args(args, kwargs or None)
+        seq = self._push(h, self._label(None), args, kwargs, None, True, None, ROUTE_FUTURE)
         d = self._dispatcher
         d.register_future(seq, fut)
         if d._thread is None:
@@ -744,6 +746,9 @@ class MpopApi:
         if self._config["max_tasks_per_worker"] or self._config["task_timeout"]:
             size_cap = 1  # recycling counts items, and a time limit applies to one item
         size = min(chunksize or 16, size_cap)
+        # What each chunk's runner binds before an item: a partial's arguments, a function
+        # sent by value (see Registry.resolve).
+        call = (h.sends, h.binds_kw) if h.bound else None
         spread = False  # items as separate arguments (arrays): at most _SPREAD_MAX a chunk
         taken = 0  # items sent so far
         per_item_ns: float | None = None
@@ -793,7 +798,7 @@ class MpopApi:
                             if len(items) > size:
                                 source = itertools.chain(items[size:], source)
                                 items = items[:size]
-                    args = (h.fn_id, False, None, *items) if spread else (h.fn_id, not single, items)
+                    args = (h.fn_id, call, False, None, *items) if spread else (h.fn_id, call, not single, items)
                     key = state.sent & _MAX_TSK_ID
                     self._push_chunk(runner, key, args, route, state, deadline)
                     sizes[key] = len(items)

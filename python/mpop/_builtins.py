@@ -41,3 +41,5 @@ BUILTIN_HANDLERS = {
 }
 RESERVED_MAX = 0x0FFF  # ids below 0x1000 belong to the runtime
 MAP_CHUNK_ID = 0x0FF0  # internal: runs a chunk of a map() (mpop._worker.run_chunk)
+# internal: calls a function that travels with its task (mpop._worker.call_by_value)
+CALL_BY_VALUE_ID = 0x0FF1

@@ -1,21 +1,29 @@
 """The handler registry: fn_id <-> handler, argument checks done at enqueue, and how a
-handler travels to workers (cloudpickle: by reference when importable, by value otherwise)."""
+handler travels to workers (cloudpickle: by reference when importable, by value otherwise).
+
+Functions that a program defines once (importable ones, a script's module-level functions)
+are registered for the app's life. Functions made at run time (lambdas, closures, partials,
+bound methods, callable objects) are not: they travel with each of their tasks, so that an
+app that submits a million different closures keeps no record of them."""
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import importlib
 import inspect
 import io
+import sys
 import threading
-import weakref
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
 
-from ._builtins import BUILTIN_HANDLERS, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID
+from ._builtins import BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID
 from ._errors import RegistryError
 from ._slots import describe, is_slot_class, rebuild, slot_layout
 
@@ -63,15 +71,36 @@ class Handler:
     min_pos: int = 0
     max_pos: float = float("inf")
     needs_kw: bool = False
+    # A call that is not a registered function as such (see Registry.resolve): arguments
+    # pushed before the caller's (a function sent by value, then a partial's arguments),
+    # the ones of those the signature sees (a partial's), and keywords given first.
+    sends: tuple = ()
+    binds: tuple = ()
+    binds_kw: dict | None = None
 
     @property
     def slot_mode(self) -> bool:
         return self.slot_class is not None
 
+    @property
+    def bound(self) -> bool:
+        """Whether calls push more than the caller's arguments (see `sends`)."""
+        return bool(self.sends or self.binds_kw)
+
+    def call_args(self, args: tuple, kwargs: dict | None) -> tuple[tuple, dict | None]:
+        """The arguments to push for a call with `args` and `kwargs`."""
+        if not self.bound:
+            return args, kwargs
+        if self.binds_kw:
+            kwargs = {**self.binds_kw, **(kwargs or {})}
+        return self.sends + args, kwargs
+
     def check_args(self, args: tuple, kwargs: dict | None) -> None:
         """Raises TypeError naming the handler when the call could not bind."""
         if self.slot_mode:
             return  # arguments go to slot.args; checked by the native encoder
+        if self.binds or self.binds_kw:
+            args, kwargs = self.binds + args, {**(self.binds_kw or {}), **(kwargs or {})}
         if not kwargs and not self.needs_kw and self.min_pos <= len(args) <= self.max_pos:
             return
         if self.signature is None:
@@ -109,6 +138,21 @@ def _by_reference(obj: Any) -> bool:
         return found is obj
     except Exception:
         return False
+
+
+def _defined_once(fn: Any) -> bool:
+    """Whether `fn` is a function the program defines once, which may be registered for
+    the app's life: one found again by module and name (importable, or a module-level
+    function or class of the script's ``__main__``). Lambdas, closures, partials, bound
+    methods and callable objects are made at run time and are not."""
+    if _by_reference(fn):
+        return True
+    if getattr(fn, "__module__", None) != "__main__" or not isinstance(fn, (types.FunctionType, type)):
+        return False
+    found: Any = sys.modules.get("__main__")
+    for part in fn.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is fn
 
 
 class _SpecPickler(cloudpickle.Pickler):
@@ -153,18 +197,20 @@ class Registry:
         self._by_name: dict[str, int] = {}
         self._by_fn: dict[Any, int] = {}
         self._handler_of: dict[Any, Handler] = {}  # resolve()'s one-lookup path, by function
-        # Auto-registered functions, weakly, and by their spec: a lambda written in a loop is
-        # a new object each time but the same handler, so it reuses one fn_id.
-        self._auto_fn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._by_spec: dict[bytes, int] = {}
+        # Handlers of the latest functions sent by value (see resolve), by id (each entry
+        # holds its function, so the id stays its own): one pickle of a lambda however
+        # often it is submitted. Bounded in entries and in pickled bytes.
+        self._by_value: dict[int, Handler] = {}
+        self._by_value_bytes = 0
         self._next_auto = FIRST_AUTO_ID
         self._lock = threading.RLock()
         self.on_register = on_register
         for fn_id, fn in BUILTIN_HANDLERS.items():
             self._add(int(fn_id), fn, fn_id.name, builtin=True)
-        from ._worker import run_chunk
+        from ._worker import call_by_value, run_chunk
 
         self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True).internal = True
+        self._add(CALL_BY_VALUE_ID, call_by_value, "mpop.call_by_value", builtin=True).internal = True
 
     def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False) -> Handler:
         slot_class = _slot_mode(fn, self._default_slot)
@@ -250,31 +296,60 @@ class Registry:
             raise RegistryError(f"{key!r} is neither a registered function nor an fn_id")
         if not auto:
             raise RegistryError(f"{key!r} is not registered")
-        with self._lock:
-            fid = self._lookup_fn(key)
-            if fid is None:
-                try:
-                    spec = handler_spec(key, _slot_mode(key, self._default_slot))
-                except Exception:
-                    spec = None
-                fid = self._by_spec.get(spec) if spec is not None else None
+        if type(key) is functools.partial:
+            return self._partial(key)
+        h = self._by_value.get(id(key))  # a function made at run time, sent before
+        if h is not None and h.fn is key:
+            return h
+        if _defined_once(key) or _slot_mode(key, self._default_slot) is not None:
+            # Registered for the app's life: a program defines such functions once. (A
+            # slot-mode handler is found by the fn_id in its slot, so it is registered too.)
+            with self._lock:
+                fid = self._lookup_fn(key)
                 if fid is None:
                     fid = self.register(key)
-                    if spec is not None:
-                        self._by_spec[spec] = fid
-                try:
-                    self._auto_fn[key] = fid
-                except TypeError:
-                    pass
-        return self._by_id[fid]
+            return self._by_id[fid]
+        return self._sent_by_value(key)
+
+    def _partial(self, p: functools.partial) -> Handler:
+        """A partial's calls: its function's handler, with its arguments pushed first."""
+        inner = self.resolve(p.func)
+        if inner.slot_mode:
+            raise RegistryError(f"functools.partial of the slot-mode handler {inner.name!r}: a slot-mode "
+                                f"handler takes only its slot")
+        kw = {**(inner.binds_kw or {}), **p.keywords}
+        return dataclasses.replace(inner, name=f"partial({inner.name})", sends=inner.sends + p.args,
+                                   binds=inner.binds + p.args, binds_kw=kw or None)
+
+    _BY_VALUE_MAX = 1024
+    _BY_VALUE_MAX_BYTES = 16 << 20
+
+    def _sent_by_value(self, fn: Callable) -> Handler:
+        """A function made at run time (a lambda, a closure, a bound method, a callable
+        object): its tasks call it through the built-in call_by_value, with its pickle as
+        their first argument. Nothing is registered."""
+        name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+        buf = io.BytesIO()
+        try:
+            _SpecPickler(buf, protocol=5).dump(fn)
+        except Exception as e:
+            raise RegistryError(f"{name!r} cannot be sent to workers: {e!r}") from e
+        blob = buf.getvalue()
+        h = Handler(fn_id=CALL_BY_VALUE_ID, name=name, fn=fn, slot_class=None, sends=(blob,))
+        _introspect(h)
+        with self._lock:
+            while self._by_value and (len(self._by_value) >= self._BY_VALUE_MAX
+                                      or self._by_value_bytes + len(blob) > self._BY_VALUE_MAX_BYTES):
+                oldest = self._by_value.pop(next(iter(self._by_value)))  # first in, first out
+                self._by_value_bytes -= len(oldest.sends[0])
+            self._by_value[id(fn)] = h
+            self._by_value_bytes += len(blob)
+        return h
 
     def _lookup_fn(self, fn: Any) -> int | None:
         try:
-            fid = self._by_fn.get(fn)
-            if fid is None:
-                fid = self._auto_fn.get(fn)
-            return fid
-        except TypeError:  # unhashable or not weakly referenceable
+            return self._by_fn.get(fn)
+        except TypeError:  # unhashable
             return None
 
     def resolves_directly(self, h: Handler) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
@@ -15,9 +16,64 @@ BOOT_FN_ID = 0xFFFFFFFF
 
 _RESOLVER = None  # this worker's handler table, for run_chunk
 
+# Functions that travel with their tasks (see call_by_value), by their pickled form: the
+# same lambda or closure sent again is unpickled once. Bounded in entries and bytes.
+_BY_VALUE: dict[bytes, object] = {}
+_BY_VALUE_MAX = 256
+_BY_VALUE_MAX_BYTES = 32 << 20
+_by_value_bytes = 0
 
-def run_chunk(fn_id: int, star: bool, items: list | None, *spread) -> tuple:
-    """A chunk of a map(): calls the handler registered under `fn_id` on each item.
+
+def load_by_value(blob: bytes):
+    """The function pickled in `blob` (cloudpickle), from this worker's cache."""
+    global _by_value_bytes
+    fn = _BY_VALUE.get(blob)
+    if fn is None:
+        import cloudpickle  # noqa: F401  (reducers its payload needs)
+
+        fn = pickle.loads(blob)
+        while _BY_VALUE and (len(_BY_VALUE) >= _BY_VALUE_MAX
+                             or _by_value_bytes + len(blob) > _BY_VALUE_MAX_BYTES):
+            oldest = next(iter(_BY_VALUE))  # first in, first out
+            del _BY_VALUE[oldest]
+            _by_value_bytes -= len(oldest)
+        _BY_VALUE[blob] = fn
+        _by_value_bytes += len(blob)
+    return fn
+
+
+def call_by_value(blob: bytes, *args, **kwargs):
+    """Calls a function that is not registered: one the owner sends with each task (a
+    lambda, a closure, a partial, a bound method), so that such functions never pile up in
+    the app's handler registry."""
+    return load_by_value(blob)(*args, **kwargs)
+
+
+def _chunk_callable(fn_id: int, call: tuple | None):
+    """What a map() chunk calls on each item: the handler under `fn_id` (or the function
+    sent by value), with the arguments and keywords `call` binds first (a partial's)."""
+    from ._builtins import CALL_BY_VALUE_ID
+
+    if fn_id == CALL_BY_VALUE_ID:
+        args, kwargs = call
+        fn, slot_class, args = load_by_value(args[0]), None, args[1:]
+    else:
+        entry = _RESOLVER.resolve(fn_id) if _RESOLVER is not None else None
+        if entry is None:
+            from ._errors import RegistryError
+
+            raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
+        fn, slot_class = entry
+        args, kwargs = call or ((), None)
+    if args or kwargs:
+        fn = functools.partial(fn, *args, **(kwargs or {}))
+    return fn, slot_class
+
+
+def run_chunk(fn_id: int, call: tuple | None, star: bool, items: list | None, *spread) -> tuple:
+    """A chunk of a map(): calls the handler registered under `fn_id` on each item, after
+    the arguments `call` binds first (None, or (args, kwargs): a partial's, and for a
+    function sent by value its pickle).
 
     The items come as one list, or (items None) as separate arguments, so that each array
     among them travels natively (zero-copy) rather than inside the list's pickle.
@@ -25,12 +81,7 @@ def run_chunk(fn_id: int, star: bool, items: list | None, *spread) -> tuple:
     Returns (values, elapsed_ns, error): the values computed before the first failure, the
     time spent (the owner sizes later chunks from it), and the packed failure or None.
     TaskResults among the values are unwrapped by fix_chunk, on the way out."""
-    entry = _RESOLVER.resolve(fn_id) if _RESOLVER is not None else None
-    if entry is None:
-        from ._errors import RegistryError
-
-        raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
-    fn, slot_class = entry
+    fn, slot_class = _chunk_callable(fn_id, call)
     from ._results import TaskResult
 
     if items is None:
