@@ -238,6 +238,7 @@ class _NoResults:
     """A collector with nothing to drain, for driving a Dispatcher by hand."""
 
     pending = 0
+    completed = 0
 
     def drain(self, max, timeout=None, want=1, spin=False, epoch=None):
         return []

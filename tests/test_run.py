@@ -303,3 +303,42 @@ def test_ctrl_c_stops_run_cleanly(tmp_path, mode):
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["interrupted"] is True and info["exit_code"] == 1
     assert info["pids"] and not any(pid_alive(p) for p in info["pids"])
+
+
+CTRL_C_COUNTS = r"""
+import json, os, signal, threading, time
+import mpop
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def short(x):
+    time.sleep(0.002)
+    return x
+
+out = []
+for attempt in range(3):
+    app = mpop.MpopApi(workers=2, auto_terminate=False)
+    for i in range(3000):
+        app.enqueue(short, args=(i,))
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    result = app.run()
+    waited = app.wait(timeout=30)
+    q = app.status()["queue"]
+    out.append({"interrupted": result.interrupted, "results": len(result.results), "waited": waited,
+                "submitted": q["submitted"], "finished": q["finished"], "in_flight": q["in_flight"]})
+    app.shutdown()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_counts_stay_exact_after_a_ctrl_c(tmp_path):
+    # Ctrl-C lands anywhere in the owner's result handling; the count of finished tasks
+    # (status, wait(), in_flight) must stay exact, and every task has its one result.
+    script = tmp_path / "ctrl_c_counts.py"
+    script.write_text(CTRL_C_COUNTS)
+    proc = run_python([str(script)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for run in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert run["interrupted"] and run["waited"], run
+        assert run["submitted"] == run["finished"] == run["results"] == 3000, run
+        assert run["in_flight"] == 0, run

@@ -345,6 +345,7 @@ void register_collector(py::module_& m) {
       .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
       .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })
+      .def_property_readonly("completed", [](PyCollector& c) { return c.native().completed(); })
       .def("mark_complete", [](PyCollector& c, uint64_t seq) { return c.native().mark_complete(seq); });
 }
 

@@ -222,7 +222,7 @@ class Dispatcher:
         self._config = config
         self._drain_lock = threading.Lock()  # one thread drains at a time
         self.cond = threading.Condition(threading.Lock())  # notified after every batch
-        self.finished = 0  # results delivered (of every kind: a count, not which)
+        self._finished_at_release = 0  # see finished
         # Every task with a seq below this has its final result (or was cancelled): what a
         # caller waits on to know that the tasks it enqueued are done, whatever other
         # threads submit meanwhile. Updated by the draining thread after each batch.
@@ -282,18 +282,43 @@ class Dispatcher:
             self._pump_want = 0
         if not n:
             return 0
-        for fut, value in slow_futures:  # waited on, with callbacks, or cancelled
+        # These results left the ring: they are delivered even if something (a Ctrl-C in
+        # the thread that drains) interrupts the delivery of one of them.
+        interrupted: BaseException | None = None
+        items = [*slow_futures, *batch] if slow_futures or batch else ()
+        i = 0
+        while i < len(items):
+            item = items[i]
+            i += 1
             try:
-                fut._set_value(value)
-            except InvalidStateError:  # the user settled it (set_result): theirs stands
-                log.debug("result of an already settled future dropped: %r", fut)
-        for rec in batch:  # what the collector did not settle itself: see _deliver
-            self._deliver(rec)
+                if len(item) == 2:  # a future waited on, with callbacks, or cancelled
+                    self._set_future(*item)
+                else:  # a record the collector did not settle itself: see _deliver
+                    self._deliver(item)
+            except BaseException as e:
+                if interrupted is None:
+                    interrupted = e
         self.complete_below = self._collector.first_incomplete
         with self.cond:
-            self.finished += n
             self.cond.notify_all()
+        if interrupted is not None:
+            raise interrupted
         return n
+
+    @staticmethod
+    def _set_future(fut: Future, value: Any) -> None:
+        try:
+            fut._set_value(value)
+        except InvalidStateError:  # the user settled it (set_result): theirs stands
+            log.debug("result of an already settled future dropped: %r", fut)
+
+    @property
+    def finished(self) -> int:
+        """Tasks that have had their final result (of every kind: a count, not which),
+        counted natively with the drain, so that it stays exact whatever interrupts this
+        thread between a drain and the delivery that follows it."""
+        c = self._collector
+        return c.completed if c is not None else self._finished_at_release
 
     def help_until(self, done: Callable[[], bool], deadline: float | None,
                    check: Callable[[], None] | None = None, want: Callable[[], int] | None = None,
@@ -452,6 +477,7 @@ class Dispatcher:
         """After shutdown (background thread stopped, every future settled): drops the
         native collector and what is left to deliver, so that futures a caller keeps, which
         refer to this dispatcher through their class, keep nothing else alive."""
+        self._finished_at_release = self._collector.completed
         self._collector = self._native_settle = None
         self._submitted = int  # 0: the producer (and its segment) is let go too
         self.futures.clear()
@@ -573,5 +599,4 @@ class Dispatcher:
         finally:
             self._drain_lock.release()
         with self.cond:
-            self.finished += 1
             self.cond.notify_all()

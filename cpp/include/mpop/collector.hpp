@@ -3,6 +3,7 @@
 // frees the argument-pool blocks a task and its result used.
 #pragma once
 
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -107,6 +108,7 @@ class Collector {
           else
             sink(static_cast<const ResultHeader&>(h), value, len);
           ++delivered;
+          completed_.fetch_add(1, std::memory_order_relaxed);
           if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
           if (kept) continue;
         }
@@ -123,7 +125,15 @@ class Collector {
   uint64_t first_incomplete() const { return window_.first_incomplete(); }
   // Records that `seq` ended without a result through the ring (a task cancelled before a
   // worker took it); a result for it that still comes is then dropped as a duplicate.
-  bool mark_complete(uint64_t seq) { return window_.mark(seq); }
+  bool mark_complete(uint64_t seq) {
+    if (!window_.mark(seq)) return false;
+    completed_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  // How many tasks have had their final result: counted here, with the drain itself, so
+  // that the count stays exact whatever interrupts the caller between drains (a
+  // KeyboardInterrupt in the owner's Python code, say). Any thread may read it.
+  uint64_t completed() const { return completed_.load(std::memory_order_relaxed); }
 
  private:
   Segment& seg_;
@@ -131,6 +141,7 @@ class Collector {
   ArgPool pool_;
   std::vector<uint8_t> buffer_;
   CompletionWindow window_;
+  std::atomic<uint64_t> completed_{0};
 };
 
 }  // namespace mpop
