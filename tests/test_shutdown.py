@@ -312,3 +312,45 @@ def test_many_apps_leave_no_mappings_behind():
             app.shutdown()
         del app
     assert _mapped_segments() == before
+
+
+CTRL_C_IN_SHUTDOWN = r"""
+import json, os, signal, threading, time
+import mpop
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def forever(x):
+    time.sleep(300)
+    return x
+
+app = mpop.MpopApi(workers=1, auto_terminate=False)
+pids = []
+interrupted_at = None
+try:
+    with app:
+        for i in range(3):
+            app.submit(forever, i)
+        while not pids:  # the first task is running
+            pids = [w["pid"] for w in app.status()["workers"] if w["state"] == "busy"]
+            time.sleep(0.01)
+        sent = time.monotonic()
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    # leaving the block: shutdown(wait=True) waits for the three tasks
+except KeyboardInterrupt:
+    interrupted_at = time.monotonic() - sent
+print(json.dumps({"after": interrupted_at, "pids": pids, "segment_gone": app.segment_name is None}))
+"""
+
+
+def test_ctrl_c_during_shutdown_stops_at_once(tmp_path):
+    # shutdown(wait=True) honours Ctrl-C: it stops the workers at once and raises, instead
+    # of waiting out its 10 s graceful stop.
+    script = tmp_path / "ctrl_c_shutdown.py"
+    script.write_text(CTRL_C_IN_SHUTDOWN)
+    proc = run_python([str(script)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["after"] is not None and info["after"] < 5, info
+    assert info["segment_gone"]
+    assert info["pids"] and not any(pid_alive(p) for p in info["pids"])

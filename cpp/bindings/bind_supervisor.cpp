@@ -124,10 +124,27 @@ void register_supervisor(py::module_& m) {
              py::gil_scoped_release nogil;
              s.native().start();
            })
+      // Waits in slices, looking at signals between them: a Ctrl-C during a graceful stop
+      // kills the workers at once and is raised once they are gone.
       .def("stop",
            [](PySupervisor& s, bool graceful, double timeout) {
-             py::gil_scoped_release nogil;
-             s.native().stop(graceful, static_cast<int64_t>(timeout * 1e9));
+             Supervisor& sup = s.native();
+             sup.begin_stop(graceful, static_cast<int64_t>(timeout * 1e9));
+             for (;;) {
+               {
+                 py::gil_scoped_release nogil;
+                 if (sup.wait_stopped(monotonic_ns() + 50'000'000)) return;
+               }
+               if (PyErr_CheckSignals() != 0) {
+                 py::error_already_set interrupt;
+                 sup.begin_stop(false, 0);
+                 {
+                   py::gil_scoped_release nogil;
+                   sup.wait_stopped(-1);
+                 }
+                 throw interrupt;
+               }
+             }
            },
            py::arg("graceful") = true, py::arg("timeout") = 10.0)
       .def("wait_ready",

@@ -60,9 +60,15 @@ void Supervisor::start() {
     started_ = false;
   }
   quit_.store(false);
+  loop_done_ = false;
   target_.store(opts_.workers);
   for (auto& c : children_) c = Child{};
-  thread_ = std::thread([this] { loop(); });
+  thread_ = std::thread([this] {
+    loop();
+    std::lock_guard<std::mutex> lock(mutex_);
+    loop_done_ = true;
+    loop_done_cv_.notify_all();
+  });
   std::unique_lock<std::mutex> lock(mutex_);
   started_cv_.wait(lock, [this] { return started_; });
   if (!error_.empty()) {
@@ -75,11 +81,33 @@ void Supervisor::start() {
 
 void Supervisor::stop(bool graceful, int64_t timeout_ns) {
   if (!thread_.joinable()) return;
+  begin_stop(graceful, timeout_ns);
+  thread_.join();
+}
+
+void Supervisor::begin_stop(bool graceful, int64_t timeout_ns) {
+  if (!thread_.joinable()) return;
   graceful_.store(graceful);
   stop_deadline_ns_.store(monotonic_ns() + (timeout_ns > 0 ? timeout_ns : 0));
   quit_.store(true, std::memory_order_release);
   wake();
+}
+
+bool Supervisor::wait_stopped(int64_t deadline_ns) {
+  if (!thread_.joinable()) return true;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto done = [this] { return loop_done_; };
+    if (deadline_ns < 0) {
+      loop_done_cv_.wait(lock, done);
+    } else {
+      int64_t left = deadline_ns - monotonic_ns();
+      if (left <= 0 ? !done() : !loop_done_cv_.wait_for(lock, std::chrono::nanoseconds(left), done))
+        return false;
+    }
+  }
   thread_.join();
+  return true;
 }
 
 void Supervisor::scale(uint32_t n) {

@@ -1020,6 +1020,34 @@ TEST_F(SupervisorTest, GracefulStopAfterTheWorkLeavesNoChild) {
   EXPECT_EQ(p.seg().pool().used_bytes(), 0u);
 }
 
+// A graceful stop waited for in slices (as the bindings do, to look at signals between
+// them) can be turned into a hard one: the workers are killed at once, their running tasks
+// end as cancelled, and the thread ends.
+TEST_F(SupervisorTest, AGracefulStopCanBeMadeHardWhileItWaits) {
+  Pool p(prefix, PoolSetup{});
+  Book b(mixed_tasks(8, 2'000'000, 5, 7));  // 2 s a task
+  p.start();
+  ASSERT_TRUE(p.submit_range(b, 0, b.size()));
+  ASSERT_TRUE(eventually([&] {
+    return p.record(0).state.load() == static_cast<uint32_t>(WorkerState::kBusy) ||
+           p.record(1).state.load() == static_cast<uint32_t>(WorkerState::kBusy);
+  }));
+  p.sup().begin_stop(true, 30 * kSec);
+  EXPECT_FALSE(p.sup().wait_stopped(monotonic_ns() + 100'000'000));  // still finishing tasks
+  EXPECT_TRUE(p.sup().running());
+  p.sup().begin_stop(false, 0);
+  EXPECT_TRUE(p.sup().wait_stopped(monotonic_ns() + 10 * kSec));
+  EXPECT_FALSE(p.sup().running());
+  EXPECT_EQ(p.sup().live_workers(), 0u);
+  EXPECT_TRUE(my_children().empty());
+  // The running tasks were killed, not finished: none has a result but a cancellation.
+  p.collect_rest(b);
+  for (size_t i = 0; i < b.size(); ++i)
+    if (b.count[i]) {
+      EXPECT_EQ(b.first[i].status, ResultStatus::kCancelled) << "task " << i;
+    }
+}
+
 // Stops while tasks are queued (in the backlog and a full ring, or in a ring with room)
 // and in the workers' local queues: a graceful stop finishes what workers claimed; a hard one
 // cancels it, and cancelled means a kCancelled result, not back in the ring. Either way every

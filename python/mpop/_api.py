@@ -107,7 +107,12 @@ class _Runtime:
             self.dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
         self.producer.close()
         self.segment.set_shutdown()
-        self.stop_workers(graceful=False, timeout=2.0)
+        try:
+            self.stop_workers(graceful=False, timeout=2.0)
+        finally:  # even after a Ctrl-C there (the workers are gone by then)
+            self._release()
+
+    def _release(self) -> None:
         if self.forkserver is not None:
             self.forkserver.close()
         self.segment.leave()
@@ -1056,6 +1061,7 @@ class MpopApi:
             self._shutdown = True
             return
         rt = self._runtime
+        graceful = wait
         try:
             if rt is not None:
                 if cancel_pending:
@@ -1066,16 +1072,22 @@ class MpopApi:
                     except MpopError:
                         # Workers cannot run (e.g. they fail to start): end what is left.
                         self._cancel_pending()
+        except BaseException:
+            graceful = False  # a Ctrl-C while waiting: stop now, without waiting for tasks
+            raise
         finally:
             self._shutdown = True
             if rt is not None:
                 rt.fast.armed = False
                 self._dispatcher.stop_background()
-                rt.stop_workers(graceful=wait, timeout=10.0 if wait else 2.0)
-                self._dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
-                rt.close()
-                self._runtime = None
-                self._runtime_ref[0] = None
+                try:
+                    # A Ctrl-C during a graceful stop kills the workers, then is raised.
+                    rt.stop_workers(graceful=graceful, timeout=10.0 if graceful else 2.0)
+                finally:
+                    self._dispatcher.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
+                    rt.close()
+                    self._runtime = None
+                    self._runtime_ref[0] = None
 
     close = shutdown
 

@@ -53,6 +53,11 @@ class Supervisor {
   // Asks every worker to leave after its local queue (graceful) or kills them; waits up to
   // timeout_ns for them to exit, kills stragglers, and ends the thread.
   void stop(bool graceful, int64_t timeout_ns);
+  // stop() in two steps, for a caller that must stay responsive while it waits: the
+  // request (called again with graceful = false, it kills what is left at once), then the
+  // wait until the monotonic deadline (< 0 = none); true once the thread has ended.
+  void begin_stop(bool graceful, int64_t timeout_ns);
+  bool wait_stopped(int64_t deadline_ns);
   void scale(uint32_t n);
   bool kill_worker(uint32_t id);
   bool running() const { return thread_.joinable(); }
@@ -122,6 +127,8 @@ class Supervisor {
   bool scale_pending_ = false;
   bool started_ = false;
   std::condition_variable started_cv_;  // start() waits on the first spawn round
+  bool loop_done_ = false;              // guarded by mutex_: the thread has left loop()
+  std::condition_variable loop_done_cv_;
   std::string error_;
   std::atomic<int> spawned_round_{0};
 
