@@ -640,3 +640,45 @@ def test_a_start_failed_by_an_unsendable_handler_can_be_retried():
 
 def triple_local(x):
     return 3 * x
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_registering_a_handler_again_under_its_id_replaces_it(method):
+    # A notebook cell with @app.task(fn_id=...) run again: the new function serves the
+    # tasks enqueued from then on, through every path (fast path, fn_id, map chunks).
+    with make_app(workers=2, start_method=method, auto_terminate=False) as app:
+        @app.task(fn_id=0xB0A0)
+        def cell(x):
+            return ("first", x)
+
+        assert app.submit(cell, 1).result(timeout=TIMEOUT) == ("first", 1)
+        assert list(app.map(cell, range(3))) == [("first", i) for i in range(3)]
+        old = cell
+
+        @app.task(fn_id=0xB0A0)
+        def cell(x):  # noqa: F811 - the cell run again
+            return ("second", x)
+
+        assert app.submit(cell, 2).result(timeout=TIMEOUT) == ("second", 2)
+        assert app.submit(0xB0A0, 3).result(timeout=TIMEOUT) == ("second", 3)
+        assert list(app.map(cell, range(3))) == [("second", i) for i in range(3)]
+        app.enqueue(fn_id=0xB0A0, args=(4,))
+        assert app.run(timeout=TIMEOUT).values() == [("second", 4)]
+        assert [d["fn_id"] for d in app.list_functions() if d["name"].endswith("cell")] == [0xB0A0]
+        # The replaced function object is no handler of the app any more: it travels by
+        # value like any function made at run time, and still runs its own code.
+        assert app.submit(old, 5).result(timeout=TIMEOUT) == ("first", 5)
+
+
+def test_another_handler_under_a_taken_id_still_raises(app):
+    @app.task(fn_id=0xB0A1)
+    def one(x):
+        return x
+
+    def two(x):
+        return x
+
+    with pytest.raises(mpop.RegistryError, match=r"0xb0a1 is already registered to '.*\.one'"):
+        app.register(two, fn_id=0xB0A1)
+    with pytest.raises(mpop.RegistryError, match="already registered"):
+        app.register(two, fn_id=0xB0A1, name="two")

@@ -361,6 +361,20 @@ PyObject* fast_bind(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   Py_RETURN_NONE;
 }
 
+// discard(fn): calls of `fn` no longer take the fast path (its handler was replaced).
+PyObject* fast_discard(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
+  auto* self = reinterpret_cast<FastPathObject*>(o);
+  if (argc != 1) {
+    PyErr_SetString(PyExc_TypeError, "FastPath.discard(fn)");
+    return nullptr;
+  }
+  if (self->handlers != nullptr && PyDict_Contains(self->handlers, argv[0]) == 1 &&
+      PyDict_DelItem(self->handlers, argv[0]) < 0)
+    return nullptr;
+  PyErr_Clear();  // an unhashable fn was never added
+  Py_RETURN_NONE;
+}
+
 // release(): disarms and drops every reference (the app's shutdown), so that nothing the
 // fast path held keeps the dispatcher or the producer alive.
 PyObject* fast_release(PyObject* o, PyObject* const*, Py_ssize_t) {
@@ -377,6 +391,8 @@ PyMethodDef fast_methods[] = {
      "add(fn, fn_id, min_pos, max_pos): lets calls of fn take the fast path"},
     {"bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_bind)), METH_FASTCALL,
      "bind(futures, early, register_future, future_cls, check)"},
+    {"discard", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_discard)), METH_FASTCALL,
+     "discard(fn): calls of fn take the Python path again"},
     {"release", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_release)), METH_FASTCALL,
      "release(): disarms the fast path and drops every reference it holds"},
     {nullptr, nullptr, 0, nullptr}};

@@ -151,6 +151,8 @@ void register_segment(py::module_& m) {
              }
            })
       .def("write_registry", &write_registry)
+      .def("bump_registry_epoch",
+           [](Segment& s) { s.header().registry_epoch.fetch_add(1, std::memory_order_release); })
       .def("read_registry", &read_registry, py::arg("offset") = 0)
       .def("set_start_error",
            [](Segment& s, uint32_t id, const std::string& text) {

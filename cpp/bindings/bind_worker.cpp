@@ -93,6 +93,12 @@ class PyRunner {
 
  private:
   Handler* lookup(uint32_t fn_id) {
+    // A handler registered again replaces what was loaded: start over from the log.
+    uint64_t epoch = seg_.header().registry_epoch.load(std::memory_order_acquire);
+    if (epoch != registry_epoch_) {
+      handlers_.clear();
+      registry_epoch_ = epoch;
+    }
     auto it = handlers_.find(fn_id);
     if (it != handlers_.end()) return &it->second;
     py::object r = resolve_(fn_id);  // reads new registry entries; None if still unknown
@@ -190,6 +196,7 @@ class PyRunner {
   int64_t chunk_fn_id_;   // the map() chunk runner's fn_id, or -1
   py::object fix_chunk_;  // its results' fix-up (see run_handler), or None
   std::unordered_map<uint32_t, Handler> handlers_;
+  uint64_t registry_epoch_ = 0;
   PyThreadState* saved_ = nullptr;
 };
 

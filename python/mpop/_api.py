@@ -309,10 +309,10 @@ class MpopApi:
         # freed (and its finalizer stops its workers) at once, not at the next collection.
         app_ref = weakref.ref(self)
 
-        def on_register(h: Handler) -> None:
+        def on_register(h: Handler, replaces: Handler | None) -> None:
             app = app_ref()
             if app is not None:
-                app._on_register(h)
+                app._on_register(h, replaces)
 
         self._registry = Registry(slot_class, on_register=on_register)
         self._owner_pid = os.getpid()
@@ -409,9 +409,19 @@ class MpopApi:
             kind = RegistryError if handler_problems else ConfigError
             raise kind("invalid app:\n  - " + "\n  - ".join(problems))
 
-    def _on_register(self, h: Handler) -> None:
-        if self._runtime is not None:
-            self._write_handler(h)
+    def _on_register(self, h: Handler, replaces: Handler | None = None) -> None:
+        rt = self._runtime
+        if rt is None:
+            return
+        if replaces is not None:
+            # Workers reload the fn_id once they see the new epoch, which tasks enqueued
+            # from now on carry with them (see Segment.bump_registry_epoch).
+            rt.fast.discard(replaces.fn)
+            rt.written.discard(h.fn_id)
+            self._write_handler(h, rt)
+            rt.segment.bump_registry_epoch()
+            return
+        self._write_handler(h, rt)
 
     def _write_handler(self, h: Handler, rt: _Runtime | None = None) -> None:
         rt = rt or self._runtime

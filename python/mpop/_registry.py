@@ -191,7 +191,10 @@ def _introspect(h: Handler) -> None:
 class Registry:
     """fn_id -> Handler for one app. Thread-safe."""
 
-    def __init__(self, default_slot: type, on_register: Callable[[Handler], None] | None = None):
+    def __init__(self, default_slot: type,
+                 on_register: Callable[[Handler, Handler | None], None] | None = None):
+        """`on_register(handler, replaced)` is called for every registration (`replaced`:
+        the handler it replaces, or None)."""
         self._default_slot = default_slot
         self._by_id: dict[int, Handler] = {}
         self._by_name: dict[str, int] = {}
@@ -212,7 +215,18 @@ class Registry:
         self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True).internal = True
         self._add(CALL_BY_VALUE_ID, call_by_value, "mpop.call_by_value", builtin=True).internal = True
 
-    def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False) -> Handler:
+    def _remove_lookups(self, h: Handler) -> None:
+        """Forgets how to find `h` by its function (it is being replaced)."""
+        try:
+            if self._by_fn.get(h.fn) == h.fn_id:
+                del self._by_fn[h.fn]
+            if self._handler_of.get(h.fn) is h:
+                del self._handler_of[h.fn]
+        except TypeError:  # unhashable
+            pass
+
+    def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False,
+             replaces: Handler | None = None) -> Handler:
         slot_class = _slot_mode(fn, self._default_slot)
         if slot_class is not None and slot_class is not self._default_slot:
             if slot_layout(slot_class) != slot_layout(self._default_slot):
@@ -232,15 +246,23 @@ class Registry:
         except TypeError:  # unhashable callable
             pass
         if self.on_register is not None:
-            self.on_register(h)
+            self.on_register(h, replaces)
         return h
 
     def register(self, fn: Callable, fn_id: int | None = None, name: str | None = None) -> int:
         if not callable(fn):
             raise RegistryError(f"a handler must be callable, got {fn!r}")
         with self._lock:
+            own_name = name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+            old = self._by_id.get(fn_id) if isinstance(fn_id, int) else None
+            if old is not None and old.name == own_name and not old.builtin:
+                # The same handler registered again under its id (a notebook cell run
+                # again): the new function replaces it, for tasks enqueued from now on.
+                self._remove_lookups(old)
+                self._add(fn_id, fn, own_name, replaces=old)
+                return fn_id
             if name is None:
-                name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+                name = own_name
                 if name in self._by_name:  # same-named functions from different places
                     name = f"{name}#{len(self._by_id)}"
             if fn_id is None:
@@ -257,7 +279,8 @@ class Registry:
             if fn_id > MAX_FN_ID:
                 raise RegistryError(f"fn_id {fn_id:#x} is out of range (at most {MAX_FN_ID:#x})")
             if fn_id in self._by_id:
-                raise RegistryError(f"fn_id {fn_id:#x} is already registered to {self._by_id[fn_id].name!r}")
+                raise RegistryError(f"fn_id {fn_id:#x} is already registered to {self._by_id[fn_id].name!r} "
+                                    f"(registering a handler of that name again replaces it)")
             if name in self._by_name:
                 raise RegistryError(f"a handler named {name!r} is already registered "
                                     f"(fn_id {self._by_name[name]:#x})")

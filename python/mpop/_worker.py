@@ -172,8 +172,9 @@ class _Resolver:
                 self.blobs[fn_id] = blob
 
     def resolve(self, fn_id: int):
-        if fn_id not in self.blobs:
-            self.refresh()
+        # New records first: one may replace this fn_id's handler (the native loop calls
+        # this only for an fn_id it has not loaded since the registry's last replacement).
+        self.refresh()
         blob = self.blobs.get(fn_id)
         if blob is None:
             return None

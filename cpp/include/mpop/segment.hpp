@@ -18,7 +18,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 3;  // 2: pool units tagged by owner; 3: pool counts starving allocators
+constexpr uint32_t kLayoutVersion = 4;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {
@@ -53,6 +53,9 @@ struct alignas(kCacheLine) SegmentHeader {
   std::atomic<uint32_t> owner_released{0};  // the owner's attachment was dropped (by it, or
                                             // by a worker that found the owner dead)
   std::atomic<uint64_t> registry_len{0};                    // bytes of registry log written
+  // Bumped after a handler was registered again under its fn_id (a later record in the
+  // log replaces an earlier one): workers then drop the handlers they loaded.
+  std::atomic<uint64_t> registry_epoch{0};
   // Tasks with a seq below this that have not started are cancelled by the worker that
   // holds them (shutdown(cancel_pending=True) reaches into local queues this way).
   std::atomic<uint64_t> cancel_below{0};
