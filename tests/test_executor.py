@@ -63,6 +63,17 @@ def test_map_timeout_expires():
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def test_map_timeout_cancels_what_has_not_started():
+    # Executor.map cancels the rest when its timeout expires: those calls never run.
+    with mpop.Executor(max_workers=1, worker_batch_size=1) as ex:
+        it = ex.map(slow, range(6), [0.3] * 6, timeout=0.45)
+        with pytest.raises(TimeoutError):
+            list(it)
+        assert ex.app.wait(timeout=TIMEOUT)
+        done = ex.app.status()["workers"][0]["completed"]
+        assert done <= 3, done  # the first two and the one running at the timeout, at most
+
+
 def test_map_starts_work_before_iteration():
     # Like concurrent.futures: the calls are submitted when map() is called.
     with mpop.Executor(max_workers=1) as ex:

@@ -12,7 +12,7 @@ import pytest
 
 import mpop
 from mpop import MpopApi, ProcTaskFnID
-from _helpers import leak_check
+from _helpers import leak_check, wait_until
 
 TIMEOUT = 60  # "finishes at all"
 
@@ -191,13 +191,58 @@ def test_cancel_a_queued_future():
             fut.result(timeout=TIMEOUT)
         with pytest.raises(cf.CancelledError):
             fut.exception(timeout=TIMEOUT)
-        # The task still runs (it was already queued); its result only marks the future
-        # notified, which ends the concurrent.futures.wait() above.
+        # Cancelled is done: the concurrent.futures.wait() above ends at once.
         waiting.join(TIMEOUT)
         assert not waiting.is_alive()
         assert seen == [True, 1]
         assert busy.result(timeout=TIMEOUT) == 0.3
         assert one.wait(timeout=TIMEOUT)
+        assert one.status()["workers"][0]["completed"] == 1  # the cancelled task never ran
+
+
+def test_cancel_is_true_only_for_tasks_that_never_run():
+    # As concurrent.futures means it: False for the running task, True for the queued
+    # ones, and a True means the task never runs.
+    with MpopApi(workers=1, worker_batch_size=1) as one:
+        futs = [one.submit(nap, 0.3) for _ in range(6)]
+        assert wait_until(lambda: one.status()["workers"][0]["state"] == "busy")
+        time.sleep(0.15)
+        cancelled = [f.cancel() for f in futs]
+        assert cancelled[0] is False and cancelled[2:] == [True] * 4, cancelled
+        ran = cancelled.count(False)
+        for f, c in zip(futs, cancelled):
+            if c:
+                assert f.cancelled() and f.done()
+            else:
+                assert f.result(timeout=TIMEOUT) == 0.3
+        assert one.wait(timeout=TIMEOUT)
+        assert one.status()["workers"][0]["completed"] == ran
+
+
+def _mark(path: str, i: int) -> int:
+    with open(f"{path}/{i}", "w"):
+        pass
+    time.sleep(0.0005)
+    return i
+
+
+def test_cancelled_tasks_never_run_under_load(tmp_path):
+    # Cancels land while tasks are in the ring, in local queues, being claimed and running:
+    # every True is a task that never ran, every False one that returns its value.
+    with MpopApi(workers=2, worker_batch_size=8, auto_terminate=False) as app:
+        futs = [app.submit(_mark, str(tmp_path), i) for i in range(3000)]
+        cancelled = {i: futs[i].cancel() for i in range(0, 3000, 3)}
+        assert app.wait(timeout=TIMEOUT)
+        ran = {int(p.name) for p in tmp_path.iterdir()}
+        for i, f in enumerate(futs):
+            if cancelled.get(i):
+                assert i not in ran and f.cancelled(), i
+            else:
+                assert f.result(timeout=TIMEOUT) == i and i in ran, i
+        assert sum(cancelled.values()) > 0  # the ring still held tasks to cancel
+        q = app.status()["queue"]
+        assert q["in_flight"] == 0 and q["submitted"] == q["finished"] == 3000
+        assert app.submit(add, 1, 2).result(timeout=TIMEOUT) == 3  # the app carries on
 
 
 def test_a_finished_future_cannot_be_cancelled_or_set_again(app):
@@ -244,6 +289,12 @@ class _NoResults:
         return []
 
     def interrupt(self):
+        pass
+
+    def request_cancel(self, seq):  # no worker ever takes a task here
+        return True
+
+    def release_cancel(self, seq):
         pass
 
 

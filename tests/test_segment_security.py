@@ -33,7 +33,7 @@ def test_segment_is_0600_with_64_random_bits():
 def test_attach_refuses_a_file_that_is_not_an_mpop_segment():
     path = "/dev/shm/mpop_not_a_segment_test"
     with open(path, "wb") as f:
-        f.write(b"\0" * 8192)
+        f.write(b"\0" * 65536)
     try:
         with pytest.raises(_core.LayoutMismatch, match="bad magic"):
             _core.Segment.attach("mpop_not_a_segment_test")
@@ -64,7 +64,7 @@ def test_worker_refuses_a_mismatched_segment_with_a_clear_error():
     env = dict(os.environ, PYTHONPATH=str(Path(mpop.__file__).parents[1]))
     path = "/dev/shm/mpop_bad_for_worker"
     with open(path, "wb") as f:
-        f.write(b"\0" * 8192)
+        f.write(b"\0" * 65536)
     try:
         proc = subprocess.run([sys.executable, "-m", "mpop._worker", "mpop_bad_for_worker", "0", "1"],
                               capture_output=True, text=True, env=env, timeout=60)

@@ -177,6 +177,7 @@ class PyCollector {
   uint64_t pending() const { return seg_->results().size(); }
 
   Collector& native() { return col_; }
+  Segment& segment() { return *seg_; }
 
  private:
   static constexpr uint32_t kRoutePlain = 0, kRouteFuture = 1;  // _dispatch.ROUTE_*
@@ -346,6 +347,12 @@ void register_collector(py::module_& m) {
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
       .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })
       .def_property_readonly("completed", [](PyCollector& c) { return c.native().completed(); })
+      .def("request_cancel",  // see Segment::request_cancel
+           [](PyCollector& c, uint64_t seq) {
+             py::gil_scoped_release nogil;
+             return c.segment().request_cancel(seq);
+           })
+      .def("release_cancel", [](PyCollector& c, uint64_t seq) { c.segment().header().cancels.release(seq); })
       .def("mark_complete", [](PyCollector& c, uint64_t seq) { return c.native().mark_complete(seq); });
 }
 

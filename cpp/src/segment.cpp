@@ -7,6 +7,8 @@
 
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
+#include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -204,5 +206,53 @@ uint32_t Segment::leave(bool owner_dead) {
 }
 
 Segment::~Segment() { leave(); }
+
+bool Segment::request_cancel(uint64_t seq) {
+  CancelTable& t = header_->cancels;
+  if (!t.ask(seq)) return false;
+  if (task_waiting(seq)) return true;
+  return !t.withdraw(seq);  // a worker may have taken it meanwhile: then it is cancelled
+}
+
+namespace {
+// The seq of the task body at `body` (the TaskHeader comes first), read atomically: the
+// body may be rewritten while an observer reads it.
+MPOP_VALIDATED_READS uint64_t body_seq(const uint8_t* body) {
+  uint64_t s;
+  std::memcpy(&s, body + offsetof(TaskHeader, seq), sizeof s);
+  return s;
+}
+}  // namespace
+
+MPOP_VALIDATED_READS bool Segment::task_waiting(uint64_t seq) const {
+  if (tasks_.find_unclaimed([&](const uint8_t* body) { return body_seq(body) == seq; })) return true;
+  // Pending in a local queue: entries are read between two looks at the worker's claim
+  // window (no claim rewrote them meanwhile), and a match counts once its state is still
+  // pending after its body was read.
+  for (uint32_t i = 0; i < workers_.count; ++i) {
+    WorkerRecord& r = workers_.record(i);
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      const uint64_t epoch = r.claim.epoch.load(std::memory_order_seq_cst);
+      if (r.claim.in_claim.load(std::memory_order_seq_cst) != 0) {
+        cpu_relax();
+        continue;
+      }
+      bool found = false;
+      const uint32_t n = std::min(r.local_count.load(std::memory_order_acquire), workers_.batch);
+      for (uint32_t j = 0; j < n && !found; ++j) {
+        LocalEntry& e = workers_.entry(i, j);
+        if (e.state.load(std::memory_order_seq_cst) != static_cast<uint32_t>(LocalState::kPending)) continue;
+        found = body_seq(workers_.entry_body(i, j)) == seq &&
+                e.state.load(std::memory_order_seq_cst) == static_cast<uint32_t>(LocalState::kPending);
+      }
+      if (r.claim.in_claim.load(std::memory_order_seq_cst) == 0 &&
+          r.claim.epoch.load(std::memory_order_seq_cst) == epoch) {
+        if (found) return true;
+        break;
+      }
+    }
+  }
+  return false;
+}
 
 }  // namespace mpop

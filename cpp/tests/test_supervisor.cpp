@@ -1020,6 +1020,66 @@ TEST_F(SupervisorTest, GracefulStopAfterTheWorkLeavesNoChild) {
   EXPECT_EQ(p.seg().pool().used_bytes(), 0u);
 }
 
+// The owner's cancellations (future.cancel()) race with claims, runs and worker deaths: a
+// cancellation reported done is a task that never runs (its one result is kCancelled, or
+// kCrashed when its worker died before it got to the task and the retries ran out), and
+// a refused one is a task that runs. With `kill`, workers die just before running a task
+// every few hundred tasks.
+void check_cancels(const std::string& prefix, bool kill) {
+  const size_t n = scaled(6000, 2000);
+  PoolSetup s;
+  s.batch = 8;
+  s.max_retries = 3;
+  Pool p(prefix, s);
+  Book b(mixed_tasks(n, 40, 0, 7));
+  p.start();
+  p.submit_async(b);
+  std::atomic<bool> stop{false};
+  std::thread killer([&] {
+    while (kill && !stop.load()) {
+      if (p.seg().header().fault_step.load() == 0) arm(p.seg(), FaultStep::kBeforeRun, 300);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  bool collected = false;
+  std::thread collector([&] { collected = p.collect(b, n, 120 * kSec); });
+  std::vector<int> verdict(n, -1);  // 1: cancelled, 0: refused
+  for (size_t i = 0; i < n; i += 3) {
+    while (b.seq[i].load() == 0) std::this_thread::yield();
+    verdict[i] = p.seg().request_cancel(b.seq[i]) ? 1 : 0;
+  }
+  collector.join();
+  stop = true;
+  killer.join();
+  ASSERT_TRUE(p.join_submitter());
+  ASSERT_TRUE(collected) << describe(tally(b), p);
+  p.collect_rest(b);
+  size_t cancelled = 0, refused = 0;
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(b.count[i], 1u) << "task " << i;
+    ResultStatus st = b.first[i].status;
+    if (verdict[i] == 1) {
+      ++cancelled;
+      EXPECT_TRUE(st == ResultStatus::kCancelled || st == ResultStatus::kCrashed) << "task " << i << " ran";
+      p.seg().header().cancels.release(b.seq[i]);
+    } else {
+      refused += verdict[i] == 0;
+      EXPECT_NE(st, ResultStatus::kCancelled) << "task " << i;
+      if (!kill) {
+        EXPECT_EQ(st, ResultStatus::kOk) << "task " << i;
+      }
+    }
+  }
+  EXPECT_GT(cancelled, 0u);
+  EXPECT_EQ(p.seg().header().cancels.requests.load(), 0u);
+  if (kill) {
+    EXPECT_GT(p.counters().crashes.load(), 0u);
+  }
+}
+
+TEST_F(SupervisorTest, CancelledTasksNeverRunAndRefusedOnesDo) { check_cancels(prefix, false); }
+TEST_F(SupervisorTest, CancelsStayExactWhileWorkersDie) { check_cancels(prefix, true); }
+
 // A graceful stop waited for in slices (as the bindings do, to look at signals between
 // them) can be turned into a hard one: the workers are killed at once, their running tasks
 // end as cancelled, and the thread ends.

@@ -108,14 +108,30 @@ class MpopFuture(LazyTracked, Future):
         return self._state in _DONE_STATES
 
     def cancel(self) -> bool:
+        """Cancels the task if it has not started: True means it never runs (its worker
+        skips it), False that it may have started, as concurrent.futures means it. A task
+        still being claimed by a worker, or being moved after its worker died, cannot be
+        cancelled either."""
         with self._condition:
             if self._state in (RUNNING, FINISHED):
                 return False
             if self._state in _CANCELLED_STATES:
                 return True
-            self._state = CANCELLED
-        self._invoke_callbacks()
+        if not self._dispatcher.try_cancel(self):
+            return False
+        self._set_cancelled()
         return True
+
+    def _set_cancelled(self) -> None:
+        """Ends the future as cancelled, notifying its waiters and callbacks at once."""
+        with self._condition:
+            if self._state != PENDING:
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
 
     def _help(self, timeout: float | None) -> None:
         if self._state not in _DONE_STATES:
@@ -220,7 +236,9 @@ class Dispatcher:
         self._collector = collector
         self._names = names
         self._config = config
-        self._drain_lock = threading.Lock()  # one thread drains at a time
+        # One thread drains at a time. Reentrant: a done callback, called while its thread
+        # drains, may cancel or wait for another future.
+        self._drain_lock = threading.RLock()
         self.cond = threading.Condition(threading.Lock())  # notified after every batch
         self._finished_at_release = 0  # see finished
         # Every task with a seq below this has its final result (or was cancelled): what a
@@ -231,6 +249,10 @@ class Dispatcher:
         self.futures: dict[int, Future] = {}
         self.early: dict[int, tuple] = {}  # future results that beat their registration
         self.maps: dict[int, MapState] = {}
+        # Seqs of futures cancelled before their task ran (see try_cancel): their records,
+        # when the workers skip them, are only acknowledged.
+        self._cancelled: set[int] = set()
+        self._seq_by_future: dict[int, int] = {}  # id(future) -> seq, rebuilt on a miss
         # (queue_wait_s, run_time_s) of the latest results of every kind, for status(): a
         # window, so that an app that only submits never grows it without bound.
         self.timings: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.TIMING_WINDOW)
@@ -527,6 +549,10 @@ class Dispatcher:
                 state.received += 1
             return
         if route == ROUTE_FUTURE:
+            if seq in self._cancelled:  # its future was cancelled already (try_cancel)
+                self._cancelled.discard(seq)
+                self._collector.release_cancel(seq)
+                return
             fut = self.futures.pop(seq, None)
             if fut is None:
                 # The result beat register_future (the submitting thread lost the GIL
@@ -556,9 +582,8 @@ class Dispatcher:
 
     def _settle_one(self, fut: Future, rec: tuple) -> None:
         seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
-        if status == CANCELLED_STATUS:
-            if fut.cancel():
-                fut.set_running_or_notify_cancel()  # wakes concurrent.futures.wait()ers
+        if status == CANCELLED_STATUS:  # shutdown(cancel_pending=True) took it off the queue
+            fut._set_cancelled()
             return
         if not fut.set_running_or_notify_cancel():
             return  # the user cancelled it; the task ran anyway
@@ -586,12 +611,42 @@ class Dispatcher:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(exc_factory())
 
-    def cancel(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
-        """Delivers a cancellation for a task removed from the queue before it ran."""
+    def _lock_drain(self) -> None:
         # The drainer may be asleep in a wait (the background thread, idle, has no
         # timeout): interrupt it until the lock is ours.
         while not self._drain_lock.acquire(timeout=0.001):
             self._collector.interrupt()
+
+    def _seq_of(self, fut: Future) -> int | None:
+        seq = self._seq_by_future.get(id(fut))
+        if seq is None or self.futures.get(seq) is not fut:
+            self._seq_by_future = {id(f): s for s, f in list(self.futures.items())}
+            seq = self._seq_by_future.get(id(fut))
+        return seq
+
+    def try_cancel(self, fut: Future) -> bool:
+        """Cancels `fut`'s task if it has not started; True means it never runs. The
+        decision is native (Segment::request_cancel); under the drain lock, so that the
+        future's record cannot be delivered meanwhile."""
+        if self._collector is None or self.inherited:
+            return False
+        seq = self._seq_of(fut)
+        if seq is None:
+            return False
+        self._lock_drain()
+        try:
+            if self.futures.get(seq) is not fut or not self._collector.request_cancel(seq):
+                return False
+            del self.futures[seq]
+            self._seq_by_future.pop(id(fut), None)
+            self._cancelled.add(seq)
+            return True
+        finally:
+            self._drain_lock.release()
+
+    def cancel(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
+        """Delivers a cancellation for a task removed from the queue before it ran."""
+        self._lock_drain()
         try:
             self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route))
             self._collector.mark_complete(seq)

@@ -108,7 +108,7 @@ class Collector {
           else
             sink(static_cast<const ResultHeader&>(h), value, len);
           ++delivered;
-          completed_.fetch_add(1, std::memory_order_relaxed);
+          count_completed();
           if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
           if (kept) continue;
         }
@@ -127,7 +127,7 @@ class Collector {
   // worker took it); a result for it that still comes is then dropped as a duplicate.
   bool mark_complete(uint64_t seq) {
     if (!window_.mark(seq)) return false;
-    completed_.fetch_add(1, std::memory_order_relaxed);
+    count_completed();
     return true;
   }
   // How many tasks have had their final result: counted here, with the drain itself, so
@@ -139,6 +139,9 @@ class Collector {
   Segment& seg_;
   TaskRing ring_;
   ArgPool pool_;
+  // Only the draining thread writes it (no read-modify-write needed); any thread reads.
+  void count_completed() { completed_.store(completed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
+
   std::vector<uint8_t> buffer_;
   CompletionWindow window_;
   std::atomic<uint64_t> completed_{0};

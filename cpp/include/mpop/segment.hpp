@@ -9,6 +9,7 @@
 #include <string>
 
 #include "mpop/arg_pool.hpp"
+#include "mpop/cancel_table.hpp"
 #include "mpop/process_owned.hpp"
 #include "mpop/result_ring.hpp"
 #include "mpop/slot_layout.hpp"
@@ -60,6 +61,9 @@ struct alignas(kCacheLine) SegmentHeader {
   // holds them (shutdown(cancel_pending=True) reaches into local queues this way).
   std::atomic<uint64_t> cancel_below{0};
 
+  // Queued tasks the owner cancelled (future.cancel()).
+  alignas(kCacheLine) CancelTable cancels;
+
   // Test-only fault injection: the next worker to reach step `fault_step` for the
   // `fault_countdown`-th time SIGKILLs itself (see FaultStep in worker_loop.hpp).
   alignas(kCacheLine) std::atomic<uint32_t> fault_step{0};
@@ -105,6 +109,15 @@ class Segment {
   uint32_t leave(bool owner_dead = false);
 
   static uint64_t process_start_time(int pid);  // 0 if the process does not exist
+
+  // The owner's cancellation of the task `seq`: true when it will never run (its final
+  // result comes as kCancelled), false when it may have started or could not be found
+  // waiting (still being claimed, being recovered after a crash) or its CancelTable cell
+  // is in use. A true result must be followed by cancels.release(seq) once the task's
+  // final result is in. From the owner's process only.
+  bool request_cancel(uint64_t seq);
+  // Whether `seq` is seen waiting: unclaimed in the task ring, or pending in a local queue.
+  bool task_waiting(uint64_t seq) const;
 
  private:
   Segment() = default;

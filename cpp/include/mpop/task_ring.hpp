@@ -11,6 +11,14 @@
 
 #include "mpop/futex.hpp"
 
+// For readers that look at memory another process may be rewriting and validate what they
+// read afterwards (seqlock style): ThreadSanitizer cannot see the validation.
+#if defined(__SANITIZE_THREAD__)
+#define MPOP_VALIDATED_READS __attribute__((no_sanitize("thread")))
+#else
+#define MPOP_VALIDATED_READS
+#endif
+
 namespace mpop {
 
 constexpr uint32_t kCacheLine = 64;
@@ -348,6 +356,28 @@ class TaskRing {
     ctl_->not_empty.notify(static_cast<int>(k));
   }
   void wake_producers() { ctl_->not_full.notify_all(); }
+
+  // ---- an observer (neither producer nor consumer) ---------------------------------------
+
+  // Whether a published cell that no consumer has claimed satisfies match(body). A match
+  // counts only if the cell was still published and unclaimed after match() read it (the
+  // body may be rewritten meanwhile: match must only read). The last look at the dequeue
+  // counter is seq_cst, so that a consumer claiming the cell after it is ordered after
+  // this call (see CancelTable).
+  template <class Match>
+  MPOP_VALIDATED_READS bool find_unclaimed(Match&& match) const {
+    const uint64_t head = ctl_->dequeue_pos.load(std::memory_order_seq_cst);
+    const uint64_t tail = ctl_->enqueue_pos.load(std::memory_order_acquire);
+    for (uint64_t pos = head; static_cast<int64_t>(tail - pos) > 0; ++pos) {
+      if (seq(pos).load(std::memory_order_acquire) != pos + 1) continue;
+      bool matched = match(static_cast<const uint8_t*>(body(pos)));
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (matched && seq(pos).load(std::memory_order_relaxed) == pos + 1 &&
+          static_cast<int64_t>(pos - ctl_->dequeue_pos.load(std::memory_order_seq_cst)) >= 0)
+        return true;
+    }
+    return false;
+  }
 
   // ---- recovery (caller guarantees no live consumer is inside a claim window) ------------
 

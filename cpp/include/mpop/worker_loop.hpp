@@ -237,7 +237,8 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       rec.running_fn.store(fn_id, std::memory_order_relaxed);
       rec.running_tsk.store(tsk_id, std::memory_order_relaxed);
       rec.running_since_ns.store(began, std::memory_order_relaxed);
-      e.state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_release);
+      // seq_cst, before the look at the owner's cancellations (CancelTable::take).
+      e.state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_seq_cst);
       if (has_meta) {
         TaskMeta m{th.enqueue_ns, start, 0, static_cast<uint16_t>(th.attempts + 1),
                    static_cast<uint16_t>(id), 0};
@@ -251,7 +252,7 @@ WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
       value.clear();
       maybe_fault(hdr, FaultStep::kBeforeRun);
       ResultStatus status = ResultStatus::kCancelled;
-      const bool ran = th.seq >= hdr.cancel_below.load(std::memory_order_relaxed);
+      const bool ran = th.seq >= hdr.cancel_below.load(std::memory_order_relaxed) && !hdr.cancels.take(th.seq);
       if (ran) status = runner.run(run, value);
       maybe_fault(hdr, FaultStep::kAfterRun);
       int64_t end = timing ? monotonic_ns() : 0;
