@@ -537,6 +537,24 @@ def test_functions_made_at_run_time_do_not_pile_up_in_the_registry():
         assert app.submit(abs, -3).result(timeout=TIMEOUT) == 3
 
 
+def test_a_bound_method_is_pickled_once_however_often_it_is_submitted(app):
+    class Counter:
+        def __init__(self):
+            self.base = 100
+
+        def add(self, x):
+            return self.base + x
+
+    c = Counter()
+    futs = [app.submit(c.add, i) for i in range(50)]  # a new bound method object each time
+    assert [f.result(timeout=TIMEOUT) for f in futs] == [100 + i for i in range(50)]
+    assert len(app._registry._by_value) == 1
+
+
+def test_a_function_sent_by_value_may_take_any_keyword(app):
+    assert app.submit(lambda blob, x=0: (blob, x), blob=1, x=2).result(timeout=TIMEOUT) == (1, 2)
+
+
 def test_a_partial_is_checked_against_its_function(app):
     with pytest.raises(TypeError, match="add_three"):
         app.submit(functools.partial(add_three, 1, 2), 3, 4)

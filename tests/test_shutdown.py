@@ -3,6 +3,7 @@ dropped without shutdown (even killed), and wait()/results() with timeouts."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import os
 import signal
@@ -354,3 +355,26 @@ def test_ctrl_c_during_shutdown_stops_at_once(tmp_path):
     assert info["after"] is not None and info["after"] < 5, info
     assert info["segment_gone"]
     assert info["pids"] and not any(pid_alive(p) for p in info["pids"])
+
+
+def test_a_map_in_another_thread_ends_cleanly_at_shutdown():
+    import threading
+
+    app = MpopApi(workers=2, auto_terminate=False)
+    errors: list = []
+
+    def consume():
+        try:
+            for _ in app.map(slow, [0.05] * 1000, range(1000), chunksize=1):
+                pass
+        except BaseException as e:  # noqa: BLE001 - what it ends with is the point
+            errors.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert wait_until(lambda: app.status()["queue"]["finished"] > 4)
+    app.shutdown(wait=False)
+    t.join(TIMEOUT)
+    assert not t.is_alive()
+    # An mpop error or a cancellation, never a crash of the dispatcher's internals.
+    assert len(errors) == 1 and isinstance(errors[0], (mpop.MpopError, cf.CancelledError)), errors

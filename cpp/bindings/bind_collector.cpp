@@ -43,15 +43,15 @@ class PyCollector {
   // settle(): where the results that need no Python code go. `futures` is the dispatcher's
   // seq -> future dict; futures of class `future_cls` are settled by writing `_result` and
   // `_state` (= `finished`) while holding their shared lock (`acquire`, `release`), unless
-  // somebody waits on one (concurrent.futures.wait's waiters) or it has callbacks or was
-  // cancelled. A plain (enqueue()d) task's value becomes a `result_cls` (TaskResult) passed
+  // somebody waits on one (concurrent.futures.wait's waiters) or it has callbacks or is no
+  // longer pending. A plain (enqueue()d) task's value becomes a `result_cls` (TaskResult) passed
   // to `plain_append`. `timings_append` (or None) receives (queue_wait_s, run_time_s).
   void bind_settle(py::dict futures, py::object future_cls, py::object pending, py::object finished,
                    py::object acquire, py::object release, py::object result_cls, py::object plain_append,
                    py::object timings_append) {
     if (!PyType_Check(future_cls.ptr()) || !PyType_Check(result_cls.ptr()))
       throw py::type_error("bind_settle: future_cls and result_cls must be classes");
-    s_ = std::make_unique<Settle>();
+    s_ = std::make_shared<Settle>();
     s_->futures = std::move(futures);
     s_->future_cls = std::move(future_cls);
     s_->pending = std::move(pending);
@@ -96,7 +96,8 @@ class PyCollector {
   // failures, map chunks, and futures it cannot settle go back to Python.
   py::tuple settle(size_t max, const py::object& timeout, uint32_t want, bool spin, const py::object& epoch) {
     if (!s_) throw std::logic_error("mpop: Collector.settle before bind_settle");
-    Settle& S = *s_;
+    std::shared_ptr<Settle> keep = s_;  // unbind_settle() may run while this waits
+    Settle& S = *keep;
     wait_for(timeout, want, spin, epoch);
     py::list slow, slow_futs;
     std::vector<std::pair<py::object, py::object>> ready;  // (future, value), settled below
@@ -146,7 +147,7 @@ class PyCollector {
           if (state == nullptr && PyErr_Occurred()) throw py::error_already_set();
           bool pending = state == nullptr || PyObject_RichCompareBool(state, S.pending.ptr(), Py_EQ) == 1;
           if (!pending || PyDict_Contains(d.ptr(), k_w) != 0 || PyDict_Contains(d.ptr(), k_cbs) != 0) {
-            slow_futs.append(py::make_tuple(f, v));  // waiters, callbacks or cancelled: _set_value
+            slow_futs.append(py::make_tuple(f, v));  // waiters, callbacks, or settled by the user: _set_value
             continue;
           }
           if (PyDict_SetItem(d.ptr(), k_result, v.ptr()) < 0 || PyDict_SetItem(d.ptr(), k_state, S.finished.ptr()) < 0)
@@ -289,7 +290,7 @@ class PyCollector {
 
   SegmentPtr seg_;
   Collector col_;
-  std::unique_ptr<Settle> s_;
+  std::shared_ptr<Settle> s_;  // shared: a settle() under way keeps it (see unbind_settle)
   // Bytes of result blocks held by array views handed out (shared with their leases).
   std::shared_ptr<std::atomic<uint64_t>> pinned_ = std::make_shared<std::atomic<uint64_t>>(0);
   std::atomic<uint32_t> interrupts_{0};

@@ -151,6 +151,8 @@ void register_segment(py::module_& m) {
              }
            })
       .def("write_registry", &write_registry)
+      .def_property_readonly("registry_epoch",
+                             [](Segment& s) { return s.header().registry_epoch.load(std::memory_order_acquire); })
       .def("bump_registry_epoch",
            [](Segment& s) { s.header().registry_epoch.fetch_add(1, std::memory_order_release); })
       .def("read_registry", &read_registry, py::arg("offset") = 0)

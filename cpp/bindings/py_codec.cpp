@@ -30,6 +30,7 @@ py::bytes pickle_value(py::handle obj) {
   try {
     pickled = pickle_dumps()(obj, 5);
   } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_Exception)) throw;  // KeyboardInterrupt and the like
     return pickle_by_value()(obj, e.value());
   }
   char* data = nullptr;

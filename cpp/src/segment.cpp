@@ -242,9 +242,11 @@ MPOP_VALIDATED_READS bool Segment::task_waiting(uint64_t seq) const {
       for (uint32_t j = 0; j < n && !found; ++j) {
         LocalEntry& e = workers_.entry(i, j);
         if (e.state.load(std::memory_order_seq_cst) != static_cast<uint32_t>(LocalState::kPending)) continue;
-        found = body_seq(workers_.entry_body(i, j)) == seq &&
-                e.state.load(std::memory_order_seq_cst) == static_cast<uint32_t>(LocalState::kPending);
+        const bool same = body_seq(workers_.entry_body(i, j)) == seq;
+        std::atomic_thread_fence(std::memory_order_acquire);  // the body read before the re-check
+        found = same && e.state.load(std::memory_order_seq_cst) == static_cast<uint32_t>(LocalState::kPending);
       }
+      std::atomic_thread_fence(std::memory_order_acquire);
       if (r.claim.in_claim.load(std::memory_order_seq_cst) == 0 &&
           r.claim.epoch.load(std::memory_order_seq_cst) == epoch) {
         if (found) return true;

@@ -308,6 +308,10 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
           (st == LocalState::kPending || st == LocalState::kRunning) &&
           seg_.pool().tag_of(th.pool_ref) == ArgPool::worker_tag(id))
         seg_.pool().retag(th.pool_ref, th.stream_len, ArgPool::kArgTag);
+      // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
+      // before the worker that takes it up again (CancelTable).
+      if (st == LocalState::kPending || st == LocalState::kRunning)
+        table.entry(id, j).state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
       if (st == LocalState::kPending) {
         local_seqs.push_back(th.seq);
         if (cancel)

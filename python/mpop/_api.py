@@ -122,7 +122,8 @@ class _Runtime:
         # refer to the dispatcher through their class.
         if self.dispatcher is not None:
             self.dispatcher.release()
-        self.collector.unbind_settle()
+        else:
+            self.collector.unbind_settle()
         if self.fast is not None:
             self.fast.release()
 
@@ -414,16 +415,18 @@ class MpopApi:
         if rt is None:
             return
         if replaces is not None:
-            # Workers reload the fn_id once they see the new epoch, which tasks enqueued
-            # from now on carry with them (see Segment.bump_registry_epoch).
+            # The new record first, then the epoch: a worker that sees the epoch move drops
+            # what it loaded and reads the log again, and every task enqueued after this
+            # call is claimed after the bump. Only then may calls take the fast path.
             rt.fast.discard(replaces.fn)
             rt.written.discard(h.fn_id)
-            self._write_handler(h, rt)
+            self._write_handler(h, rt, arm=False)
             rt.segment.bump_registry_epoch()
+            self._arm_fast_path(h, rt)
             return
         self._write_handler(h, rt)
 
-    def _write_handler(self, h: Handler, rt: _Runtime | None = None) -> None:
+    def _write_handler(self, h: Handler, rt: _Runtime | None = None, arm: bool = True) -> None:
         rt = rt or self._runtime
         if h.fn_id in rt.written:
             return
@@ -436,6 +439,10 @@ class MpopApi:
         except ValueError as e:
             raise RegistryError(str(e).removeprefix("mpop: ")) from None
         rt.written.add(h.fn_id)
+        if arm:
+            self._arm_fast_path(h, rt)
+
+    def _arm_fast_path(self, h: Handler, rt: _Runtime) -> None:
         # Calls of the function itself may now take the native path, which does what
         # resolve() and check_args() do for them: the argument count is all it checks.
         if not h.slot_mode and not h.needs_kw and self._registry.resolves_directly(h):

@@ -14,7 +14,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, Callable
 
 from ._core import LazyTracked
-from ._errors import MpopError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError
+from ._errors import MpopError, RemoteTraceback, ShutdownError, TaskTimeoutError, WorkerCrashedError
 from ._results import TaskResult
 
 __all__ = ["Dispatcher", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState", "MpopFuture"]
@@ -162,31 +162,23 @@ class MpopFuture(LazyTracked, Future):
         raise TimeoutError()
 
     def _set_value(self, value: Any) -> None:
-        """set_running_or_notify_cancel() and set_result(value) in one step, for a result
-        that came in: a future the user cancelled meanwhile is only marked notified."""
+        """set_result(value) for a result that came in (a pending future: a cancelled one's
+        task never runs, see cancel())."""
         with self._condition:
             state = self._state
-            if state == PENDING:
-                self._result = value
-                self._state = FINISHED
-                for waiter in self.__dict__.get("_w", ()):
-                    waiter.add_result(self)
-            elif state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self.__dict__.get("_w", ()):
-                    waiter.add_cancelled(self)
-                return
-            else:
+            if state != PENDING:
                 raise InvalidStateError(f"{state}: {self!r}")
+            self._result = value
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_result(self)
         if "_cbs" in self.__dict__:
             self._invoke_callbacks()
 
     def set_running_or_notify_cancel(self) -> bool:
+        # cancel() notifies at once (the state is never left at CANCELLED).
         with self._condition:
-            if self._state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-                for waiter in self.__dict__.get("_w", ()):
-                    waiter.add_cancelled(self)
+            if self._state in _CANCELLED_STATES:
                 return False
             if self._state == PENDING:
                 self._state = RUNNING
@@ -273,6 +265,7 @@ class Dispatcher:
         self._bg_wake = threading.Event()
         self._bg_pumping = False  # the background thread holds the drain lock
         self._pump_want = 0  # results the draining thread waits for (0: not waiting)
+        self._pump_depth = 0  # pumps under way in the draining thread (a callback may nest one)
         # This app's futures: their class carries the dispatcher and the one lock they share.
         cond = threading.Condition(threading.RLock())
         self.future_cls = type("MpopFuture", (MpopFuture,), {
@@ -293,6 +286,8 @@ class Dispatcher:
     def pump(self, timeout: float | None, want: int = 1, spin: bool = False, epoch: int | None = None) -> int:
         """Drains one batch, first waiting up to `timeout` for `want` results (spinning
         briefly first if `spin`). Caller must hold the drain lock."""
+        if self._collector is None:
+            raise ShutdownError("the app was shut down")
         self._pump_want = want  # see help_until
         try:
             if self._native_settle is not None:
@@ -304,23 +299,26 @@ class Dispatcher:
             self._pump_want = 0
         if not n:
             return 0
-        # These results left the ring: they are delivered even if something (a Ctrl-C in
-        # the thread that drains) interrupts the delivery of one of them.
+        # These results left the ring: the rest are delivered even if the delivery of one
+        # raises (a Ctrl-C in this thread, say); the first exception is raised after.
         interrupted: BaseException | None = None
-        items = [*slow_futures, *batch] if slow_futures or batch else ()
-        i = 0
-        while i < len(items):
-            item = items[i]
-            i += 1
-            try:
-                if len(item) == 2:  # a future waited on, with callbacks, or cancelled
-                    self._set_future(*item)
-                else:  # a record the collector did not settle itself: see _deliver
-                    self._deliver(item)
-            except BaseException as e:
-                if interrupted is None:
-                    interrupted = e
-        self.complete_below = self._collector.first_incomplete
+        self._pump_depth += 1
+        try:
+            for item in (*slow_futures, *batch) if slow_futures or batch else ():
+                try:
+                    if len(item) == 2:  # a future waited on or with callbacks
+                        self._set_future(*item)
+                    else:  # a record the collector did not settle itself: see _deliver
+                        self._deliver(item)
+                except BaseException as e:
+                    if interrupted is None:
+                        interrupted = e
+        finally:
+            self._pump_depth -= 1
+        # Only the outermost pump says what is complete: a done callback may pump again
+        # (the drain lock is reentrant) while the outer batch is still being delivered.
+        if not self._pump_depth:
+            self.complete_below = self._collector.first_incomplete
         with self.cond:
             self.cond.notify_all()
         if interrupted is not None:
@@ -359,6 +357,8 @@ class Dispatcher:
             self._helpers += 1
         try:
             while not done():
+                if self._collector is None:
+                    raise ShutdownError("the app was shut down")
                 if check is not None:
                     check()
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -498,14 +498,21 @@ class Dispatcher:
     def release(self) -> None:
         """After shutdown (background thread stopped, every future settled): drops the
         native collector and what is left to deliver, so that futures a caller keeps, which
-        refer to this dispatcher through their class, keep nothing else alive."""
-        self._finished_at_release = self._collector.completed
-        self._collector = self._native_settle = None
-        self._submitted = int  # 0: the producer (and its segment) is let go too
-        self.futures.clear()
-        self.early.clear()
-        self.maps.clear()
-        self.plain.clear()
+        refer to this dispatcher through their class, keep nothing else alive. A thread
+        still draining (a map, a wait in another thread) is interrupted first, and raises
+        ShutdownError at its next drain."""
+        self._lock_drain()
+        try:
+            self._finished_at_release = self._collector.completed
+            self._collector.unbind_settle()
+            self._collector = self._native_settle = None
+            self._submitted = int  # 0: the producer (and its segment) is let go too
+            self.futures.clear()
+            self.early.clear()
+            self.maps.clear()
+            self.plain.clear()
+        finally:
+            self._drain_lock.release()
 
     def stop_background(self) -> None:
         self._stop.set()
@@ -584,11 +591,8 @@ class Dispatcher:
         seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
         if status == CANCELLED_STATUS:  # shutdown(cancel_pending=True) took it off the queue
             fut._set_cancelled()
-            return
-        if not fut.set_running_or_notify_cancel():
-            return  # the user cancelled it; the task ran anyway
-        if status == OK:
-            fut.set_result(value)
+        elif status == OK:
+            fut._set_value(value)
         else:
             fut.set_exception(self._error_for(status, value, tsk_id, fn_id, worker_id, attempts))
 
@@ -635,7 +639,8 @@ class Dispatcher:
             return False
         self._lock_drain()
         try:
-            if self.futures.get(seq) is not fut or not self._collector.request_cancel(seq):
+            if (self._collector is None or self.futures.get(seq) is not fut
+                    or not self._collector.request_cancel(seq)):
                 return False
             del self.futures[seq]
             self._seq_by_future.pop(id(fut), None)

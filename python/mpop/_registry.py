@@ -140,6 +140,19 @@ def _by_reference(obj: Any) -> bool:
         return False
 
 
+def _by_value_key(fn: Any) -> Any:
+    """How the registry finds a function it sent by value before: by identity (each entry
+    holds its function, so the id stays its own), except a bound method, which is a new
+    object at every `obj.method` but equal to the last one (same object, same function)."""
+    if type(fn) is types.MethodType:
+        try:
+            hash(fn)
+            return fn
+        except TypeError:  # its object is unhashable
+            pass
+    return id(fn)
+
+
 def _defined_once(fn: Any) -> bool:
     """Whether `fn` is a function the program defines once, which may be registered for
     the app's life: one found again by module and name (importable, or a module-level
@@ -203,7 +216,7 @@ class Registry:
         # Handlers of the latest functions sent by value (see resolve), by id (each entry
         # holds its function, so the id stays its own): one pickle of a lambda however
         # often it is submitted. Bounded in entries and in pickled bytes.
-        self._by_value: dict[int, Handler] = {}
+        self._by_value: dict[Any, Handler] = {}
         self._by_value_bytes = 0
         self._next_auto = FIRST_AUTO_ID
         self._lock = threading.RLock()
@@ -257,7 +270,8 @@ class Registry:
             old = self._by_id.get(fn_id) if isinstance(fn_id, int) else None
             if old is not None and old.name == own_name and not old.builtin:
                 # The same handler registered again under its id (a notebook cell run
-                # again): the new function replaces it, for tasks enqueued from now on.
+                # again): the new function replaces it for every task that starts from
+                # now on (those enqueued before and not yet started included).
                 self._remove_lookups(old)
                 self._add(fn_id, fn, own_name, replaces=old)
                 return fn_id
@@ -321,8 +335,8 @@ class Registry:
             raise RegistryError(f"{key!r} is not registered")
         if type(key) is functools.partial:
             return self._partial(key)
-        h = self._by_value.get(id(key))  # a function made at run time, sent before
-        if h is not None and h.fn is key:
+        h = self._by_value.get(_by_value_key(key))  # a function made at run time, sent before
+        if h is not None and (h.fn is key or type(key) is types.MethodType):
             return h
         if _defined_once(key) or _slot_mode(key, self._default_slot) is not None:
             # Registered for the app's life: a program defines such functions once. (A
@@ -365,7 +379,7 @@ class Registry:
                                       or self._by_value_bytes + len(blob) > self._BY_VALUE_MAX_BYTES):
                 oldest = self._by_value.pop(next(iter(self._by_value)))  # first in, first out
                 self._by_value_bytes -= len(oldest.sends[0])
-            self._by_value[id(fn)] = h
+            self._by_value[_by_value_key(fn)] = h
             self._by_value_bytes += len(blob)
         return h
 

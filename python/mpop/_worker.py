@@ -42,7 +42,7 @@ def load_by_value(blob: bytes):
     return fn
 
 
-def call_by_value(blob: bytes, *args, **kwargs):
+def call_by_value(blob: bytes, /, *args, **kwargs):
     """Calls a function that is not registered: one the owner sends with each task (a
     lambda, a closure, a partial, a bound method), so that such functions never pile up in
     the app's handler registry."""
@@ -162,6 +162,7 @@ class _Resolver:
         self.offset = 0
         self.blobs: dict[int, bytes] = {}
         self.boot: dict = {}
+        self.epoch = 0  # the registry epoch of the last refresh
 
     def refresh(self) -> None:
         entries, self.offset = self.segment.read_registry(self.offset)
@@ -172,9 +173,12 @@ class _Resolver:
                 self.blobs[fn_id] = blob
 
     def resolve(self, fn_id: int):
-        # New records first: one may replace this fn_id's handler (the native loop calls
-        # this only for an fn_id it has not loaded since the registry's last replacement).
-        self.refresh()
+        # New records first when the fn_id is unknown, or when a handler was registered
+        # again under its fn_id since (the registry epoch moved).
+        epoch = self.segment.registry_epoch
+        if fn_id not in self.blobs or epoch != self.epoch:
+            self.epoch = epoch
+            self.refresh()
         blob = self.blobs.get(fn_id)
         if blob is None:
             return None
@@ -329,6 +333,9 @@ class ForkServer:
                 self.proc = subprocess.Popen(
                     [*self.argv_prefix, "--forkserver", self.name, str(os.getpid()), str(w)],
                     stdin=subprocess.PIPE, pass_fds=(w,))
+            except BaseException:
+                os.close(r)
+                raise
             finally:
                 os.close(w)
             self.replies = os.fdopen(r, "rb")

@@ -102,13 +102,13 @@ class Collector {
             value = pool_.data(h.value_ref);
             len = h.value_len;
           }
+          count_completed();  // before the sink, which may throw: the window has it already
           bool kept = false;
           if constexpr (std::is_same_v<decltype(sink(h, value, len)), bool>)
             kept = sink(static_cast<const ResultHeader&>(h), value, len);
           else
             sink(static_cast<const ResultHeader&>(h), value, len);
           ++delivered;
-          count_completed();
           if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
           if (kept) continue;
         }

@@ -239,7 +239,9 @@ class TaskRing {
         std::atomic_thread_fence(std::memory_order_seq_cst);
       }
       hook(RingPoint::kClaimBeforeCas);
-      if (ctl_->dequeue_pos.compare_exchange_weak(head, head + k, std::memory_order_acq_rel))
+      // seq_cst: an observer that saw the cells unclaimed (find_unclaimed) is ordered
+      // before this claim, and so before what the consumer does with them (CancelTable).
+      if (ctl_->dequeue_pos.compare_exchange_weak(head, head + k, std::memory_order_seq_cst))
         break;
     }
     hook(RingPoint::kClaimAfterCas);
