@@ -13,7 +13,7 @@ import pytest
 
 from mpop import TaskResult, _core
 from mpop._slots import TaskSlot128, TaskSlot196_cargs, slot_layout
-from mpop._worker import pack_error
+from mpop._pickling import pack_error
 from _helpers import SHM, leak_check
 
 QUEUE_STATUS_KEYS = {"capacity", "queued", "enqueued_total", "claimed_total", "results_pending",

@@ -785,7 +785,7 @@ def test_idle_result_thread_sleeps_until_a_result_wakes_it(app):
     a.start()
     assert a.enqueue(add, args=(1, 2))
     assert a.wait(timeout=TIMEOUT)
-    d = a._dispatcher
+    d = a._lifecycle.runtime.router
     _poll(lambda: d._idle, "the result thread to go idle")
     before = d.finished
     assert a.enqueue(add, args=(3, 4))

@@ -56,12 +56,12 @@ def app():
 
 def test_the_native_path_is_armed_only_while_workers_run(app):
     app.enqueue(add, args=(1,))  # creates the runtime; workers not started
-    fast = app._runtime.fast
+    fast = app._lifecycle.runtime.fast
     assert not fast.armed
     app.start()
     assert fast.armed
     assert app.run().values() == [2]
-    app._stop_workers()
+    app._lifecycle.stop_workers()
     assert not fast.armed
     # Python path again: the task waits in the backlog, submit() restarts the workers.
     app.enqueue(add, args=(2,))
@@ -82,7 +82,7 @@ def test_native_and_python_enqueue_give_equal_results():
                 a.enqueue(add, args=(i,))
                 a.enqueue(add, args=(i, 10))
         rs, rf = slow.run(), fast.run()
-        assert fast._dispatcher._native_settle is not None and slow._dispatcher._native_settle is None
+        assert fast._lifecycle.runtime.router._native_settle is not None and slow._lifecycle.runtime.router._native_settle is None
         assert [_result_fields(r) for r in rs.results] == [_result_fields(r) for r in rf.results]
         assert all(type(r) is TaskResult for r in rf.results)
         assert [r.seq for r in rf.results] == sorted(r.seq for r in rf.results)
@@ -136,7 +136,7 @@ def test_futures_pushed_through_a_full_ring_all_settle():
         app.start()
         futs = [app.submit(add, i) for i in range(3000)]
         assert [f.result(timeout=60) for f in futs] == [i + 1 for i in range(3000)]
-        assert not app._dispatcher.futures and not app._dispatcher.early
+        assert not app._lifecycle.runtime.router.futures and not app._lifecycle.runtime.router.early
 
 
 def test_submit_from_many_threads_all_settle(app):
@@ -264,4 +264,4 @@ def test_a_future_the_user_settled_does_not_stop_result_delivery(app):
     futs[-1].add_done_callback(lambda _: fired.set())  # needs the result thread
     assert fired.wait(60)
     assert [g.result(timeout=60) for g in futs] == [i + 1 for i in range(100)]
-    assert app._dispatcher._thread.is_alive()
+    assert app._lifecycle.runtime.router._thread.is_alive()

@@ -299,9 +299,9 @@ class _NoResults:
 
 
 def _dispatcher():
-    from mpop._dispatch import Dispatcher
+    from mpop._router import ResultRouter
 
-    return Dispatcher(_NoResults(), str, {"max_retries": 1, "task_timeout": None})
+    return ResultRouter(_NoResults(), str, max_retries=1, task_timeout=None)
 
 
 def _record(seq: int, value) -> tuple:
@@ -310,7 +310,7 @@ def _record(seq: int, value) -> tuple:
 
 
 def test_a_result_that_beats_its_future_registration_settles_it_once():
-    from mpop._dispatch import ROUTE_FUTURE
+    from mpop._router import ROUTE_FUTURE
 
     d = _dispatcher()
     calls = []

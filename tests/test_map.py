@@ -9,6 +9,7 @@ import time
 import pytest
 
 from mpop import MpopApi, ProcTaskFnID
+from mpop._map import ChunkSizer
 from _helpers import leak_check
 
 TIMEOUT = 60
@@ -114,7 +115,7 @@ def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
     items (a chunk is at most half a worker's share of the window)."""
     with MpopApi(workers=1, queue_slots=16) as one:
         sizes: list[tuple[str, int]] = []
-        push = one._push
+        push = one._submitter.push
 
         def spy(h, tsk_id, args, *rest):
             if rest[-1]:  # claim_alone: a map() chunk
@@ -122,7 +123,7 @@ def test_a_range_gets_a_wider_default_window_than_other_inputs(monkeypatch):
                 sizes.append((type(items).__name__, len(items)))
             return push(h, tsk_id, args, *rest)
 
-        monkeypatch.setattr(one, "_push", spy)
+        monkeypatch.setattr(one._submitter, "push", spy)
         assert list(one.map(inc, range(1000), chunksize=1000)) == [i + 1 for i in range(1000)]
         assert {n for kind, n in sizes if kind == "range"} == {512, 1000 - 512}
         sizes.clear()
@@ -269,14 +270,14 @@ def test_the_window_is_topped_up_after_each_chunk_returned(app, monkeypatch):
     chunk as soon as the caller has the previous one, not once it has gone through every
     chunk that is already back (the workers would sit idle meanwhile)."""
     pushes = 0
-    push = app._push
+    push = app._submitter.push
 
     def spy(*args):
         nonlocal pushes
         pushes += 1
         return push(*args)
 
-    monkeypatch.setattr(app, "_push", spy)
+    monkeypatch.setattr(app._submitter, "push", spy)
     seen = []
     for i, v in enumerate(app.map(inc, range(64), chunksize=4, max_in_flight=16)):
         assert v == i + 1
@@ -294,9 +295,9 @@ def test_until_the_first_chunk_is_back_two_chunks_a_worker_go_out(app, monkeypat
     """Before any chunk has come back, an item's cost is unknown: two small chunks a worker
     are sent, not the whole window of eight a worker; the rest go out once the first
     result has sized them."""
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     before_first = []
-    push = app._push
+    push = app._submitter.push
 
     def spy(h, tsk_id, args, *rest):
         if rest[-1]:  # a map() chunk
@@ -305,21 +306,21 @@ def test_until_the_first_chunk_is_back_two_chunks_a_worker_go_out(app, monkeypat
                 before_first.append(tsk_id)
         return push(h, tsk_id, args, *rest)
 
-    monkeypatch.setattr(app, "_push", spy)
+    monkeypatch.setattr(app._submitter, "push", spy)
     assert sorted(app.map(slow_inc, range(400), ordered=False)) == [i + 1 for i in range(400)]
-    assert len(before_first) == 2 * app._config["workers"], before_first
+    assert len(before_first) == 2 * app.config["workers"], before_first
 
 
 def _chunk_sizes(app, monkeypatch):
     sizes = []
-    push = app._push
+    push = app._submitter.push
 
     def spy(h, tsk_id, args, *rest):
         if rest[-1]:  # a map() chunk: (fn_id, star, items)
             sizes.append(len(args[3]))
         return push(h, tsk_id, args, *rest)
 
-    monkeypatch.setattr(app, "_push", spy)
+    monkeypatch.setattr(app._submitter, "push", spy)
     return sizes
 
 
@@ -328,9 +329,9 @@ def test_chunks_after_the_first_are_sized_from_the_time_an_item_took(app, monkey
     sleep at least 1 ms go at most target / 1 ms to a chunk (the first, of 16, went out
     before anything was known)."""
     sizes = _chunk_sizes(app, monkeypatch)
-    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_NS", 4_000_000)
+    monkeypatch.setattr(ChunkSizer, "TARGET_NS", 4_000_000)
     assert list(app.map(slow_inc, range(200))) == [i + 1 for i in range(200)]
-    probes = 2 * app._config["workers"]
+    probes = 2 * app.config["workers"]
     assert sizes[:probes] == [16] * probes
     assert max(sizes[probes:]) <= 4, sizes
 
@@ -339,7 +340,7 @@ def test_any_input_of_known_length_gets_guided_chunks(monkeypatch):
     """A list, or several sized iterables zipped, is guided as a range is: later chunks
     shrink to a share of what is left (here, with the floor at 0, down to one item), so the
     workers finish together. A generator's length is unknown: its chunks do not shrink."""
-    monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 0)
+    monkeypatch.setattr(ChunkSizer, "FLOOR_NS", 0)
     with MpopApi(workers=1) as one:
         sizes = _chunk_sizes(one, monkeypatch)
         for args in ((list(range(5000)),), (list(range(5000)), (1,) * 6000)):
@@ -357,17 +358,17 @@ def test_a_generator_gets_shorter_chunks_than_a_sized_input(app, monkeypatch):
     """Without a length there is no guiding the last chunks, so an input of unknown length
     is cut to _CHUNK_TARGET_UNSIZED_NS of work a chunk rather than _CHUNK_TARGET_NS."""
     sizes = _chunk_sizes(app, monkeypatch)
-    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_NS", 3600 * 10**9)
-    monkeypatch.setattr(MpopApi, "_CHUNK_TARGET_UNSIZED_NS", 4_000_000)
+    monkeypatch.setattr(ChunkSizer, "TARGET_NS", 3600 * 10**9)
+    monkeypatch.setattr(ChunkSizer, "TARGET_UNSIZED_NS", 4_000_000)
     assert list(app.map(slow_inc, (i for i in range(200)))) == [i + 1 for i in range(200)]
-    probes = 2 * app._config["workers"]
+    probes = 2 * app.config["workers"]
     assert sizes[:probes] == [16] * probes and max(sizes[probes:]) <= 4, sizes
 
 
 def test_a_finished_map_does_not_wake_the_background_thread(app):
     """A map that ends with nothing else in flight leaves the background thread asleep (a
     wake-up costs it, and a core the workers need, tens of microseconds a map)."""
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     app.wait()
     d._bg_wake.clear()
     assert list(app.map(inc, range(100))) == [i + 1 for i in range(100)]
@@ -381,23 +382,23 @@ def test_guided_range_chunks_shrink_no_further_than_the_floor(monkeypatch):
 
     def chunk_sizes(app):
         sizes = []
-        push = app._push
+        push = app._submitter.push
 
         def spy(h, tsk_id, args, *rest):
             if rest[-1] and type(args[3]) is range:  # a map() chunk of a range
                 sizes.append(len(args[3]))
             return push(h, tsk_id, args, *rest)
 
-        monkeypatch.setattr(app, "_push", spy)
+        monkeypatch.setattr(app._submitter, "push", spy)
         out = list(app.map(inc, range(5000), max_in_flight=10**6))
         assert out == [i + 1 for i in range(5000)]
         return [n for n in sizes if n != 16]  # after the first chunks, of 16 items
 
     with MpopApi(workers=1) as one:
-        monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 0)
+        monkeypatch.setattr(ChunkSizer, "FLOOR_NS", 0)
         later = chunk_sizes(one)
         assert later[-1] == 1 and later == sorted(later, reverse=True) and len(later) > 5, later
-        monkeypatch.setattr(MpopApi, "_CHUNK_FLOOR_NS", 3600 * 10**9)
+        monkeypatch.setattr(ChunkSizer, "FLOOR_NS", 3600 * 10**9)
         later = chunk_sizes(one)
         assert len(later) == 1 and later[0] > 4000, later
 
@@ -405,9 +406,9 @@ def test_guided_range_chunks_shrink_no_further_than_the_floor(monkeypatch):
 def test_background_thread_leaves_a_driven_map_alone(app):
     """_maps_driven: true only while every task in flight is a chunk of an open map whose
     caller touched it in the last 10 ms."""
-    from mpop._dispatch import MapState
+    from mpop._router import MapState
 
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     app.wait()
     assert not d._maps_driven()  # no map
     state = MapState()
@@ -430,7 +431,7 @@ def test_the_background_thread_steps_aside_for_a_driven_map_in_long_turns(app, m
     is woken early only by whoever hands results back to it."""
     import threading
 
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     timeouts = []
 
     class SpyEvent(threading.Event):
@@ -451,7 +452,7 @@ def test_an_abandoned_map_is_still_drained(app):
     chunks it had in flight, and a future's callback submitted meanwhile still runs."""
     it = app.map(inc, range(100_000), chunksize=1000)
     assert next(it) == 1
-    state = next(s for s in app._dispatcher.maps.values())
+    state = next(s for s in app._lifecycle.runtime.router.maps.values())
     done = []
     app.submit(inc, 41).add_done_callback(lambda f: done.append(f.result()))
     deadline = time.monotonic() + TIMEOUT
@@ -465,7 +466,7 @@ def test_the_iterator_waits_for_a_run_of_chunks(app, monkeypatch):
     """Waiting for a chunk, the iterator asks the native wait for half the chunks in
     flight (up to about 16k items), so it is woken once per run of results rather than
     once per chunk (the wait still ends within its 50 ms step when fewer come)."""
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     wants = []
     help_until = d.help_until
 
@@ -501,7 +502,7 @@ def test_a_wait_never_asks_for_more_chunks_than_are_still_to_come(app, monkeypat
     """Ordered, with chunks finishing out of order: chunks already back but not yet
     returned must not count towards the run waited for, or the wait would sit out its
     50 ms step for results that never come."""
-    d = app._dispatcher
+    d = app._lifecycle.runtime.router
     seen = []
     help_until = d.help_until
 

@@ -241,15 +241,17 @@ def test_result_views_are_capped_at_a_quarter_of_the_pool_then_copies():
 
 def _push_log(app, monkeypatch) -> list[tuple[bool, bool]]:
     """From now on, each push the app makes (submit's fast path aside) as (blocking, pushed)."""
-    pushes = []
-    push = type(app)._push
+    from mpop._submit import Submitter
 
-    def spy(self, h, tsk_id, args, kwargs, c_args, blocking, *rest):
-        ok = push(self, h, tsk_id, args, kwargs, c_args, blocking, *rest)
+    pushes = []
+    push = Submitter.push
+
+    def spy(self, h, tsk_id, args, kwargs, c_args=None, blocking=True, *rest, **kw):
+        ok = push(self, h, tsk_id, args, kwargs, c_args, blocking, *rest, **kw)
         pushes.append((blocking, bool(ok)))
         return ok
 
-    monkeypatch.setattr(type(app), "_push", spy)
+    monkeypatch.setattr(Submitter, "push", spy)
     return pushes
 
 

@@ -77,7 +77,7 @@ def test_worker_refuses_a_mismatched_segment_with_a_clear_error():
 def test_worker_runs_only_registered_fn_ids():
     with mpop.MpopApi(workers=1) as app:
         app.start()
-        rt = app._runtime
+        rt = app._lifecycle.runtime
         # Bypass the API's registry check: the native worker must still refuse.
         seq = rt.producer.enqueue(0x7777, 1, (1,))
         assert seq > 0

@@ -272,7 +272,7 @@ def _native_refs(app) -> list:
     """Weak references to an app's native objects (the segment holds the mapping)."""
     import weakref
 
-    rt = app._runtime
+    rt = app._lifecycle.runtime
     return [weakref.ref(rt.segment), weakref.ref(rt.producer), weakref.ref(rt.collector)]
 
 

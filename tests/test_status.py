@@ -213,13 +213,13 @@ def test_run_stats_give_percentiles_of_the_runs_own_tasks():
 
 
 def test_status_percentiles_cover_a_bounded_window_of_recent_tasks(monkeypatch):
-    from mpop import _dispatch
+    from mpop import _router
 
-    monkeypatch.setattr(_dispatch.Dispatcher, "TIMING_WINDOW", 50)
+    monkeypatch.setattr(_router.ResultRouter, "TIMING_WINDOW", 50)
     with MpopApi(workers=2) as app:
         for f in [app.submit(sleep_ms, 0) for _ in range(200)]:
             f.result(timeout=TIMEOUT)
-        assert len(app._dispatcher.timings) == 50  # a server that only submits stays flat
+        assert len(app._lifecycle.runtime.router.timings) == 50  # a server that only submits stays flat
         q = app.status()["queue"]
         assert 0 <= q["queue_wait_p50_s"] <= q["queue_wait_p99_s"]
         assert 0 <= q["run_time_p50_s"] <= q["run_time_p99_s"]

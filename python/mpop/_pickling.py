@@ -12,11 +12,12 @@ as the very class it came from, so the owner gets its own ``Point`` and its own
 from __future__ import annotations
 
 import pickle
+import traceback
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["dumps", "dumps_by_value"]
+__all__ = ["dumps", "dumps_by_value", "pack_error"]
 
 
 def dumps_by_value(obj: Any, error: BaseException | None = None) -> bytes:
@@ -37,3 +38,15 @@ def dumps(obj: Any) -> bytes:
     except Exception as e:
         return dumps_by_value(obj, e)
     return dumps_by_value(obj) if b"__main__" in data else data
+
+
+def pack_error(exc: BaseException) -> bytes:
+    """A handler's exception as bytes: the exception itself when it survives pickling, and
+    always the worker's formatted traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = dumps((exc, tb))
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps((None, tb, type(exc).__qualname__, str(exc)), protocol=5)

@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import io
+import pickle
 import sys
 import threading
 import types
@@ -23,7 +24,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ._builtins import BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID
+from ._builtins import (BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID,
+                        call_by_value, run_chunk)
 from ._errors import RegistryError
 from ._slots import describe, is_slot_class, rebuild, slot_layout
 
@@ -153,6 +155,13 @@ def _by_value_key(fn: Any) -> Any:
     return id(fn)
 
 
+def _reserved_name(fn_id: int) -> str:
+    try:
+        return ProcTaskFnID(fn_id).name
+    except ValueError:
+        return "the runtime"
+
+
 def _defined_once(fn: Any) -> bool:
     """Whether `fn` is a function the program defines once, which may be registered for
     the app's life: one found again by module and name (importable, or a module-level
@@ -206,8 +215,8 @@ class Registry:
 
     def __init__(self, default_slot: type,
                  on_register: Callable[[Handler, Handler | None], None] | None = None):
-        """`on_register(handler, replaced)` is called for every registration (`replaced`:
-        the handler it replaces, or None)."""
+        """`on_register(handler, replaced)` is called for every registration after the
+        built-ins (`replaced`: the handler it replaces, or None)."""
         self._default_slot = default_slot
         self._by_id: dict[int, Handler] = {}
         self._by_name: dict[str, int] = {}
@@ -220,13 +229,12 @@ class Registry:
         self._by_value_bytes = 0
         self._next_auto = FIRST_AUTO_ID
         self._lock = threading.RLock()
-        self.on_register = on_register
+        self.on_register = None
         for fn_id, fn in BUILTIN_HANDLERS.items():
             self._add(int(fn_id), fn, fn_id.name, builtin=True)
-        from ._worker import call_by_value, run_chunk
-
         self._add(MAP_CHUNK_ID, run_chunk, "mpop.map_chunk", builtin=True).internal = True
         self._add(CALL_BY_VALUE_ID, call_by_value, "mpop.call_by_value", builtin=True).internal = True
+        self.on_register = on_register
 
     def _remove_lookups(self, h: Handler) -> None:
         """Forgets how to find `h` by its function (it is being replaced)."""
@@ -287,7 +295,7 @@ class Registry:
             if isinstance(fn_id, bool) or not isinstance(fn_id, int):
                 raise RegistryError(f"fn_id must be an int, got {fn_id!r}")
             if fn_id <= RESERVED_MAX:
-                what = ProcTaskFnID(fn_id).name if fn_id in ProcTaskFnID._value2member_map_ else "the runtime"
+                what = _reserved_name(fn_id)
                 raise RegistryError(f"fn_id {fn_id:#x} is reserved (ids up to {RESERVED_MAX:#x} belong "
                                     f"to the runtime; {fn_id:#x} is {what}); use {FIRST_AUTO_ID:#x} or above")
             if fn_id > MAX_FN_ID:
@@ -402,5 +410,21 @@ class Registry:
             return sorted((h for h in self._by_id.values() if internal or not h.internal),
                           key=lambda h: h.fn_id)
 
+    def problems(self) -> list[str]:
+        """What keeps a handler from reaching the workers, one line each."""
+        out = []
+        for h in self.handlers():
+            try:
+                pickle.loads(h.spec())
+            except Exception as e:
+                out.append(f"handler {h.name!r} (fn_id {h.fn_id:#x}) cannot be sent to workers: {e!r}")
+        return out
+
     def get(self, fn_id: int) -> Handler | None:
+        """The handler registered under `fn_id`, or None."""
         return self._by_id.get(fn_id)
+
+    def name_of(self, fn_id: int) -> str:
+        """The name of the handler under `fn_id`, for messages."""
+        h = self._by_id.get(fn_id)
+        return h.name if h is not None else f"fn_id {fn_id:#x}"

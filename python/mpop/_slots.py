@@ -121,19 +121,6 @@ def slot_layout(cls: type) -> dict:
     return out
 
 
-class TaskMeta(ctypes.Structure):
-    """What the runtime writes at the start of a slot's ``meta`` (when it has 32 bytes)."""
-
-    _fields_ = [
-        ("enqueue_ns", ctypes.c_int64),
-        ("start_ns", ctypes.c_int64),
-        ("end_ns", ctypes.c_int64),
-        ("attempts", ctypes.c_uint16),
-        ("worker_id", ctypes.c_uint16),
-        ("reserved", ctypes.c_uint32),
-    ]
-
-
 def _typespec(t: Any) -> tuple:
     if isinstance(t, type) and issubclass(t, ctypes.Array):
         return ("array", _typespec(t._type_), t._length_)
@@ -171,11 +158,3 @@ def rebuild(desc: tuple) -> type:
     if pack:
         ns["_pack_"] = pack
     return type(name, (ctypes.Structure,), ns)
-
-
-def read_meta(slot: Any) -> TaskMeta | None:
-    """The runtime's TaskMeta of a slot instance, or None if its meta is too small."""
-    meta = getattr(slot, "meta", None)
-    if meta is None or ctypes.sizeof(meta) < ctypes.sizeof(TaskMeta):
-        return None
-    return TaskMeta.from_buffer_copy(bytes(meta)[: ctypes.sizeof(TaskMeta)])

@@ -3,153 +3,14 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
 import os
 import pickle
 import signal
 import sys
-import time
 import traceback
 
-BOOT_FN_ID = 0xFFFFFFFF
-
-_RESOLVER = None  # this worker's handler table, for run_chunk
-
-# Functions that travel with their tasks (see call_by_value), by their pickled form: the
-# same lambda or closure sent again is unpickled once. Bounded in entries and bytes.
-_BY_VALUE: dict[bytes, object] = {}
-_BY_VALUE_MAX = 256
-_BY_VALUE_MAX_BYTES = 32 << 20
-_by_value_bytes = 0
-
-
-def load_by_value(blob: bytes):
-    """The function pickled in `blob` (cloudpickle), from this worker's cache."""
-    global _by_value_bytes
-    fn = _BY_VALUE.get(blob)
-    if fn is None:
-        import cloudpickle  # noqa: F401  (reducers its payload needs)
-
-        fn = pickle.loads(blob)
-        while _BY_VALUE and (len(_BY_VALUE) >= _BY_VALUE_MAX
-                             or _by_value_bytes + len(blob) > _BY_VALUE_MAX_BYTES):
-            oldest = next(iter(_BY_VALUE))  # first in, first out
-            del _BY_VALUE[oldest]
-            _by_value_bytes -= len(oldest)
-        _BY_VALUE[blob] = fn
-        _by_value_bytes += len(blob)
-    return fn
-
-
-def call_by_value(blob: bytes, /, *args, **kwargs):
-    """Calls a function that is not registered: one the owner sends with each task (a
-    lambda, a closure, a partial, a bound method), so that such functions never pile up in
-    the app's handler registry."""
-    return load_by_value(blob)(*args, **kwargs)
-
-
-def _chunk_callable(fn_id: int, call: tuple | None):
-    """What a map() chunk calls on each item: the handler under `fn_id` (or the function
-    sent by value), with the arguments and keywords `call` binds first (a partial's)."""
-    from ._builtins import CALL_BY_VALUE_ID
-
-    if fn_id == CALL_BY_VALUE_ID:
-        args, kwargs = call
-        fn, slot_class, args = load_by_value(args[0]), None, args[1:]
-    else:
-        entry = _RESOLVER.resolve(fn_id) if _RESOLVER is not None else None
-        if entry is None:
-            from ._errors import RegistryError
-
-            raise RegistryError(f"no handler is registered under fn_id {fn_id:#x} in worker")
-        fn, slot_class = entry
-        args, kwargs = call or ((), None)
-    if args or kwargs:
-        fn = functools.partial(fn, *args, **(kwargs or {}))
-    return fn, slot_class
-
-
-def run_chunk(fn_id: int, call: tuple | None, star: bool, items: list | None, *spread) -> tuple:
-    """A chunk of a map(): calls the handler registered under `fn_id` on each item, after
-    the arguments `call` binds first (None, or (args, kwargs): a partial's, and for a
-    function sent by value its pickle).
-
-    The items come as one list, or (items None) as separate arguments, so that each array
-    among them travels natively (zero-copy) rather than inside the list's pickle.
-
-    Returns (values, elapsed_ns, error): the values computed before the first failure, the
-    time spent (the owner sizes later chunks from it), and the packed failure or None.
-    TaskResults among the values are unwrapped by fix_chunk, on the way out."""
-    fn, slot_class = _chunk_callable(fn_id, call)
-    from ._results import TaskResult
-
-    if items is None:
-        items = spread
-
-    out: list = []
-    append = out.append
-    t0 = time.perf_counter_ns()
-    try:
-        if slot_class is not None:  # slot mode: each item's ints go to slot.args
-            for x in items:
-                slot = slot_class()
-                slot.fn_id = fn_id
-                for i, v in enumerate(x if star else (x,)):
-                    slot.args[i] = v
-                append(_value_of(fn(slot), TaskResult))
-        else:
-            # The loop runs in C; extend() keeps what was appended before a failure.
-            out.extend(itertools.starmap(fn, items) if star else map(fn, items))
-    except Exception as e:
-        return out, time.perf_counter_ns() - t0, pack_error(e)
-    return out, time.perf_counter_ns() - t0, None
-
-
-def fix_chunk(result: tuple) -> tuple:
-    """A map() chunk's result, with each TaskResult a handler returned replaced by its
-    value; a failed one ends the chunk's values there, as if the handler had raised its
-    error. The worker loop calls this only for a chunk it cannot encode natively, which is
-    the only kind that can hold a TaskResult, so plain chunks never pay for the search."""
-    from ._results import TaskResult
-
-    values, elapsed, error = result
-    if TaskResult not in map(type, values):
-        return result
-    out = []
-    for r in values:
-        try:
-            out.append(_value_of(r, TaskResult))
-        except Exception as e:
-            return out, elapsed, pack_error(e)
-    return out, elapsed, error
-
-
-def _value_of(r, task_result: type):
-    """A handler's return value, unwrapping a TaskResult (raising its error)."""
-    if not isinstance(r, task_result):
-        return r
-    if not r.success:
-        from ._errors import MpopError
-
-        raise r.error if r.error is not None else MpopError(
-            f"handler returned TaskResult(success=False) with value {r.value!r}")
-    return r.value
-
-
-def pack_error(exc: BaseException) -> bytes:
-    """A handler's exception as bytes: the exception itself when it survives pickling, and
-    always the worker's formatted traceback."""
-    from ._pickling import dumps
-
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        data = dumps((exc, tb))
-        pickle.loads(data)
-        return data
-    except Exception:
-        return pickle.dumps((None, tb, type(exc).__qualname__, str(exc)), protocol=5)
-
+from ._builtins import BOOT_FN_ID, MAP_CHUNK_ID, fix_chunk, set_resolver
+from ._pickling import pack_error
 
 class _Resolver:
     """fn_id -> (callable, slot class or None), read from the segment's registry log.
@@ -217,16 +78,16 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
         __import__(module)
 
 
-def run(name: str, worker_id: int, generation: int) -> int:
+def run(name: str, worker_id: int) -> int:
+    """A worker's life in slot `worker_id` of segment `name`: returns its exit code."""
     from . import _core
     from ._results import TaskResult
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
-    global _RESOLVER
-
     segment = _core.Segment.attach(name)
     _core.arm_worker_exit(segment)
-    resolver = _RESOLVER = _Resolver(segment)
+    resolver = _Resolver(segment)
+    set_resolver(resolver.resolve)
     try:
         resolver.refresh()
         _prepare(resolver, worker_id)
@@ -234,8 +95,6 @@ def run(name: str, worker_id: int, generation: int) -> int:
         segment.set_start_error(worker_id, traceback.format_exc()[-1000:])
         _core.leave_segment(segment, not _core.owner_alive(segment))
         return 3
-    from ._builtins import MAP_CHUNK_ID
-
     reason = _core.worker_loop(segment, worker_id, resolver.resolve, pack_error, TaskResult,
                                MAP_CHUNK_ID, fix_chunk)
     _core.leave_segment(segment, reason == "owner died")
@@ -250,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 3:
         print("usage: python -m mpop._worker SEGMENT WORKER_ID GENERATION", file=sys.stderr)
         return 2
-    return run(argv[0], int(argv[1]), int(argv[2]))
+    return run(argv[0], int(argv[1]))  # the generation is the supervisor's bookkeeping
 
 
 def forked_main(name: str, worker_id: int, generation: int) -> int:
-    """Entry of a worker forked from the owner (fork start method)."""
+    """Entry of a worker forked from the owner (fork start method); the generation is the
+    supervisor's bookkeeping."""
     try:
-        return run(name, worker_id, generation)
+        return run(name, worker_id)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -271,7 +131,7 @@ def _set_parent_death_signal() -> None:
 
 def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     """A fork server: a fresh interpreter that imports mpop and the handler module once,
-    then forks one worker per request line ``ID GENERATION`` on stdin, answering with the
+    then forks one worker per request line ``WORKER_ID`` on stdin, answering with the
     child's pid on `reply_fd` (a pipe of its own: its standard output and error, and its
     workers', are the owner's). It never imports the owner's ``__main__``; it exits when
     stdin closes or its parent (the owner's supervisor thread) dies."""
@@ -293,7 +153,7 @@ def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     del segment
     replies = os.fdopen(reply_fd, "w", buffering=1)
     for line in sys.stdin:
-        worker_id, generation = map(int, line.split())
+        worker_id = int(line)
         pid = os.fork()
         if pid == 0:
             try:
@@ -301,7 +161,7 @@ def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
                 os.close(reply_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _set_parent_death_signal()
-                code = run(name, worker_id, generation)
+                code = run(name, worker_id)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -339,7 +199,7 @@ class ForkServer:
             finally:
                 os.close(w)
             self.replies = os.fdopen(r, "rb")
-        self.proc.stdin.write(f"{worker_id} {generation}\n".encode())
+        self.proc.stdin.write(f"{worker_id}\n".encode())
         self.proc.stdin.flush()
         line = self.replies.readline()
         if not line:

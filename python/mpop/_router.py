@@ -1,32 +1,33 @@
-"""The owner's result path: drains the native collector in batches and delivers each result
-to where its task came from: a Future (submit), a map() call, or the plain results of
-enqueue()d tasks (results(), wait(), run())."""
+"""ResultRouter: the owner's result path. Drains the native collector in batches and
+delivers each result to where its task came from: a future (submit), a map() call, or the
+plain results of enqueue()d tasks (results(), wait(), run()); runs the background thread
+that keeps results moving when no caller drains them."""
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import pickle
 import threading
 import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from concurrent.futures._base import FINISHED, PENDING
 from typing import Any, Callable
 
-from ._core import LazyTracked
 from ._errors import MpopError, RemoteTraceback, ShutdownError, TaskTimeoutError, WorkerCrashedError
+from ._futures import future_class
 from ._results import TaskResult
 
-__all__ = ["Dispatcher", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState", "MpopFuture"]
+__all__ = ["ResultRouter", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState", "unpack_error"]
 
 log = logging.getLogger("mpop")
 
 ROUTE_PLAIN = 0
 ROUTE_FUTURE = 1
+FIRST_MAP_ROUTE = 2  # each map() call has a route of its own, from here up
 
 OK, ERROR, CRASHED, TIMEOUT, CANCELLED_STATUS = range(5)
-_CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
-_DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 def unpack_error(value: Any) -> BaseException:
@@ -46,166 +47,6 @@ def unpack_error(value: Any) -> BaseException:
     return exc
 
 
-class MpopFuture(LazyTracked, Future):
-    """A concurrent.futures.Future that costs one object until somebody needs more.
-
-    Future.__init__ builds a Condition (an RLock, a deque, five bound methods) and two
-    lists for every instance; at a few hundred thousand futures in flight, creating them
-    and the garbage collector walking them took more of the owner's time than the tasks.
-    Here the state lives in class defaults until it changes, the lock is one RLock shared
-    by the app's futures (concurrent.futures.wait and as_completed only acquire and
-    release `_condition`, and an RLock lets them take it once per future), and the waiter
-    and callback lists are made on first use. A future from the native submit() path
-    starts untracked by the garbage collector, which then never walks the futures a caller
-    holds; it is tracked again once it holds anything that could refer back to it
-    (LazyTracked).
-
-    Blocking waits (result(), exception()) never sleep on `_condition`: they drain results
-    in the waiting thread (Dispatcher.help_until), so a round trip costs no hand-off
-    through the background thread. Each app uses its own subclass, made by its
-    Dispatcher, which sets `_dispatcher` and `_condition`."""
-
-    _state = PENDING
-    _result = None
-    _exception = None
-    _dispatcher: "Dispatcher"
-    _condition: threading.Condition
-
-    __init__ = object.__init__  # nothing per instance until needed (see above)
-
-    # The lists are set as attributes (not put in __dict__): that tracks a future that
-    # submit() left untracked by the garbage collector (LazyTracked), since a waiter or a
-    # callback may refer back to it.
-    def _list(self, name: str) -> list:
-        lst = self.__dict__.get(name)
-        if lst is None:
-            with self._condition:
-                lst = self.__dict__.get(name)
-                if lst is None:
-                    lst = []
-                    setattr(self, name, lst)
-        return lst
-
-    @property
-    def _waiters(self) -> list:
-        return self._list("_w")
-
-    @property
-    def _done_callbacks(self) -> list:
-        return self._list("_cbs")
-
-    def _invoke_callbacks(self) -> None:
-        if "_cbs" in self.__dict__:
-            super()._invoke_callbacks()
-
-    def cancelled(self) -> bool:
-        return self._state in _CANCELLED_STATES
-
-    def running(self) -> bool:
-        return self._state == RUNNING
-
-    def done(self) -> bool:
-        return self._state in _DONE_STATES
-
-    def cancel(self) -> bool:
-        """Cancels the task if it has not started: True means it never runs (its worker
-        skips it), False that it may have started, as concurrent.futures means it. A task
-        still being claimed by a worker, or being moved after its worker died, cannot be
-        cancelled either."""
-        with self._condition:
-            if self._state in (RUNNING, FINISHED):
-                return False
-            if self._state in _CANCELLED_STATES:
-                return True
-        if not self._dispatcher.try_cancel(self):
-            return False
-        self._set_cancelled()
-        return True
-
-    def _set_cancelled(self) -> None:
-        """Ends the future as cancelled, notifying its waiters and callbacks at once."""
-        with self._condition:
-            if self._state != PENDING:
-                return
-            self._state = CANCELLED_AND_NOTIFIED
-            for waiter in self.__dict__.get("_w", ()):
-                waiter.add_cancelled(self)
-            self._condition.notify_all()
-        self._invoke_callbacks()
-
-    def _help(self, timeout: float | None) -> None:
-        if self._state not in _DONE_STATES:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._dispatcher.help_until(self.done, deadline, spin=True)
-
-    def result(self, timeout: float | None = None) -> Any:
-        self._help(timeout)
-        state = self._state
-        if state == FINISHED:
-            if self._exception is not None:
-                try:
-                    raise self._exception
-                finally:
-                    self = None  # noqa: PLW0642 - break the cycle through the traceback
-            return self._result
-        if state in _CANCELLED_STATES:
-            raise CancelledError()
-        raise TimeoutError()
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._help(timeout)
-        state = self._state
-        if state == FINISHED:
-            return self._exception
-        if state in _CANCELLED_STATES:
-            raise CancelledError()
-        raise TimeoutError()
-
-    def _set_value(self, value: Any) -> None:
-        """set_result(value) for a result that came in (a pending future: a cancelled one's
-        task never runs, see cancel())."""
-        with self._condition:
-            state = self._state
-            if state != PENDING:
-                raise InvalidStateError(f"{state}: {self!r}")
-            self._result = value
-            self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
-                waiter.add_result(self)
-        if "_cbs" in self.__dict__:
-            self._invoke_callbacks()
-
-    def set_running_or_notify_cancel(self) -> bool:
-        # cancel() notifies at once (the state is never left at CANCELLED).
-        with self._condition:
-            if self._state in _CANCELLED_STATES:
-                return False
-            if self._state == PENDING:
-                self._state = RUNNING
-                return True
-        raise RuntimeError(f"Future in unexpected state: {self._state}")
-
-    def set_result(self, result: Any) -> None:
-        with self._condition:
-            if self._state in _DONE_STATES:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
-                waiter.add_result(self)
-        self._invoke_callbacks()
-
-    def set_exception(self, exception: BaseException) -> None:
-        with self._condition:
-            if self._state in _DONE_STATES:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._exception = exception
-            self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
-                waiter.add_exception(self)
-        self._invoke_callbacks()
-
-
 class MapState:
     """Results of one map() call, keyed by the item's index (carried as tsk_id)."""
 
@@ -219,15 +60,21 @@ class MapState:
         self.touched = time.monotonic()  # when the caller last drove the iterator
 
 
-class Dispatcher:
+class ResultRouter:
+    """Delivers one app's results (see the module's docstring)."""
+
     TIMING_WINDOW = 10_000  # results whose timings status() summarises
 
-    def __init__(self, collector, names: Callable[[int], str], config: dict,
-                 submitted: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, collector, names: Callable[[int], str], *, max_retries: int,
+                 task_timeout: float | None, keep_timings: bool = True, debug: bool = False,
+                 submitted: Callable[[], int] = int) -> None:
+        """`collector`: the native Collector; `names(fn_id)`: a handler's name for error
+        messages; `submitted()`: how many tasks were submitted so far."""
         self._submitted = submitted
         self._collector = collector
         self._names = names
-        self._config = config
+        self._max_retries = max_retries
+        self._task_timeout = task_timeout
         # One thread drains at a time. Reentrant: a done callback, called while its thread
         # drains, may cancel or wait for another future.
         self._drain_lock = threading.RLock()
@@ -241,6 +88,7 @@ class Dispatcher:
         self.futures: dict[int, Future] = {}
         self.early: dict[int, tuple] = {}  # future results that beat their registration
         self.maps: dict[int, MapState] = {}
+        self._routes = itertools.count(FIRST_MAP_ROUTE)
         # Seqs of futures cancelled before their task ran (see try_cancel): their records,
         # when the workers skip them, are only acknowledged.
         self._cancelled: set[int] = set()
@@ -248,11 +96,11 @@ class Dispatcher:
         # (queue_wait_s, run_time_s) of the latest results of every kind, for status(): a
         # window, so that an app that only submits never grows it without bound.
         self.timings: collections.deque[tuple[float, float]] = collections.deque(maxlen=self.TIMING_WINDOW)
-        self.keep_timings = not config.get("max_performance", False)
-        self.debug = config.get("debug", False) and not config.get("max_performance", False)
+        self.keep_timings = keep_timings
+        self.debug = debug
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        # A fork() child's copy of its parent's dispatcher: the results are the parent's.
+        # A fork() child's copy of its parent's router: the results are the parent's.
         self.inherited = False
         self._idle = False  # the background thread sleeps: nothing in flight
         # Callers blocked in help_until (future.result(), map, run...), under `cond`. While
@@ -266,11 +114,9 @@ class Dispatcher:
         self._bg_pumping = False  # the background thread holds the drain lock
         self._pump_want = 0  # results the draining thread waits for (0: not waiting)
         self._pump_depth = 0  # pumps under way in the draining thread (a callback may nest one)
-        # This app's futures: their class carries the dispatcher and the one lock they share.
+        # This app's futures: their class carries the router and the one lock they share.
         cond = threading.Condition(threading.RLock())
-        self.future_cls = type("MpopFuture", (MpopFuture,), {
-            "__module__": __name__, "__qualname__": "MpopFuture",
-            "_dispatcher": self, "_condition": cond})
+        self.future_cls = future_class(self, cond)
         # Results that need no Python code (ok values of futures and of enqueue()d tasks)
         # are settled by the collector itself (Collector.settle); the rest come back here.
         # With debug, every result goes through _deliver, which logs it.
@@ -328,7 +174,7 @@ class Dispatcher:
     @staticmethod
     def _set_future(fut: Future, value: Any) -> None:
         try:
-            fut._set_value(value)
+            fut.deliver(value)
         except InvalidStateError:  # the user settled it (set_result): theirs stands
             log.debug("result of an already settled future dropped: %r", fut)
 
@@ -388,6 +234,25 @@ class Dispatcher:
                 last = not self._helpers
             if last and self.futures:
                 self._bg_wake.set()  # futures nobody waits on are the background thread's again
+
+    def ensure_background(self) -> None:
+        """Starts the background thread if it is not running."""
+        if self._thread is None:
+            self.start_background()
+
+    def take_plain(self) -> list[TaskResult]:
+        """Takes every result of an enqueue()d task delivered so far."""
+        if self._drain_lock.acquire(blocking=False):
+            try:  # nobody appends meanwhile: take them in one step
+                out = list(self.plain)
+                self.plain.clear()
+                return out
+            finally:
+                self._drain_lock.release()
+        out = []
+        while self.plain:
+            out.append(self.plain.popleft())
+        return out
 
     def start_background(self) -> None:
         """A thread that keeps results moving when no caller drains them: for futures nobody
@@ -479,6 +344,12 @@ class Dispatcher:
             in_flight += state.sent - state.received
         return self._submitted() - self.finished <= in_flight
 
+    def open_map(self) -> tuple[int, MapState]:
+        """A route of its own for a map() call, and the state its results arrive in."""
+        route, state = next(self._routes), MapState()
+        self.maps[route] = state
+        return route, state
+
     def close_map(self, route: int, state: MapState) -> None:
         """A map() ended (finished, failed or abandoned). The background thread stepped aside
         for it: it is woken only if something is left for it to drain (this map's chunks
@@ -489,16 +360,10 @@ class Dispatcher:
         if self.futures or self._submitted() != self.finished:
             self._bg_wake.set()
 
-    def wake_helpers(self) -> None:
-        """Makes callers blocked in help_until look at their condition again now."""
-        self._collector.interrupt()
-        with self.cond:
-            self.cond.notify_all()
-
     def release(self) -> None:
         """After shutdown (background thread stopped, every future settled): drops the
         native collector and what is left to deliver, so that futures a caller keeps, which
-        refer to this dispatcher through their class, keep nothing else alive. A thread
+        refer to this router through their class, keep nothing else alive. A thread
         still draining (a map, a wait in another thread) is interrupted first, and raises
         ShutdownError at its next drain."""
         self._lock_drain()
@@ -531,11 +396,11 @@ class Dispatcher:
         if status == CRASHED:
             return WorkerCrashedError(
                 f"task {tsk_id} ({self._names(fn_id)}) failed: its worker (id {worker_id}) died "
-                f"while running it, {attempts} time(s); max_retries={self._config['max_retries']}")
+                f"while running it, {attempts} time(s); max_retries={self._max_retries}")
         if status == TIMEOUT:
             return TaskTimeoutError(
                 f"task {tsk_id} ({self._names(fn_id)}) ran longer than task_timeout="
-                f"{self._config['task_timeout']}s; its worker (id {worker_id}) was killed")
+                f"{self._task_timeout}s; its worker (id {worker_id}) was killed")
         from concurrent.futures import CancelledError
 
         return CancelledError(f"task {tsk_id} was cancelled before it ran")
@@ -590,9 +455,9 @@ class Dispatcher:
     def _settle_one(self, fut: Future, rec: tuple) -> None:
         seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
         if status == CANCELLED_STATUS:  # shutdown(cancel_pending=True) took it off the queue
-            fut._set_cancelled()
+            fut.deliver_cancelled()
         elif status == OK:
-            fut._set_value(value)
+            fut.deliver(value)
         else:
             fut.set_exception(self._error_for(status, value, tsk_id, fn_id, worker_id, attempts))
 
@@ -649,7 +514,7 @@ class Dispatcher:
         finally:
             self._drain_lock.release()
 
-    def cancel(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
+    def deliver_cancellation(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
         """Delivers a cancellation for a task removed from the queue before it ran."""
         self._lock_drain()
         try:

@@ -1,0 +1,189 @@
+"""MpopFuture: the concurrent.futures.Future of a submit()ted task, one object each.
+
+Its result is delivered by the result router (mpop._router), natively for a plain value;
+result() and exception() drain results in the waiting thread rather than sleeping on a
+condition, and cancel() asks the native cancel table (Segment::request_cancel)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import TYPE_CHECKING, Any
+
+from ._core import LazyTracked
+
+if TYPE_CHECKING:
+    from ._router import ResultRouter
+
+__all__ = ["MpopFuture", "future_class"]
+
+_CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
+_DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
+class MpopFuture(LazyTracked, Future):
+    """A concurrent.futures.Future that costs one object until somebody needs more.
+
+    Future.__init__ builds a Condition (an RLock, a deque, five bound methods) and two
+    lists for every instance; at a few hundred thousand futures in flight, creating them
+    and the garbage collector walking them took more of the owner's time than the tasks.
+    Here the state lives in class defaults until it changes, the lock is one RLock shared
+    by the app's futures (concurrent.futures.wait and as_completed only acquire and
+    release `_condition`, and an RLock lets them take it once per future), and the waiter
+    and callback lists are made on first use. A future from the native submit() path
+    starts untracked by the garbage collector, which then never walks the futures a caller
+    holds; it is tracked again once it holds anything that could refer back to it
+    (LazyTracked).
+
+    Blocking waits (result(), exception()) never sleep on `_condition`: they drain results
+    in the waiting thread (ResultRouter.help_until), so a round trip costs no hand-off
+    through the background thread. Each app uses its own subclass, made by its
+    ResultRouter (future_class), which sets `_router` and `_condition`."""
+
+    _state = PENDING
+    _result = None
+    _exception = None
+    _router: ResultRouter
+    _condition: threading.Condition
+
+    __init__ = object.__init__  # nothing per instance until needed (see above)
+
+    # The lists are set as attributes (not put in __dict__): that tracks a future that
+    # submit() left untracked by the garbage collector (LazyTracked), since a waiter or a
+    # callback may refer back to it.
+    def _list(self, name: str) -> list:
+        lst = self.__dict__.get(name)
+        if lst is None:
+            with self._condition:
+                lst = self.__dict__.get(name)
+                if lst is None:
+                    lst = []
+                    setattr(self, name, lst)
+        return lst
+
+    @property
+    def _waiters(self) -> list:
+        return self._list("_w")
+
+    @property
+    def _done_callbacks(self) -> list:
+        return self._list("_cbs")
+
+    def _invoke_callbacks(self) -> None:
+        if "_cbs" in self.__dict__:
+            super()._invoke_callbacks()
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def cancel(self) -> bool:
+        """Cancels the task if it has not started: True means it never runs (its worker
+        skips it), False that it may have started, as concurrent.futures means it. A task
+        still being claimed by a worker, or being moved after its worker died, cannot be
+        cancelled either."""
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in _CANCELLED_STATES:
+                return True
+        if not self._router.try_cancel(self):
+            return False
+        self.deliver_cancelled()
+        return True
+
+    def deliver_cancelled(self) -> None:
+        """Ends the future as cancelled, notifying its waiters and callbacks at once."""
+        with self._condition:
+            if self._state != PENDING:
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _help(self, timeout: float | None) -> None:
+        if self._state not in _DONE_STATES:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._router.help_until(self.done, deadline, spin=True)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._help(timeout)
+        state = self._state
+        if state == FINISHED:
+            if self._exception is not None:
+                try:
+                    raise self._exception
+                finally:
+                    self = None  # noqa: PLW0642 - break the cycle through the traceback
+            return self._result
+        if state in _CANCELLED_STATES:
+            raise CancelledError()
+        raise TimeoutError()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._help(timeout)
+        state = self._state
+        if state == FINISHED:
+            return self._exception
+        if state in _CANCELLED_STATES:
+            raise CancelledError()
+        raise TimeoutError()
+
+    def deliver(self, value: Any) -> None:
+        """set_result(value) for a result that came in (a pending future: a cancelled one's
+        task never runs, see cancel())."""
+        with self._condition:
+            state = self._state
+            if state != PENDING:
+                raise InvalidStateError(f"{state}: {self!r}")
+            self._result = value
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_result(self)
+        if "_cbs" in self.__dict__:
+            self._invoke_callbacks()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # cancel() notifies at once (the state is never left at CANCELLED).
+        with self._condition:
+            if self._state in _CANCELLED_STATES:
+                return False
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        raise RuntimeError(f"Future in unexpected state: {self._state}")
+
+    def set_result(self, result: Any) -> None:
+        with self._condition:
+            if self._state in _DONE_STATES:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_result(self)
+        self._invoke_callbacks()
+
+    def set_exception(self, exception: BaseException) -> None:
+        with self._condition:
+            if self._state in _DONE_STATES:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._exception = exception
+            self._state = FINISHED
+            for waiter in self.__dict__.get("_w", ()):
+                waiter.add_exception(self)
+        self._invoke_callbacks()
+
+
+def future_class(router: ResultRouter, cond: threading.Condition) -> type[MpopFuture]:
+    """The future class of one app: its futures share `router` and the lock of `cond`."""
+    return type("MpopFuture", (MpopFuture,), {
+        "__module__": __name__, "__qualname__": "MpopFuture", "_router": router, "_condition": cond})

@@ -1,0 +1,388 @@
+"""Runtime and Lifecycle: the machinery of one app in the owner's process.
+
+A Runtime is the shared-memory segment, the native producer and collector, the result
+router, the native fast path, the supervisor with its workers and the fork server: created
+on first use, started and stopped (an auto-terminated run stops the workers, a later call
+starts them again), and released at the end. A Lifecycle is an app's hold on its runtime:
+created, running or stopped, shut down, or inherited by a fork() child (which never uses
+or releases its parent's runtime)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+from typing import Callable, Iterator
+
+from . import _core
+from ._builtins import BOOT_FN_ID
+from ._config import Config
+from ._errors import MpopError, RegistryError, ShutdownError
+from ._registry import Handler, Registry
+from ._router import ResultRouter
+from ._stats import timing_percentiles
+
+__all__ = ["Runtime", "Lifecycle", "MAX_TSK_ID"]
+
+log = logging.getLogger("mpop")
+
+MAX_TSK_ID = 0xFFFFFFFF  # labels are 32-bit
+
+_cleaned = False
+
+
+def _cleanup_dead_owners_once() -> None:
+    """The first app of a process removes segments left by owners that died (API.md: "the
+    next start cleans up after a dead owner")."""
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    try:
+        from ._cleanup import remove_dead_segments
+
+        remove_dead_segments()
+    except Exception as e:  # never let housekeeping stop an app from starting
+        log.debug("cleanup of dead owners' segments failed: %r", e)
+
+
+class Runtime:
+    """The native objects of one app (see the module's docstring). Nothing here refers to
+    the app: an app nobody holds is freed at once, and its finalizer closes this."""
+
+    def __init__(self, config: Config, registry: Registry, labels: Iterator[int]) -> None:
+        c = config
+        _cleanup_dead_owners_once()
+        self.segment = _core.Segment.create(
+            c.name, c.layout, c.queue_slots, max(c.queue_slots, 1024), c.scale_limit,
+            # a claim never takes more than the ring holds: size local queues to match
+            min(c.worker_batch_size, c.queue_slots), c.pool_bytes, c.registry_bytes, debug=c.debug,
+            debug_delay=c.debug_delay, max_performance=c.max_performance,
+            max_tasks_per_worker=c.max_tasks_per_worker or 0)
+        self.config = config
+        self.registry = registry
+        self.producer = _core.Producer(self.segment)
+        self.collector = _core.Collector(self.segment)
+        self.supervisor = None
+        self.forkserver = None
+        self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
+        self.closed = False
+        self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
+        boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
+                "cpu_affinity": c.cpu_affinity, "debug": c.debug}
+        self.segment.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
+        # The producer's count, not a closure over the runtime: nothing the router holds
+        # may lead back to the runtime (see close).
+        self.router = ResultRouter(
+            self.collector, registry.name_of, max_retries=c.max_retries, task_timeout=c.task_timeout,
+            keep_timings=not c.max_performance, debug=c.debug and not c.max_performance,
+            submitted=functools.partial(getattr, self.producer, "submitted"))
+        r = self.router
+        self.fast = _core.fast_path(self.producer, labels, MAX_TSK_ID)  # armed while workers run
+        self.fast.bind(r.futures, r.early, r.register_future, r.future_cls, self.check_workers)
+        try:
+            for h in registry.handlers(internal=True):
+                self.write_handler(h)
+        except BaseException:
+            self.close()  # e.g. a handler that cannot be pickled: the next call starts afresh
+            raise
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def write_handler(self, h: Handler, arm: bool = True) -> None:
+        """Puts `h` into the segment's handler log (once), and lets calls of its function
+        take the native fast path (`arm`)."""
+        if h.fn_id in self.written:
+            return
+        try:
+            blob = h.spec()
+        except Exception as e:
+            raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
+        try:
+            self.segment.write_registry(h.fn_id, blob)
+        except ValueError as e:
+            raise RegistryError(str(e).removeprefix("mpop: ")) from None
+        self.written.add(h.fn_id)
+        if arm:
+            self.arm_fast_path(h)
+
+    def arm_fast_path(self, h: Handler) -> None:
+        # Calls of the function itself may now take the native path, which does what
+        # resolve() and check_args() do for them: the argument count is all it checks.
+        if not h.slot_mode and not h.needs_kw and self.registry.resolves_directly(h):
+            self.fast.add(h.fn, h.fn_id, h.min_pos, -1 if h.max_pos == float("inf") else int(h.max_pos))
+
+    def replace_handler(self, h: Handler, old: Handler) -> None:
+        """`h` registered again under its fn_id, replacing `old`. The new record first, then
+        the epoch: a worker that sees the epoch move drops what it loaded and reads the log
+        again, and every task enqueued after this call is claimed after the bump. Only then
+        may calls take the fast path."""
+        self.fast.discard(old.fn)
+        self.written.discard(h.fn_id)
+        self.write_handler(h, arm=False)
+        self.segment.bump_registry_epoch()
+        self.arm_fast_path(h)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the supervisor runs (the workers are started or starting)."""
+        return self.supervisor is not None and self.supervisor.running
+
+    def start(self, workers: int) -> None:
+        """Starts the supervisor and `workers` workers, and the feeding of the backlog."""
+        c = self.config
+        argv, env = self.worker_command()
+        entry = None
+        if c.start_method == "fork":
+            from ._worker import forked_main
+
+            entry = functools.partial(forked_main, self.segment.name)
+        elif c.start_method == "forkserver":
+            if self.forkserver is None:
+                from ._worker import ForkServer
+
+                self.forkserver = ForkServer(self.segment.name, argv[:-1])
+            entry = self.forkserver.spawn
+        sup = _core.Supervisor(self.segment, workers, c.max_retries, float(c.task_timeout or 0.0),
+                               c.start_method, argv, env, entry)
+        try:
+            sup.start()
+        except RuntimeError as e:
+            raise MpopError(str(e)) from None
+        self.supervisor = sup
+        self.producer.start_feeding()
+        self.router.start_background()
+        self.fast.armed = True
+
+    def worker_command(self) -> tuple[list[str], list[str]]:
+        """The argv (without worker id and generation) and environment of a spawned worker."""
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._worker import main; "
+                "sys.exit(main(sys.argv[2:]))")
+        argv = [sys.executable, "-c", code, pkg_parent, self.segment.name]
+        return argv, [f"{k}={v}" for k, v in os.environ.items()]
+
+    def check_workers(self) -> None:
+        """Raises MpopError (after stopping the workers) when they cannot run: e.g. every
+        attempt to start one failed."""
+        sup = self.supervisor
+        if sup is not None and sup.last_error:
+            err = sup.last_error
+            self.stop_workers(graceful=False)
+            raise MpopError(err)
+
+    def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
+        """Stops the supervisor and its workers (gracefully: after their local queues). A
+        Ctrl-C during a graceful stop kills them, then is raised."""
+        self.fast.armed = False  # calls take the Python path, which restarts workers
+        sup, self.supervisor = self.supervisor, None
+        if sup is not None:
+            sup.stop(graceful, timeout)
+
+    def queue_status(self) -> dict:
+        """status()["queue"]: the rings, the backlog, the counts and the supervisor's
+        counters, and percentiles of the latest results' timings."""
+        q = dict(self.segment.queue_status())
+        q["backlog"] = self.producer.backlog
+        q["submitted"] = self.producer.submitted
+        q["finished"] = self.router.finished
+        q["in_flight"] = q["submitted"] - q["finished"]
+        q.update(self.counters())
+        timings = list(self.router.timings)  # the latest results, of every kind
+        if timings:
+            q.update(timing_percentiles((t[0] for t in timings), (t[1] for t in timings)))
+        return q
+
+    def counters(self) -> dict:
+        """The supervisor's counters (crashes, retries, ...), or {} when it is stopped."""
+        return self.supervisor.counters() if self.supervisor is not None else {}
+
+    def scale(self, n: int) -> None:
+        if self.supervisor is not None:
+            self.supervisor.scale(n)
+
+    def kill_worker(self, worker_id: int) -> bool:
+        return self.supervisor is not None and self.supervisor.kill_worker(worker_id)
+
+    def cancel_pending(self) -> int:
+        """Cancels every task no worker has started: those in the backlog and the ring, and
+        (through the cancel horizon) those in workers' local queues. Returns how many."""
+        self.segment.cancel_below(self.producer.submitted + 1)
+        cancelled = self.producer.cancel_queued()
+        for seq, tsk_id, fn_id, route in cancelled:
+            self.router.deliver_cancellation(seq, tsk_id, fn_id, route)
+        return len(cancelled)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """In a fork() child: this runtime is the parent's. The child never stops, closes or
+        drains it (the native objects' destructors leave it alone too); calls raise."""
+        self.inherited = True
+        self.fast.armed = False
+        self.router.inherited = True
+
+    def close(self) -> None:
+        """Stops everything at once and releases the segment (idempotent)."""
+        if self.closed or self.inherited:
+            return
+        self.closed = True
+        self.fast.armed = False
+        # First the result thread: at interpreter exit a daemon thread still inside native
+        # code would be killed while retaking the GIL, which aborts the process.
+        self.router.stop_background()
+        # No future stays pending (it would also keep the router alive: a future's class
+        # refers to it).
+        self.router.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
+        self.producer.close()
+        self.segment.set_shutdown()
+        try:
+            self.stop_workers(graceful=False, timeout=2.0)
+        finally:  # even after a Ctrl-C there (the workers are gone by then)
+            self._release()
+
+    def _release(self) -> None:
+        if self.forkserver is not None:
+            self.forkserver.close()
+        self.segment.leave()
+        # Let go of every Python object the native ones hold (the router's futures dict,
+        # future class and bound methods), so that nothing keeps the router, and through it
+        # the unlinked segment's mapping, alive after shutdown: futures the caller keeps
+        # refer to the router through their class.
+        self.router.release()
+        self.fast.release()
+
+
+class Lifecycle:
+    """An app's hold on its Runtime: creates it on first use (under a lock), knows whether
+    the app was shut down or inherited through fork(), and raises accordingly."""
+
+    def __init__(self, config: Config, registry: Registry, labels: Iterator[int]) -> None:
+        self.config = config
+        self.registry = registry
+        self.labels = labels
+        self.runtime: Runtime | None = None
+        # Shared with the app's finalizer, which closes what it holds at garbage collection
+        # or interpreter exit without keeping the app alive.
+        self.runtime_ref: list = [None]
+        self.shut_down = False
+        self.inherited = False
+        self.owner_pid = os.getpid()
+        self.workers = config.workers  # the live target (scale() changes it)
+        self.started_at: float | None = None
+        self.lock = threading.RLock()
+
+    def check_owner(self) -> None:
+        if self.inherited:
+            raise MpopError(f"this MpopApi belongs to process {self.owner_pid}; process {os.getpid()} "
+                            f"inherited it through fork() and cannot use it: create a new MpopApi here")
+
+    def check_open(self) -> None:
+        self.check_owner()
+        if self.shut_down:
+            raise ShutdownError("this MpopApi was shut down; create a new one")
+
+    def ensure(self) -> Runtime:
+        """The runtime, created now if there is none."""
+        rt = self.runtime
+        if rt is not None:
+            return rt
+        with self.lock:
+            if self.runtime is None:
+                self.check_open()
+                rt = Runtime(self.config, self.registry, self.labels)
+                self.runtime_ref[0] = rt
+                self.runtime = rt  # published last: with the router and handlers in place
+            return self.runtime
+
+    @property
+    def running(self) -> bool:
+        rt = self.runtime
+        return rt is not None and rt.running
+
+    def start(self) -> Runtime:
+        """Starts the workers (idempotent) and returns the runtime."""
+        self.check_open()
+        rt = self.ensure()
+        with self.lock:
+            if not rt.running:
+                rt.start(self.workers)
+                if self.started_at is None:
+                    self.started_at = time.monotonic()
+        return rt
+
+    def stop_workers(self, graceful: bool = True) -> None:
+        """Stops the workers; the runtime stays for a later start()."""
+        rt = self.runtime
+        if rt is None:
+            return
+        with self.lock:
+            rt.stop_workers(graceful)
+            rt.producer.pause_feeding()
+
+    def disown(self) -> None:
+        """In a fork() child, for every app it inherited (see MpopApi)."""
+        self.inherited = True
+        if self.runtime is not None:
+            self.runtime.abandon()
+
+    def shutdown(self, wait: bool, cancel_pending: bool, wait_all: Callable[[], bool]) -> None:
+        """MpopApi.shutdown (see there); `wait_all()` waits for every task enqueued."""
+        if self.shut_down:
+            return
+        if self.inherited:  # a fork() child's copy: the parent's to stop, not ours
+            self.shut_down = True
+            return
+        rt = self.runtime
+        graceful = wait
+        try:
+            if rt is not None:
+                if cancel_pending:
+                    rt.cancel_pending()
+                if wait and rt.producer.submitted != rt.router.finished:
+                    try:
+                        wait_all()
+                    except MpopError:
+                        rt.cancel_pending()  # the workers cannot run (fail to start): end the rest
+        except BaseException:
+            graceful = False  # a Ctrl-C while waiting: stop now, without waiting for tasks
+            raise
+        finally:
+            self.shut_down = True
+            if rt is not None:
+                self._stop(rt, graceful)
+
+    def _stop(self, rt: Runtime, graceful: bool) -> None:
+        rt.router.stop_background()
+        try:
+            rt.stop_workers(graceful=graceful, timeout=10.0 if graceful else 2.0)
+        finally:  # a Ctrl-C during a graceful stop is raised once the workers are gone
+            rt.close()
+            self.runtime = None
+            self.runtime_ref[0] = None
+
+    def status(self, config: dict) -> dict:
+        """MpopApi.status, with `config` as its "config" part."""
+        self.check_owner()
+        rt = self.runtime
+        queue: dict = {"capacity": self.config.queue_slots, "queued": 0, "backlog": 0,
+                       "submitted": 0, "finished": 0, "in_flight": 0}
+        workers: list = []
+        if rt is not None:
+            queue.update(rt.queue_status())
+            workers = rt.segment.workers_status()
+        config["segment"] = rt.segment.name if rt is not None else None
+        config["running"] = self.running
+        return {"config": config, "queue": queue, "workers": workers}
+
+
+def finalize(runtime_ref: list) -> None:
+    """An app's finalizer: closes its runtime if it still has one."""
+    if runtime_ref and runtime_ref[0] is not None:
+        runtime_ref[0].close()
