@@ -153,8 +153,9 @@ class MpopApi:
     # -- handlers ---------------------------------------------------------------------------
 
     def task(self, fn: Callable | None = None, *, fn_id: int | None = None, name: str | None = None):
-        """Decorator registering a handler: ``@app.task`` or ``@app.task(fn_id=0xB000)``.
-        Returns the function unchanged; raises as register() does."""
+        """Decorator registering a handler: ``@app.task`` or ``@app.task(fn_id=0xB000)``;
+        `fn_id` and `name` as for register(). Returns the function unchanged; raises as
+        register() does."""
 
         def deco(f: Callable) -> Callable:
             self.register(f, fn_id=fn_id, name=name)
@@ -176,7 +177,7 @@ class MpopApi:
     def register_handlers(self, module: str | types.ModuleType | None = None,
                           handlers_dict: dict | None = None) -> list[int]:
         """Registers a module's ``HANDLERS`` dict (`module`: the module or its name) and/or
-        a dict ``{fn_id: fn}``; returns the fn_ids. Raises TypeError without either,
+        `handlers_dict`, a dict ``{fn_id: fn}``; returns the fn_ids. Raises TypeError without either,
         ImportError for a module that cannot be imported, RegistryError for a module
         without HANDLERS or a registration that fails."""
         self._lifecycle.check_open()
@@ -350,10 +351,13 @@ class MpopApi:
     close = shutdown
 
     def __enter__(self) -> MpopApi:
+        """Returns the app; raises ShutdownError if it was shut down."""
         self._lifecycle.check_open()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        """shutdown(wait=True), or shutdown(wait=False, cancel_pending=True) when the block
+        raised."""
         self.shutdown(wait=exc[0] is None, cancel_pending=exc[0] is not None)
 
     # -- status and administration ----------------------------------------------------------

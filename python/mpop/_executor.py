@@ -14,8 +14,10 @@ __all__ = ["Executor"]
 class Executor(concurrent.futures.Executor):
     """``concurrent.futures`` executor running tasks on mpop workers.
 
-    A crashed worker fails only the task it was running (WorkerCrashedError); the executor
-    keeps working."""
+    `max_workers`: worker processes (None: the CPUs this process may use); `options`: any
+    other MpopApi parameter (auto_terminate defaults to False). The workers start at
+    construction. A crashed worker fails only the task it was running
+    (WorkerCrashedError); the executor keeps working."""
 
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         options.setdefault("auto_terminate", False)
@@ -24,16 +26,20 @@ class Executor(concurrent.futures.Executor):
 
     @property
     def app(self) -> MpopApi:
+        """The MpopApi underneath (status, scaling, ...)."""
         return self._app
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Schedules ``fn(*args, **kwargs)``; returns a Future (see MpopApi.submit)."""
         return self._app.submit(fn, *args, **kwargs)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1) -> Iterator[Any]:
-        """Like concurrent.futures: every call is submitted now, results come in order, and
-        `timeout` counts from this call. `chunksize` is accepted for compatibility; workers
-        already claim tasks in batches (worker_batch_size)."""
+        """``fn(*items)`` for items drawn from the `iterables`, like concurrent.futures:
+        every call is submitted now, results come in order, and `timeout` counts from this
+        call (TimeoutError; the calls that have not started are cancelled). `chunksize` is
+        accepted for compatibility; workers already claim tasks in batches
+        (worker_batch_size)."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -53,4 +59,6 @@ class Executor(concurrent.futures.Executor):
         return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stops the executor: waits for the pending calls (`wait`), or first cancels those
+        that have not started (`cancel_futures`); see MpopApi.shutdown."""
         self._app.shutdown(wait=wait, cancel_pending=cancel_futures)

@@ -76,12 +76,15 @@ class MpopFuture(LazyTracked, Future):
             super()._invoke_callbacks()
 
     def cancelled(self) -> bool:
+        """Whether the future was cancelled (its task never runs)."""
         return self._state in _CANCELLED_STATES
 
     def running(self) -> bool:
+        """Always False: a task's start is not reported to its future."""
         return self._state == RUNNING
 
     def done(self) -> bool:
+        """Whether the future has a result, an exception, or was cancelled."""
         return self._state in _DONE_STATES
 
     def cancel(self) -> bool:
@@ -116,6 +119,9 @@ class MpopFuture(LazyTracked, Future):
             self._router.help_until(self.done, deadline, spin=True)
 
     def result(self, timeout: float | None = None) -> Any:
+        """The task's value, waiting up to `timeout` seconds (None: for ever). Raises the
+        task's exception (the handler's own, WorkerCrashedError, TaskTimeoutError,
+        ShutdownError), CancelledError, or TimeoutError when the time runs out."""
         self._help(timeout)
         state = self._state
         if state == FINISHED:
@@ -130,6 +136,8 @@ class MpopFuture(LazyTracked, Future):
         raise TimeoutError()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception or None, waiting up to `timeout` seconds. Raises
+        CancelledError, or TimeoutError when the time runs out."""
         self._help(timeout)
         state = self._state
         if state == FINISHED:
@@ -153,6 +161,8 @@ class MpopFuture(LazyTracked, Future):
             self._invoke_callbacks()
 
     def set_running_or_notify_cancel(self) -> bool:
+        """concurrent.futures' executor hook: False for a cancelled future, else marks it
+        running and returns True."""
         # cancel() notifies at once (the state is never left at CANCELLED).
         with self._condition:
             if self._state in _CANCELLED_STATES:
@@ -163,6 +173,8 @@ class MpopFuture(LazyTracked, Future):
         raise RuntimeError(f"Future in unexpected state: {self._state}")
 
     def set_result(self, result: Any) -> None:
+        """Settles the future with `result` (its task's own result then does not count).
+        Raises InvalidStateError if it is done."""
         with self._condition:
             if self._state in _DONE_STATES:
                 raise InvalidStateError(f"{self._state}: {self!r}")
@@ -173,6 +185,7 @@ class MpopFuture(LazyTracked, Future):
         self._invoke_callbacks()
 
     def set_exception(self, exception: BaseException) -> None:
+        """Settles the future with `exception`. Raises InvalidStateError if it is done."""
         with self._condition:
             if self._state in _DONE_STATES:
                 raise InvalidStateError(f"{self._state}: {self!r}")

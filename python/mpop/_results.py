@@ -70,14 +70,17 @@ class RunResult:
 
     @property
     def by_tsk_id(self) -> dict[int, TaskResult]:
+        """The results by label (tsk_id); of several with one label, the last."""
         return {r.tsk_id: r for r in self.results}
 
     @property
     def failures(self) -> list[TaskResult]:
+        """The results that failed, in enqueue order."""
         return [r for r in self.results if not r.success]
 
     @property
     def exit_code(self) -> int:
+        """0 when the run was not interrupted and every task succeeded, else 1."""
         return 0 if not self.interrupted and all(r.success for r in self.results) else 1
 
     def __len__(self) -> int:

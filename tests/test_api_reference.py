@@ -1,0 +1,125 @@
+"""The reference is the docstrings: every public name documents itself (help() answers a
+user without the web), each docstring names its parameters, and docs/api.md gives every
+public method of MpopApi and Executor with the signature the code has."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import mpop
+from mpop._futures import MpopFuture
+
+API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+
+# Methods concurrent.futures.Executor provides (documented there, not here).
+INHERITED = {"__init_subclass__", "__subclasshook__"}
+
+
+def _public_members(cls: type) -> dict:
+    """Methods and properties a class defines itself, public or the protocol ones."""
+    out = {}
+    for name, value in vars(cls).items():
+        if name.startswith("_") and name not in ("__init__", "__enter__", "__exit__", "__call__"):
+            continue
+        if isinstance(value, property):
+            out[name] = value.fget
+        elif isinstance(value, (staticmethod, classmethod)):
+            out[name] = value.__func__
+        elif callable(value):
+            out[name] = value
+    return out
+
+
+def _public_objects() -> list[tuple[str, object]]:
+    objs = []
+    for name in mpop.__all__:
+        if name == "__version__":
+            continue
+        obj = getattr(mpop, name)
+        objs.append((name, obj))
+        if inspect.isclass(obj) and obj.__module__.startswith("mpop"):
+            for m, f in _public_members(obj).items():
+                if m != "__init__":
+                    objs.append((f"{name}.{m}", f))
+    objs += [(f"MpopFuture.{m}", f) for m, f in _public_members(MpopFuture).items() if m != "__init__"]
+    return objs
+
+
+@pytest.mark.parametrize(("name", "obj"), _public_objects(), ids=[n for n, _ in _public_objects()])
+def test_every_public_name_has_a_docstring(name, obj):
+    assert (inspect.getdoc(obj) or "").strip(), f"{name} has no docstring"
+
+
+def _documented_parameters(fn) -> list[str]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p for p in sig.parameters if p not in ("self", "cls")]
+
+
+@pytest.mark.parametrize("cls", [mpop.MpopApi, mpop.Executor])
+def test_docstrings_name_every_parameter(cls):
+    missing = []
+    for name, fn in [("__init__", cls.__init__), *_public_members(cls).items()]:
+        if name == "__init__" and cls.__init__ is object.__init__:
+            continue
+        doc = inspect.getdoc(cls if name == "__init__" else fn) or ""
+        for p in _documented_parameters(fn):
+            if p in ("args", "kwargs", "exc", "fn") and name != "__init__":
+                continue  # *args/**kwargs and the callable are the call itself
+            if not re.search(rf"\b{re.escape(p)}\b", doc):
+                missing.append(f"{cls.__name__}.{name}: {p}")
+    assert not missing, "\n".join(missing)
+
+
+def _api_md_signatures() -> dict[str, str]:
+    """name -> the parameter list of each `#### \\`name(...)` heading of docs/api.md."""
+    out = {}
+    for m in re.finditer(r"^#### `(\w+)\((.*?)\)(?: -> [^`]*)?`", API_MD.read_text(), re.M):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def _render(sig: inspect.Signature) -> str:
+    """A signature as docs/api.md writes it: no annotations, no self."""
+    params = []
+    star_done = False
+    for p in sig.parameters.values():
+        if p.name == "self":
+            continue
+        text = p.name
+        if p.kind is p.VAR_POSITIONAL:
+            text, star_done = "*" + p.name, True
+        elif p.kind is p.VAR_KEYWORD:
+            text = "**" + p.name
+        elif p.kind is p.KEYWORD_ONLY and not star_done:
+            params.append("*")
+            star_done = True
+        if p.default is not p.empty:
+            text += "=" + repr(p.default)
+        params.append(text)
+    positional_only = [p for p in sig.parameters.values() if p.kind is p.POSITIONAL_ONLY and p.name != "self"]
+    if positional_only:
+        params.insert(len(positional_only), "/")
+    return ", ".join(params)
+
+
+def test_api_md_gives_every_mpop_api_method_with_its_signature():
+    documented = _api_md_signatures()
+    problems = []
+    for name, fn in _public_members(mpop.MpopApi).items():
+        if name.startswith("_") or isinstance(vars(mpop.MpopApi).get(name), property):
+            continue
+        if name == "close":  # an alias of shutdown
+            continue
+        want = _render(inspect.signature(fn))
+        if name not in documented:
+            problems.append(f"docs/api.md has no heading for MpopApi.{name}({want})")
+        elif documented[name] != want:
+            problems.append(f"MpopApi.{name}: docs/api.md says ({documented[name]}), the code ({want})")
+    assert not problems, "\n".join(problems)
