@@ -3,6 +3,7 @@ reserved and duplicate ids/names, built-ins, late registration and self-registra
 
 import functools
 import os
+import sys
 import textwrap
 import threading
 import uuid
@@ -184,6 +185,24 @@ def test_handler_module_constructor_parameter(handler_module):
         app.enqueue(fn_id=0xC001, args=(2,))
         app.enqueue(fn_id=0xC002, args=("w",))
         assert app.run(timeout=TIMEOUT).values() == [6, "hello w!"]
+
+
+@pytest.mark.parametrize(("source", "cause"), [
+    ("import mpop_no_such_module_here\n", ImportError),
+    ("def broken(:\n", SyntaxError),
+    ("raise RuntimeError('cannot start here')\n", RuntimeError),
+    ("X = 1\n", mpop.RegistryError),  # no HANDLERS
+])
+def test_a_handler_module_that_fails_raises_config_error(tmp_path, monkeypatch, source, cause):
+    name = f"mpop_test_badmod_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(mpop.ConfigError, match=name) as info:
+            make_app(handler_module=name)
+        assert isinstance(info.value.__cause__, cause)
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_register_handlers_needs_an_argument(app):

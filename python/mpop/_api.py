@@ -126,10 +126,10 @@ class MpopApi:
         name = self._config.handler_module
         try:
             self.register_handlers(module=module)
-        except ImportError as e:
-            raise ConfigError(f"handler_module {name!r} cannot be imported: {e}") from e
         except RegistryError as e:
             raise ConfigError(f"handler_module {name!r}: {e}") from e
+        except Exception as e:  # ImportError, or whatever the module raised while imported
+            raise ConfigError(f"handler_module {name!r} cannot be imported: {type(e).__name__}: {e}") from e
 
     @property
     def config(self) -> dict:
