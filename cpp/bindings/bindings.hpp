@@ -15,6 +15,7 @@ void register_segment(py::module_& m);
 void register_producer(py::module_& m);
 void register_fast_path(py::module_& m);
 void register_worker(py::module_& m);
+void register_lazy_tracked(py::module_& m);
 void register_collector(py::module_& m);
 void register_supervisor(py::module_& m);
 

@@ -10,6 +10,7 @@ PYBIND11_MODULE(_core, m) {
   mpop::bindings::register_segment(m);
   mpop::bindings::register_producer(m);
   mpop::bindings::register_fast_path(m);
+  mpop::bindings::register_lazy_tracked(m);
   mpop::bindings::register_collector(m);
   mpop::bindings::register_worker(m);
   mpop::bindings::register_supervisor(m);
