@@ -174,9 +174,6 @@ class PyCollector {
     seg_->results().wake_consumers();
   }
 
-  // Results published and not yet drained (a snapshot; no waiting, no syscall).
-  uint64_t pending() const { return seg_->results().size(); }
-
   Collector& native() { return col_; }
   Segment& segment() { return *seg_; }
 
@@ -322,7 +319,6 @@ void register_collector(py::module_& m) {
            py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("interrupt", &PyCollector::interrupt)
       .def_property_readonly("epoch", [](PyCollector& c) { return c.epoch(); })
-      .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
       .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })
       .def_property_readonly("completed", [](PyCollector& c) { return c.native().completed(); })

@@ -142,19 +142,6 @@ uint32_t Supervisor::live_workers() const {
   return n;
 }
 
-bool Supervisor::wait_ready(int64_t deadline_ns) const {
-  for (;;) {
-    bool starting = false;
-    for (uint32_t i = 0; i < seg_.workers().count; ++i)
-      if (seg_.workers().record(i).state.load() == static_cast<uint32_t>(WorkerState::kStarting))
-        starting = true;
-    if (!starting) return true;
-    if (!last_error().empty()) return false;
-    if (deadline_ns >= 0 && monotonic_ns() > deadline_ns) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-}
-
 void Supervisor::spawn(uint32_t id) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);

@@ -62,12 +62,9 @@ class Supervisor {
   void scale(uint32_t n);
   bool kill_worker(uint32_t id);
   bool running() const { return thread_.joinable(); }
-  uint32_t target() const { return target_.load(); }
   uint32_t live_workers() const;
   const SupervisorCounters& counters() const { return counters_; }
   std::string last_error() const;
-  // Blocks until every live worker has left kStarting (or the deadline).
-  bool wait_ready(int64_t deadline_ns) const;
 
  private:
   struct Child {
