@@ -141,6 +141,7 @@ inline const char* to_string(WorkerExit e) {
 // for each of its tasks start it, run it, publish its result and mark it done; sleep when
 // there is nothing to claim. The steps run in the order run() gives; each one's memory
 // orders and fault points are part of the protocol the supervisor's recovery relies on.
+// They are public so that a test can take one step at a time (test_worker_loop.cpp).
 template <class Runner>
 class WorkerSession {
  public:
