@@ -174,9 +174,6 @@ class PyCollector {
     seg_->results().wake_consumers();
   }
 
-  // Results published and not yet drained (a snapshot; no waiting, no syscall).
-  uint64_t pending() const { return seg_->results().size(); }
-
   Collector& native() { return col_; }
   Segment& segment() { return *seg_; }
 
@@ -296,31 +293,9 @@ class PyCollector {
   std::atomic<uint32_t> interrupts_{0};
 };
 
-// LazyTracked: the base of classes whose instances the native code leaves untracked by the
-// garbage collector while they hold only atomic values (TaskResult, the futures of
-// submit()). Setting an attribute tracks the instance again, as CPython does for a dict
-// given a container; code that changes one another way must track it itself.
-int lazy_tracked_setattro(PyObject* self, PyObject* name, PyObject* value) {
-  if (PyObject_GenericSetAttr(self, name, value) < 0) return -1;
-  if (PyType_IS_GC(Py_TYPE(self)) && !PyObject_GC_IsTracked(self)) PyObject_GC_Track(self);
-  return 0;
-}
-
-PyType_Slot lazy_tracked_slots[] = {
-    {Py_tp_setattro, reinterpret_cast<void*>(lazy_tracked_setattro)},
-    {Py_tp_doc, const_cast<char*>("Base of classes whose instances may start untracked by the GC (private).")},
-    {0, nullptr}};
-
-PyType_Spec lazy_tracked_spec = {"mpop._core.LazyTracked", sizeof(PyObject), 0,
-                                 Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, lazy_tracked_slots};
-
 }  // namespace
 
 void register_collector(py::module_& m) {
-  PyObject* base = PyType_FromSpec(&lazy_tracked_spec);
-  if (base == nullptr) throw py::error_already_set();
-  m.attr("LazyTracked") = py::reinterpret_steal<py::object>(base);
-
   py::class_<PyCollector>(m, "Collector", py::custom_type_setup([](PyHeapTypeObject* heap_type) {
                              auto* type = &heap_type->ht_type;
                              type->tp_flags |= Py_TPFLAGS_HAVE_GC;
@@ -344,7 +319,6 @@ void register_collector(py::module_& m) {
            py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("interrupt", &PyCollector::interrupt)
       .def_property_readonly("epoch", [](PyCollector& c) { return c.epoch(); })
-      .def_property_readonly("pending", [](PyCollector& c) { return c.pending(); })
       .def("is_complete", [](PyCollector& c, uint64_t seq) { return c.native().is_complete(seq); })
       .def_property_readonly("first_incomplete", [](PyCollector& c) { return c.native().first_incomplete(); })
       .def_property_readonly("completed", [](PyCollector& c) { return c.native().completed(); })

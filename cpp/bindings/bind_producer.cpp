@@ -3,8 +3,6 @@
 // the call has to wait for room.
 #include <pybind11/stl.h>
 
-#include <structmember.h>
-
 #include <cstring>
 
 #include "bindings.hpp"
@@ -12,8 +10,6 @@
 #include "py_codec.hpp"
 
 namespace mpop::bindings {
-
-namespace {
 
 class PyProducer {
  public:
@@ -26,111 +22,14 @@ class PyProducer {
   uint64_t enqueue(uint32_t fn_id, uint32_t tsk_id, const py::tuple& args, const py::object& kwargs,
                    const py::object& c_args, bool slot_mode, bool blocking, const py::object& timeout,
                    uint32_t route, bool claim_alone, const py::object& check, bool* encoded = nullptr) {
-    const SlotLayout& L = seg_->config().slot;
-    thread_local std::vector<uint8_t> slot;
-    thread_local std::vector<uint8_t> stream;
-    thread_local std::vector<ExternalPiece> pieces;
-    slot.assign(L.size, 0);
-    write_uint(slot.data() + L.fn_id_off, L.fn_id_size, fn_id);
-    write_uint(slot.data() + L.tsk_id_off, L.tsk_id_size, tsk_id);
-    uint32_t used = std::max(L.fn_id_off + L.fn_id_size, L.tsk_id_off + L.tsk_id_size);
-
     std::vector<py::object> keep;  // contiguous copies of arrays that were not, until submitted
     TaskDraft d;
     d.header.route = route;
     d.header.flags = claim_alone ? uint32_t{kClaimAlone} : uint32_t{0};
     d.header.enqueue_ns = seg_->config().max_performance ? 0 : monotonic_ns();
-    Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
-    bool has_kw = !kwargs.is_none() && PyDict_GET_SIZE(kwargs.ptr()) > 0;
-    bool ints = !has_kw && npos <= static_cast<Py_ssize_t>(L.args_count);
-    for (Py_ssize_t i = 0; ints && i < npos; ++i) {
-      PyObject* o = PyTuple_GET_ITEM(args.ptr(), i);
-      if (!PyLong_CheckExact(o)) {
-        ints = false;
-        break;
-      }
-      int overflow = 0;
-      long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-      if (overflow) {
-        ints = false;
-        break;
-      }
-      int64_t v64 = v;
-      std::memcpy(slot.data() + L.args_off + 8 * i, &v64, 8);
-    }
-    if (ints) {
-      d.header.encoding = ArgEncoding::kSlotInts;
-      d.header.nargs = static_cast<uint8_t>(npos);
-      used = std::max(used, L.args_off + 8 * static_cast<uint32_t>(npos));
-    } else if (slot_mode) {
-      throw py::type_error("mpop: a slot-mode handler receives int64 arguments in slot.args only (at most " +
-                           std::to_string(L.args_count) + ", no keywords)");
-    } else {
-      std::memset(slot.data() + L.args_off, 0, 8 * L.args_count);
-      // Arrays' data stay where they are (args keeps them alive) until copied into place.
-      StreamWriter w(stream, &pieces);
-      py_codec::encode_call(args, kwargs, w, &keep);
-      const size_t total = w.size();
-      if (total <= L.arg_area_len()) {
-        d.header.encoding = ArgEncoding::kPacked;
-        w.gather_to(slot.data() + L.arg_area_off());
-        used = std::max(used, L.arg_area_off() + static_cast<uint32_t>(total));
-      } else {
-        if (total > UINT32_MAX) throw py::value_error("mpop: arguments larger than 4 GiB");
-        d.header.encoding = ArgEncoding::kPooled;
-        d.stream = stream.data();
-        d.stream_len = static_cast<uint32_t>(total);
-        d.pieces = &pieces;
-      }
-      d.header.stream_len = static_cast<uint32_t>(total);
-    }
-    if (!c_args.is_none()) {
-      if (L.cargs_len == 0) throw py::value_error("mpop: this slot class has no c_args field");
-      if (d.header.encoding != ArgEncoding::kSlotInts)
-        throw py::type_error("mpop: c_args can only be combined with int arguments that fit slot.args");
-      std::string_view b = c_args.cast<py::bytes>();
-      if (b.size() > L.cargs_len)
-        throw py::value_error("mpop: c_args is " + std::to_string(b.size()) +
-                              " bytes; this slot class holds at most " + std::to_string(L.cargs_len));
-      std::memcpy(slot.data() + L.cargs_off, b.data(), b.size());
-      used = std::max(used, L.cargs_off + static_cast<uint32_t>(b.size()));
-    }
-    d.slot = slot.data();
-    d.slot_used = std::max(used, L.size < used ? L.size : used);
+    encode(d, keep, fn_id, tsk_id, args, kwargs, c_args, slot_mode);
     if (encoded) *encoded = true;  // errors from here on come from waiting for room
-
-    PushOutcome out = prod_.submit(d, false, 0);
-    if (out == PushOutcome::kFull && blocking) {
-      int64_t deadline = deadline_from_timeout(timeout);
-      // Wait without the GIL in slices, checking for signals (Ctrl-C) between them.
-      while (out == PushOutcome::kFull && deadline != 0) {
-        int64_t slice = monotonic_ns() + 100'000'000;
-        bool last = deadline >= 0 && deadline <= slice;
-        {
-          py::gil_scoped_release nogil;
-          out = prod_.submit(d, true, last ? deadline : slice);
-        }
-        if (last) break;
-        if (out == PushOutcome::kFull && PyErr_CheckSignals() != 0) throw py::error_already_set();
-        if (out == PushOutcome::kFull && !check.is_none()) check();  // e.g. workers failed to start
-      }
-    }
-    switch (out) {
-      case PushOutcome::kRing:
-      case PushOutcome::kBacklog:
-        return d.header.seq;
-      case PushOutcome::kFull:
-        return 0;
-      case PushOutcome::kTooLarge:
-        throw py::value_error("mpop: the task's arguments take " + std::to_string(d.stream_len) +
-                              " bytes encoded, more than queued arguments may use of the argument pool (" +
-                              std::to_string(seg_->pool().producer_cap_bytes()) + " of " +
-                              std::to_string(seg_->pool().capacity_bytes()) +
-                              " bytes; a quarter stays free for results); pass a larger pool_bytes to MpopApi");
-      case PushOutcome::kClosed:
-        break;
-    }
-    throw std::runtime_error("mpop: the queue is closed");
+    return seq_or_raise(push(d, blocking, timeout, check), d);
   }
 
   // Removes every task not yet claimed by a worker (backlog and ring); returns
@@ -158,262 +57,156 @@ class PyProducer {
   Producer& native() { return prod_; }
 
  private:
+  // The buffers a draft points into, reused by every call on this thread.
+  struct Scratch {
+    std::vector<uint8_t> slot;
+    std::vector<uint8_t> stream;
+    std::vector<ExternalPiece> pieces;
+  };
+  static Scratch& scratch() {
+    thread_local Scratch s;
+    return s;
+  }
+
+  // Encodes the call into the draft's slot: its ids, then the arguments as int64s in
+  // slot.args when they all fit, else as a codec stream (packed into the slot, or left for
+  // the pool), then c_args.
+  void encode(TaskDraft& d, std::vector<py::object>& keep, uint32_t fn_id, uint32_t tsk_id,
+              const py::tuple& args, const py::object& kwargs, const py::object& c_args,
+              bool slot_mode) {
+    const SlotLayout& L = seg_->config().slot;
+    std::vector<uint8_t>& slot = scratch().slot;
+    slot.assign(L.size, 0);
+    write_uint(slot.data() + L.fn_id_off, L.fn_id_size, fn_id);
+    write_uint(slot.data() + L.tsk_id_off, L.tsk_id_size, tsk_id);
+    uint32_t used = std::max(L.fn_id_off + L.fn_id_size, L.tsk_id_off + L.tsk_id_size);
+
+    Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
+    bool has_kw = !kwargs.is_none() && PyDict_GET_SIZE(kwargs.ptr()) > 0;
+    if (!has_kw && npos <= static_cast<Py_ssize_t>(L.args_count) && pack_ints(slot, args)) {
+      d.header.encoding = ArgEncoding::kSlotInts;
+      d.header.nargs = static_cast<uint8_t>(npos);
+      used = std::max(used, L.args_off + 8 * static_cast<uint32_t>(npos));
+    } else if (slot_mode) {
+      throw py::type_error("mpop: a slot-mode handler receives int64 arguments in slot.args only (at most " +
+                           std::to_string(L.args_count) + ", no keywords)");
+    } else {
+      used = std::max(used, pack_stream(d, keep, args, kwargs));
+    }
+    if (!c_args.is_none()) used = std::max(used, pack_c_args(d, c_args));
+    d.slot = slot.data();
+    d.slot_used = std::max(used, L.size < used ? L.size : used);
+  }
+
+  // Writes each positional argument into slot.args as an int64; false (with some perhaps
+  // written) at the first that is not an int or does not fit.
+  bool pack_ints(std::vector<uint8_t>& slot, const py::tuple& args) {
+    const SlotLayout& L = seg_->config().slot;
+    Py_ssize_t npos = PyTuple_GET_SIZE(args.ptr());
+    for (Py_ssize_t i = 0; i < npos; ++i) {
+      PyObject* o = PyTuple_GET_ITEM(args.ptr(), i);
+      if (!PyLong_CheckExact(o)) return false;
+      int overflow = 0;
+      long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+      if (overflow) return false;
+      int64_t v64 = v;
+      std::memcpy(slot.data() + L.args_off + 8 * i, &v64, 8);
+    }
+    return true;
+  }
+
+  // Encodes (args, kwargs) as a codec stream: into the slot's argument area if it fits,
+  // else for the pool (the draft points at the stream). Returns the slot bytes used.
+  uint32_t pack_stream(TaskDraft& d, std::vector<py::object>& keep, const py::tuple& args,
+                       const py::object& kwargs) {
+    const SlotLayout& L = seg_->config().slot;
+    Scratch& s = scratch();
+    uint32_t used = 0;
+    std::memset(s.slot.data() + L.args_off, 0, 8 * L.args_count);
+    // Arrays' data stay where they are (args keeps them alive) until copied into place.
+    StreamWriter w(s.stream, &s.pieces);
+    py_codec::encode_call(args, kwargs, w, &keep);
+    const size_t total = w.size();
+    if (total <= L.arg_area_len()) {
+      d.header.encoding = ArgEncoding::kPacked;
+      w.gather_to(s.slot.data() + L.arg_area_off());
+      used = L.arg_area_off() + static_cast<uint32_t>(total);
+    } else {
+      if (total > UINT32_MAX) throw py::value_error("mpop: arguments larger than 4 GiB");
+      d.header.encoding = ArgEncoding::kPooled;
+      d.stream = s.stream.data();
+      d.stream_len = static_cast<uint32_t>(total);
+      d.pieces = &s.pieces;
+    }
+    d.header.stream_len = static_cast<uint32_t>(total);
+    return used;
+  }
+
+  // Copies c_args into the slot's c_args field; returns the slot bytes used.
+  uint32_t pack_c_args(const TaskDraft& d, const py::object& c_args) {
+    const SlotLayout& L = seg_->config().slot;
+    if (L.cargs_len == 0) throw py::value_error("mpop: this slot class has no c_args field");
+    if (d.header.encoding != ArgEncoding::kSlotInts)
+      throw py::type_error("mpop: c_args can only be combined with int arguments that fit slot.args");
+    std::string_view b = c_args.cast<py::bytes>();
+    if (b.size() > L.cargs_len)
+      throw py::value_error("mpop: c_args is " + std::to_string(b.size()) +
+                            " bytes; this slot class holds at most " + std::to_string(L.cargs_len));
+    std::memcpy(scratch().slot.data() + L.cargs_off, b.data(), b.size());
+    return L.cargs_off + static_cast<uint32_t>(b.size());
+  }
+
+  // Submits the draft; when there is no room and the caller blocks, waits for room
+  // without the GIL in slices, checking for signals (Ctrl-C) and `check` between them.
+  PushOutcome push(TaskDraft& d, bool blocking, const py::object& timeout, const py::object& check) {
+    PushOutcome out = prod_.submit(d, false, 0);
+    if (out != PushOutcome::kFull || !blocking) return out;
+    int64_t deadline = deadline_from_timeout(timeout);
+    while (out == PushOutcome::kFull && deadline != 0) {
+      int64_t slice = monotonic_ns() + 100'000'000;
+      bool last = deadline >= 0 && deadline <= slice;
+      {
+        py::gil_scoped_release nogil;
+        out = prod_.submit(d, true, last ? deadline : slice);
+      }
+      if (last) break;
+      if (out == PushOutcome::kFull && PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (out == PushOutcome::kFull && !check.is_none()) check();  // e.g. workers failed to start
+    }
+    return out;
+  }
+
+  // What enqueue() returns or raises for the push's outcome.
+  uint64_t seq_or_raise(PushOutcome out, const TaskDraft& d) {
+    switch (out) {
+      case PushOutcome::kRing:
+      case PushOutcome::kBacklog:
+        return d.header.seq;
+      case PushOutcome::kFull:
+        return 0;
+      case PushOutcome::kTooLarge:
+        throw py::value_error("mpop: the task's arguments take " + std::to_string(d.stream_len) +
+                              " bytes encoded, more than queued arguments may use of the argument pool (" +
+                              std::to_string(seg_->pool().producer_cap_bytes()) + " of " +
+                              std::to_string(seg_->pool().capacity_bytes()) +
+                              " bytes; a quarter stays free for results); pass a larger pool_bytes to MpopApi");
+      case PushOutcome::kClosed:
+        break;
+    }
+    throw std::runtime_error("mpop: the queue is closed");
+  }
+
   SegmentPtr seg_;
   Producer prod_;
 };
 
-// ---------------------------------------------------------------------------------------
-// FastPath: app.enqueue(fn, args=...) and app.submit(fn, *args) in one native call.
-//
-// The Python methods spend most of a trivial task's cost on their own bookkeeping (resolve
-// the handler, check the arguments, take a label, push, register the future): about 2 us,
-// of which the push is 0.4. For the common call (a registered function with positional
-// arguments whose count it accepts, workers running) this type does the same steps in C:
-// it is a plain CPython type, not pybind11, because pybind11's argument dispatch alone
-// costs as much as the push. Anything else returns None and the caller takes the Python
-// path, which then raises whatever error is due.
+PyProducer* producer_of(const py::object& producer) { return producer.cast<PyProducer*>(); }
 
-constexpr uint32_t kRouteFuture = 1;  // mirrors _dispatch.ROUTE_FUTURE
-
-struct FastHandler {
-  uint32_t fn_id;
-  Py_ssize_t min_pos;
-  Py_ssize_t max_pos;
-};
-
-struct FastPathObject {
-  PyObject_HEAD
-  PyObject* producer;    // the Producer (keeps `prod` alive)
-  PyProducer* prod;
-  PyObject* handlers;    // fn -> index into `table` (registered, written, argument-mode)
-  std::vector<FastHandler>* table;
-  PyObject* labels;      // the app's tsk_id counter (an iterator of ints)
-  PyObject* futures;     // the dispatcher's seq -> future dict
-  PyObject* early;       // the dispatcher's results that came before their future
-  PyObject* reg;         // the dispatcher's register_future(seq, future)
-  PyObject* future_cls;  // the app's future class (called with no arguments)
-  PyObject* check;       // raises if the workers failed, while a push waits for room
-  uint64_t label_mask;
-  char armed;            // workers running and the result thread started
-};
-
-// Every reference a FastPath holds, for the garbage collector's traverse and clear.
-constexpr PyObject* FastPathObject::*kFastRefs[] = {
-    &FastPathObject::producer, &FastPathObject::handlers, &FastPathObject::labels, &FastPathObject::futures,
-    &FastPathObject::early,    &FastPathObject::reg,      &FastPathObject::future_cls, &FastPathObject::check};
-
-int fast_traverse(PyObject* o, visitproc visit, void* arg) {
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  Py_VISIT(Py_TYPE(o));
-  for (auto ref : kFastRefs) Py_VISIT(self->*ref);
-  return 0;
+uint64_t enqueue_positional(PyProducer& p, uint32_t fn_id, uint32_t tsk_id, const py::tuple& args,
+                            uint32_t route, const py::object& check, bool* encoded) {
+  return p.enqueue(fn_id, tsk_id, args, py::none(), py::none(), false, true, py::none(), route,
+                   false, check, encoded);
 }
-
-int fast_clear(PyObject* o) {
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  self->armed = 0;
-  self->prod = nullptr;
-  for (auto ref : kFastRefs) Py_CLEAR(self->*ref);
-  return 0;
-}
-
-void fast_dealloc(PyObject* o) {
-  PyTypeObject* tp = Py_TYPE(o);
-  PyObject_GC_UnTrack(o);
-  fast_clear(o);
-  delete reinterpret_cast<FastPathObject*>(o)->table;
-  tp->tp_free(o);
-  Py_DECREF(tp);
-}
-
-// Pushes fn(*args) on `route`. Returns the task's seq; 0 when the fast path does not apply
-// (no Python error set: the caller takes the Python path); -1 with a Python error set
-// (KeyboardInterrupt or the workers' failure while waiting for room).
-long long fast_push(FastPathObject* self, PyObject* fn, PyObject* args, uint32_t route) {
-  if (!self->armed || !PyTuple_CheckExact(args)) return 0;
-  PyObject* idx = PyDict_GetItemWithError(self->handlers, fn);  // borrowed
-  if (idx == nullptr) {
-    PyErr_Clear();  // unknown, or unhashable: resolve() deals with it
-    return 0;
-  }
-  const FastHandler& h = (*self->table)[PyLong_AsSsize_t(idx)];
-  Py_ssize_t n = PyTuple_GET_SIZE(args);
-  if (n < h.min_pos || n > h.max_pos) return 0;  // the Python path raises the TypeError
-  PyObject* label_obj = PyIter_Next(self->labels);
-  if (label_obj == nullptr) return PyErr_Occurred() ? -1 : 0;
-  uint64_t label = PyLong_AsUnsignedLongLongMask(label_obj) & self->label_mask;
-  Py_DECREF(label_obj);
-  bool encoded = false;
-  try {
-    py::handle check = self->check ? self->check : Py_None;
-    uint64_t seq = self->prod->enqueue(h.fn_id, static_cast<uint32_t>(label),
-                                       py::reinterpret_borrow<py::tuple>(args), py::none(), py::none(),
-                                       false, true, py::none(), route, false,
-                                       py::reinterpret_borrow<py::object>(check), &encoded);
-    return static_cast<long long>(seq);
-  } catch (py::error_already_set& e) {
-    // An argument that cannot be encoded: the Python path tries again and names it. Once
-    // encoded, an error comes from waiting for room (a signal handler, check()): the
-    // caller's to see.
-    if (!encoded) return 0;
-    e.restore();
-    return -1;
-  } catch (...) {
-    return 0;  // closed, too large, oversized: the Python path raises the right error
-  }
-}
-
-// enqueue(fn, args) -> True, or None when the Python path must take the call.
-PyObject* fast_enqueue(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 2) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.enqueue(fn, args)");
-    return nullptr;
-  }
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  long long seq = fast_push(self, argv[0], argv[1], 0);
-  if (seq < 0) return nullptr;
-  if (seq == 0) Py_RETURN_NONE;
-  Py_RETURN_TRUE;
-}
-
-// submit(fn, args) -> the task's future, registered under its seq; or None (see enqueue).
-// A push that had to wait for room gave up the GIL, so the result may have come in before
-// the registration (the dispatcher then keeps it in `early`): register_future settles it.
-PyObject* fast_submit(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 2) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.submit(fn, args)");
-    return nullptr;
-  }
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  if (!self->armed || self->futures == nullptr) Py_RETURN_NONE;  // armed only once bound
-  PyObject* fut = PyObject_CallNoArgs(self->future_cls);
-  if (fut == nullptr) return nullptr;
-  // A new future refers to nothing but its class: the garbage collector need not walk the
-  // hundreds of thousands a caller may hold (it took more time than the rest of submit).
-  // Its class is a LazyTracked: setting an attribute (a callback, a waiter, an exception)
-  // tracks it again, and the collector tracks one given a value that is not atomic.
-  if (PyObject_GC_IsTracked(fut)) PyObject_GC_UnTrack(fut);
-  long long seq = fast_push(self, argv[0], argv[1], kRouteFuture);
-  if (seq <= 0) {
-    Py_DECREF(fut);
-    if (seq < 0) return nullptr;
-    Py_RETURN_NONE;
-  }
-  PyObject* key = PyLong_FromUnsignedLongLong(static_cast<unsigned long long>(seq));
-  if (key != nullptr && PyDict_GET_SIZE(self->early) > 0) {
-    PyObject* r = PyObject_CallFunctionObjArgs(self->reg, key, fut, nullptr);
-    Py_DECREF(key);
-    if (r == nullptr) {
-      Py_DECREF(fut);
-      return nullptr;
-    }
-    Py_DECREF(r);
-    return fut;
-  }
-  if (key == nullptr || PyDict_SetItem(self->futures, key, fut) < 0) {
-    // The task is queued and nothing could be registered (out of memory): its result will
-    // be dropped as an early one. Report the failure rather than hand out a dead future.
-    Py_XDECREF(key);
-    Py_DECREF(fut);
-    return nullptr;
-  }
-  Py_DECREF(key);
-  return fut;
-}
-
-// add(fn, fn_id, min_pos, max_pos): `fn` may take the fast path (max_pos < 0: any number).
-PyObject* fast_add(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  if (argc != 4) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.add(fn, fn_id, min_pos, max_pos)");
-    return nullptr;
-  }
-  if (self->handlers == nullptr) {
-    PyErr_SetString(PyExc_RuntimeError, "mpop: FastPath.add after release()");
-    return nullptr;
-  }
-  unsigned long fn_id = PyLong_AsUnsignedLong(argv[1]);
-  Py_ssize_t lo = PyLong_AsSsize_t(argv[2]);
-  Py_ssize_t hi = PyLong_AsSsize_t(argv[3]);
-  if (PyErr_Occurred()) return nullptr;
-  PyObject* idx = PyLong_FromSize_t(self->table->size());
-  if (idx == nullptr) return nullptr;
-  int rc = PyDict_SetItem(self->handlers, argv[0], idx);
-  Py_DECREF(idx);
-  if (rc < 0) return nullptr;
-  self->table->push_back(FastHandler{static_cast<uint32_t>(fn_id), lo, hi < 0 ? PY_SSIZE_T_MAX : hi});
-  Py_RETURN_NONE;
-}
-
-// bind(futures, early, register_future, future_cls, check): what submit() and a waiting
-// push need.
-PyObject* fast_bind(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  if (argc != 5 || !PyDict_Check(argv[0]) || !PyDict_Check(argv[1])) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.bind(futures: dict, early: dict, register_future, future_cls, check)");
-    return nullptr;
-  }
-  PyObject** fields[] = {&self->futures, &self->early, &self->reg, &self->future_cls, &self->check};
-  for (int i = 0; i < 5; ++i) {
-    Py_INCREF(argv[i]);
-    Py_XSETREF(*fields[i], argv[i]);
-  }
-  Py_RETURN_NONE;
-}
-
-// discard(fn): calls of `fn` no longer take the fast path (its handler was replaced).
-PyObject* fast_discard(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
-  auto* self = reinterpret_cast<FastPathObject*>(o);
-  if (argc != 1) {
-    PyErr_SetString(PyExc_TypeError, "FastPath.discard(fn)");
-    return nullptr;
-  }
-  if (self->handlers != nullptr && PyDict_Contains(self->handlers, argv[0]) == 1 &&
-      PyDict_DelItem(self->handlers, argv[0]) < 0)
-    return nullptr;
-  PyErr_Clear();  // an unhashable fn was never added
-  Py_RETURN_NONE;
-}
-
-// release(): disarms and drops every reference (the app's shutdown), so that nothing the
-// fast path held keeps the dispatcher or the producer alive.
-PyObject* fast_release(PyObject* o, PyObject* const*, Py_ssize_t) {
-  fast_clear(o);
-  Py_RETURN_NONE;
-}
-
-PyMethodDef fast_methods[] = {
-    {"enqueue", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_enqueue)), METH_FASTCALL,
-     "enqueue(fn, args) -> True, or None when the Python path must take the call"},
-    {"submit", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_submit)), METH_FASTCALL,
-     "submit(fn, args) -> a registered future, or None when the Python path must take the call"},
-    {"add", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_add)), METH_FASTCALL,
-     "add(fn, fn_id, min_pos, max_pos): lets calls of fn take the fast path"},
-    {"bind", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_bind)), METH_FASTCALL,
-     "bind(futures, early, register_future, future_cls, check)"},
-    {"discard", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_discard)), METH_FASTCALL,
-     "discard(fn): calls of fn take the Python path again"},
-    {"release", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_release)), METH_FASTCALL,
-     "release(): disarms the fast path and drops every reference it holds"},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyMemberDef fast_members[] = {
-    {"armed", T_BOOL, offsetof(FastPathObject, armed), 0, "calls may take the fast path"},
-    {nullptr, 0, 0, 0, nullptr}};
-
-PyType_Slot fast_slots[] = {
-    {Py_tp_dealloc, reinterpret_cast<void*>(fast_dealloc)},
-    {Py_tp_traverse, reinterpret_cast<void*>(fast_traverse)},
-    {Py_tp_clear, reinterpret_cast<void*>(fast_clear)},
-    {Py_tp_methods, fast_methods},
-    {Py_tp_members, fast_members},
-    {Py_tp_doc, const_cast<char*>("The native enqueue/submit path of one app (private).")},
-    {0, nullptr}};
-
-PyType_Spec fast_spec = {"mpop._core.FastPath", sizeof(FastPathObject), 0,
-                         Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, fast_slots};
-
-}  // namespace
 
 void register_producer(py::module_& m) {
   py::class_<PyProducer>(m, "Producer")
@@ -436,29 +229,6 @@ void register_producer(py::module_& m) {
       .def_property_readonly("backlog", [](PyProducer& p) { return p.native().backlog_size(); })
       .def_property_readonly("submitted", [](PyProducer& p) { return p.native().submitted(); })
       .def("cancel_queued", &PyProducer::cancel_queued);
-
-  PyObject* fast_type = PyType_FromSpec(&fast_spec);
-  if (fast_type == nullptr) throw py::error_already_set();
-  m.attr("FastPath") = py::reinterpret_steal<py::object>(fast_type);
-  // FastPath(producer, labels, label_mask): made here, since it needs the Producer's object.
-  m.def("fast_path", [fast_type](py::object producer, py::object labels, uint64_t label_mask) {
-    PyProducer* prod = producer.cast<PyProducer*>();
-    auto* tp = reinterpret_cast<PyTypeObject*>(fast_type);
-    auto* self = PyObject_GC_New(FastPathObject, tp);
-    if (self == nullptr) throw py::error_already_set();
-    self->producer = producer.release().ptr();
-    self->prod = prod;
-    self->handlers = PyDict_New();
-    self->table = new std::vector<FastHandler>();
-    self->labels = labels.release().ptr();
-    self->futures = self->early = self->reg = self->future_cls = self->check = nullptr;
-    self->label_mask = label_mask;
-    self->armed = 0;
-    PyObject_GC_Track(self);
-    auto obj = py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(self));
-    if (self->handlers == nullptr) throw py::error_already_set();
-    return obj;
-  }, py::arg("producer"), py::arg("labels"), py::arg("label_mask"));
 }
 
 }  // namespace mpop::bindings

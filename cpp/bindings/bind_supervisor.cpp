@@ -147,18 +147,9 @@ void register_supervisor(py::module_& m) {
              }
            },
            py::arg("graceful") = true, py::arg("timeout") = 10.0)
-      .def("wait_ready",
-           [](PySupervisor& s, const py::object& timeout) {
-             int64_t d = deadline_from_timeout(timeout);
-             py::gil_scoped_release nogil;
-             return s.native().wait_ready(d);
-           },
-           py::arg("timeout") = py::none())
       .def("scale", [](PySupervisor& s, uint32_t n) { s.native().scale(n); })
       .def("kill_worker", [](PySupervisor& s, uint32_t id) { return s.native().kill_worker(id); })
       .def_property_readonly("running", [](PySupervisor& s) { return s.native().running(); })
-      .def_property_readonly("target", [](PySupervisor& s) { return s.native().target(); })
-      .def_property_readonly("live_workers", [](PySupervisor& s) { return s.native().live_workers(); })
       .def_property_readonly("last_error", [](PySupervisor& s) { return s.native().last_error(); })
       .def("counters", [](PySupervisor& s) {
         const auto& c = s.native().counters();

@@ -13,11 +13,21 @@ namespace py = pybind11;
 
 void register_segment(py::module_& m);
 void register_producer(py::module_& m);
+void register_fast_path(py::module_& m);
 void register_worker(py::module_& m);
+void register_lazy_tracked(py::module_& m);
 void register_collector(py::module_& m);
 void register_supervisor(py::module_& m);
 
 using SegmentPtr = std::shared_ptr<Segment>;
+
+// mpop._core.Producer's native side (bind_producer.cpp), as FastPath (bind_fast_path.cpp)
+// uses it: the object behind a Producer, and its enqueue of fn(*args) that blocks until
+// there is room (see PyProducer::enqueue; `encoded` turns true once the arguments are).
+class PyProducer;
+PyProducer* producer_of(const py::object& producer);
+uint64_t enqueue_positional(PyProducer& p, uint32_t fn_id, uint32_t tsk_id, const py::tuple& args,
+                            uint32_t route, const py::object& check, bool* encoded);
 
 inline int64_t deadline_from_timeout(const py::object& timeout) {
   if (timeout.is_none()) return -1;

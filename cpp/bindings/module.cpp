@@ -9,6 +9,8 @@ PYBIND11_MODULE(_core, m) {
   mpop::py_codec::register_codec(m);
   mpop::bindings::register_segment(m);
   mpop::bindings::register_producer(m);
+  mpop::bindings::register_fast_path(m);
+  mpop::bindings::register_lazy_tracked(m);
   mpop::bindings::register_collector(m);
   mpop::bindings::register_worker(m);
   mpop::bindings::register_supervisor(m);

@@ -142,19 +142,6 @@ uint32_t Supervisor::live_workers() const {
   return n;
 }
 
-bool Supervisor::wait_ready(int64_t deadline_ns) const {
-  for (;;) {
-    bool starting = false;
-    for (uint32_t i = 0; i < seg_.workers().count; ++i)
-      if (seg_.workers().record(i).state.load() == static_cast<uint32_t>(WorkerState::kStarting))
-        starting = true;
-    if (!starting) return true;
-    if (!last_error().empty()) return false;
-    if (deadline_ns >= 0 && monotonic_ns() > deadline_ns) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-}
-
 void Supervisor::spawn(uint32_t id) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
@@ -247,129 +234,177 @@ void Supervisor::post_result(const TaskHeader& h, const uint8_t* slot, ResultSta
 void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
-  const WorkerTable& table = seg_.workers();
-  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
   if (c.pidfd >= 0) close(c.pidfd);
   c.pidfd = -1;
   c.pid = -1;
   auto state = static_cast<WorkerState>(rec.state.load());
 
   if (state == WorkerState::kStarting) {
-    // Died before taking work. If it said why, or left by itself with an error, respawning
-    // would fail the same way: report it. If it was killed, start a replacement, unless
-    // that keeps happening.
-    std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
-    bool failed = !why.empty() || (exit >= 0 && WIFEXITED(exit) && WEXITSTATUS(exit) != 0);
-    if (failed || ++c.start_deaths >= 5) {
-      set_error("mpop: worker " + std::to_string(id) + " failed to start" +
-                (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
-      rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-      c.active = false;
-      return;
-    }
-    rec.restarts.fetch_add(1);
-    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-    if (c.active && !c.stopping && !quit_.load()) spawn(id);
-    else c.active = false;
+    on_start_death(id, exit);
     return;
   }
   c.start_deaths = 0;
 
   if (crashed || c.timed_out_seq) {
-    counters_.crashes.fetch_add(1);
-    // Killed by a non-graceful stop: nothing it held will run again.
-    const bool cancel = quit_.load() && !graceful_.load() && c.stopping;
-    // Did it publish the result of the task it was running? Then that task is done, even
-    // though the worker died before marking it so. An unpublished pooled block is freed.
-    // Published means: the window's epoch moved past the one recorded with the result, or
-    // it died inside the window after its cell was reserved (count set) and published (no
-    // longer reserved-unpublished). Missing the second case re-ran a task whose result was
-    // out, and the re-run read arguments the collector had already freed.
-    const uint64_t result_seq = rec.result_seq.load(std::memory_order_acquire);
-    const bool in_window = rec.publish.in_claim.load(std::memory_order_seq_cst) != 0;
-    const bool window_out = in_window && rec.publish.count != 0 &&
-                            rec.publish.head < seg_.results().enqueue_pos() &&
-                            !seg_.results().is_reserved_unpublished(rec.publish.head);
-    const bool published = window_out || rec.publish.epoch.load(std::memory_order_acquire) >
-                                             rec.result_epoch.load(std::memory_order_acquire);
-    if (!published && rec.result_ref.load() && !in_window)
-      seg_.pool().free(rec.result_ref.load(), rec.result_len.load());
-    std::vector<uint64_t> local_seqs;
-    uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
-    for (uint32_t j = 0; j < n; ++j) {
-      auto st = static_cast<LocalState>(table.entry(id, j).state.load(std::memory_order_acquire));
-      uint8_t* body = table.entry_body(id, j);
-      TaskHeader th;
-      std::memcpy(&th, body, sizeof th);
-      // Arguments it had pinned (a handler kept an array view) belong to the task again,
-      // unless its result is out: then they were the dead worker's alone, and go below.
-      const bool result_out = st == LocalState::kRunning && published && result_seq == th.seq;
-      if (th.encoding == ArgEncoding::kPooled && !result_out &&
-          (st == LocalState::kPending || st == LocalState::kRunning) &&
-          seg_.pool().tag_of(th.pool_ref) == ArgPool::worker_tag(id))
-        seg_.pool().retag(th.pool_ref, th.stream_len, ArgPool::kArgTag);
-      // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
-      // before the worker that takes it up again (CancelTable).
-      if (st == LocalState::kPending || st == LocalState::kRunning)
-        table.entry(id, j).state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
-      if (st == LocalState::kPending) {
-        local_seqs.push_back(th.seq);
-        if (cancel)
-          post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
-        else
-          requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
-      } else if (st == LocalState::kRunning) {
-        local_seqs.push_back(th.seq);
-        if (published && result_seq == th.seq) continue;  // its result is out: done
-        th.attempts += 1;
-        if (cancel) {
-          post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
-        } else if (c.timed_out_seq && c.timed_out_seq == th.seq) {
-          counters_.timeouts.fetch_add(1);
-          post_result(th, body + sizeof th, ResultStatus::kTimeout, id);
-        } else if (th.attempts > opts_.max_retries) {
-          counters_.crashed_tasks.fetch_add(1);
-          post_result(th, body + sizeof th, ResultStatus::kCrashed, id);
-        } else {
-          counters_.retries.fetch_add(1);
-          std::memcpy(body, &th, sizeof th);
-          requeue_.emplace_back(body, body + body_bytes);
-        }
-      }
-    }
-    if (rec.claim.in_claim.load(std::memory_order_seq_cst))
-      ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
-                                  std::move(local_seqs)});
-    if (in_window && rec.publish.head < seg_.results().enqueue_pos()) {
-      // A published cell (window_out) carries its result: the collector frees that block.
-      // Otherwise the block is freed by the recovery: its cell is voided, or it never got
-      // one (another worker took that position while it was in its window).
-      publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
-                                     window_out ? 0 : rec.result_ref.load(), rec.result_len.load()});
-    } else if (in_window && rec.result_ref.load())
-      seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
-    seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
-    // Last, what is still tagged with its id: a block it took but had not yet recorded in
-    // result_ref, or the words of a run it was halfway through taking. (Everything it
-    // recorded and handed on was retagged first, so none of the above is freed twice.)
-    if (uint64_t bytes = seg_.pool().reclaim(ArgPool::worker_tag(id))) {
-      counters_.pool_reclaimed_bytes.fetch_add(bytes);
-    }
-    rec.restarts.fetch_add(1);
-    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-    rec.local_count.store(0);
-    rec.running_since_ns.store(0);
-    rec.claim.in_claim.store(0);
-    rec.publish.in_claim.store(0);
-    if (c.active && !c.stopping && !quit_.load()) spawn(id);
-    else c.active = false;
+    on_crash(id);
     return;
   }
 
   rec.state.store(static_cast<uint32_t>(WorkerState::kExited));
   // A worker that left by itself while still wanted was recycled (max_tasks_per_worker).
-  if (c.active && !c.stopping && !quit_.load() && id < target_.load()) spawn(id);
+  if (still_wanted(c) && id < target_.load()) spawn(id);
   else c.active = false;
+}
+
+bool Supervisor::still_wanted(const Child& c) const {
+  return c.active && !c.stopping && !quit_.load();
+}
+
+void Supervisor::on_start_death(uint32_t id, int exit) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
+  // Died before taking work. If it said why, or left by itself with an error, respawning
+  // would fail the same way: report it. If it was killed, start a replacement, unless
+  // that keeps happening.
+  std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
+  bool failed = !why.empty() || (exit >= 0 && WIFEXITED(exit) && WEXITSTATUS(exit) != 0);
+  if (failed || ++c.start_deaths >= 5) {
+    set_error("mpop: worker " + std::to_string(id) + " failed to start" +
+              (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
+    rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+    c.active = false;
+    return;
+  }
+  rec.restarts.fetch_add(1);
+  rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+  if (still_wanted(c)) spawn(id);
+  else c.active = false;
+}
+
+void Supervisor::on_crash(uint32_t id) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
+  counters_.crashes.fetch_add(1);
+  // Killed by a non-graceful stop: nothing it held will run again.
+  const bool cancel = quit_.load() && !graceful_.load() && c.stopping;
+  const Publication pub = what_it_published(rec);
+  // An unpublished pooled block is freed (one inside its publication window: see
+  // recover_windows).
+  if (!pub.published && rec.result_ref.load() && !pub.in_window)
+    seg_.pool().free(rec.result_ref.load(), rec.result_len.load());
+  std::vector<uint64_t> local_seqs = recover_local_queue(id, pub, cancel);
+  recover_windows(id, pub, std::move(local_seqs));
+  seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
+  // Last, what is still tagged with its id: a block it took but had not yet recorded in
+  // result_ref, or the words of a run it was halfway through taking. (Everything it
+  // recorded and handed on was retagged first, so none of the above is freed twice.)
+  if (uint64_t bytes = seg_.pool().reclaim(ArgPool::worker_tag(id))) {
+    counters_.pool_reclaimed_bytes.fetch_add(bytes);
+  }
+  rec.restarts.fetch_add(1);
+  rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+  rec.local_count.store(0);
+  rec.running_since_ns.store(0);
+  rec.claim.in_claim.store(0);
+  rec.publish.in_claim.store(0);
+  if (still_wanted(c)) spawn(id);
+  else c.active = false;
+}
+
+Supervisor::Publication Supervisor::what_it_published(const WorkerRecord& rec) const {
+  // Did it publish the result of the task it was running? Then that task is done, even
+  // though the worker died before marking it so. Published means: the window's epoch
+  // moved past the one recorded with the result, or it died inside the window after its
+  // cell was reserved (count set) and published (no longer reserved-unpublished). Missing
+  // the second case re-ran a task whose result was out, and the re-run read arguments the
+  // collector had already freed.
+  Publication pub;
+  pub.result_seq = rec.result_seq.load(std::memory_order_acquire);
+  pub.in_window = rec.publish.in_claim.load(std::memory_order_seq_cst) != 0;
+  pub.window_out = pub.in_window && rec.publish.count != 0 &&
+                   rec.publish.head < seg_.results().enqueue_pos() &&
+                   !seg_.results().is_reserved_unpublished(rec.publish.head);
+  pub.published = pub.window_out || rec.publish.epoch.load(std::memory_order_acquire) >
+                                        rec.result_epoch.load(std::memory_order_acquire);
+  return pub;
+}
+
+std::vector<uint64_t> Supervisor::recover_local_queue(uint32_t id, const Publication& pub,
+                                                      bool cancel) {
+  const WorkerTable& table = seg_.workers();
+  std::vector<uint64_t> local_seqs;
+  uint32_t n = std::min(table.record(id).local_count.load(std::memory_order_acquire), table.batch);
+  for (uint32_t j = 0; j < n; ++j) recover_local_entry(id, j, pub, cancel, local_seqs);
+  return local_seqs;
+}
+
+void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel,
+                                     std::vector<uint64_t>& local_seqs) {
+  const WorkerTable& table = seg_.workers();
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  auto st = static_cast<LocalState>(table.entry(id, j).state.load(std::memory_order_acquire));
+  uint8_t* body = table.entry_body(id, j);
+  TaskHeader th;
+  std::memcpy(&th, body, sizeof th);
+  // Arguments it had pinned (a handler kept an array view) belong to the task again,
+  // unless its result is out: then they were the dead worker's alone, and go below.
+  const bool result_out = st == LocalState::kRunning && pub.published && pub.result_seq == th.seq;
+  if (th.encoding == ArgEncoding::kPooled && !result_out &&
+      (st == LocalState::kPending || st == LocalState::kRunning) &&
+      seg_.pool().tag_of(th.pool_ref) == ArgPool::worker_tag(id))
+    seg_.pool().retag(th.pool_ref, th.stream_len, ArgPool::kArgTag);
+  // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
+  // before the worker that takes it up again (CancelTable).
+  if (st == LocalState::kPending || st == LocalState::kRunning)
+    table.entry(id, j).state.store(static_cast<uint32_t>(LocalState::kDone),
+                                   std::memory_order_seq_cst);
+  if (st == LocalState::kPending) {
+    local_seqs.push_back(th.seq);
+    if (cancel)
+      post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+    else
+      requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
+  } else if (st == LocalState::kRunning) {
+    local_seqs.push_back(th.seq);
+    if (pub.published && pub.result_seq == th.seq) return;  // its result is out: done
+    settle_interrupted_task(id, th, body, cancel);
+  }
+}
+
+void Supervisor::settle_interrupted_task(uint32_t id, TaskHeader th, uint8_t* body, bool cancel) {
+  const Child& c = children_[id];
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  th.attempts += 1;
+  if (cancel) {
+    post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+  } else if (c.timed_out_seq && c.timed_out_seq == th.seq) {
+    counters_.timeouts.fetch_add(1);
+    post_result(th, body + sizeof th, ResultStatus::kTimeout, id);
+  } else if (th.attempts > opts_.max_retries) {
+    counters_.crashed_tasks.fetch_add(1);
+    post_result(th, body + sizeof th, ResultStatus::kCrashed, id);
+  } else {
+    counters_.retries.fetch_add(1);
+    std::memcpy(body, &th, sizeof th);
+    requeue_.emplace_back(body, body + body_bytes);
+  }
+}
+
+void Supervisor::recover_windows(uint32_t id, const Publication& pub,
+                                 std::vector<uint64_t> local_seqs) {
+  WorkerRecord& rec = seg_.workers().record(id);
+  if (rec.claim.in_claim.load(std::memory_order_seq_cst))
+    ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
+                                std::move(local_seqs)});
+  if (pub.in_window && rec.publish.head < seg_.results().enqueue_pos()) {
+    // A published cell (window_out) carries its result: the collector frees that block.
+    // Otherwise the block is freed by the recovery: its cell is voided, or it never got
+    // one (another worker took that position while it was in its window).
+    publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
+                                   pub.window_out ? 0 : rec.result_ref.load(),
+                                   rec.result_len.load()});
+  } else if (pub.in_window && rec.result_ref.load())
+    seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
 }
 
 void Supervisor::check_timeouts() {
@@ -453,115 +488,134 @@ void Supervisor::loop() {
   started_cv_.notify_all();
 
   bool asked_to_stop = false;
-  std::vector<pollfd> fds;
-  std::vector<uint32_t> ids;
   for (;;) {
     bool quitting = quit_.load(std::memory_order_acquire);
-    if (quitting && !asked_to_stop) {
-      asked_to_stop = true;
-      for (uint32_t i = 0; i < children_.size(); ++i) {
-        if (children_[i].pid <= 0) continue;
-        children_[i].stopping = true;
-        seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
-        if (!graceful_.load()) signal_child(children_[i], SIGKILL);
-      }
-      seg_.tasks().wake_consumers();
-    }
-    bool any_alive = false;
-    for (auto& c : children_) any_alive |= c.pid > 0;
-    if (quitting && !any_alive) break;
-    if (quitting && monotonic_ns() > stop_deadline_ns_.load()) {
-      for (auto& c : children_) signal_child(c, SIGKILL);
-      // A worker we cannot watch (no pidfd) that still looks alive 2 s after its SIGKILL:
-      // stop() must end all the same (a safety net; the poll below already takes a pid
-      // that shows another start time for a worker gone).
-      if (monotonic_ns() > stop_deadline_ns_.load() + 2'000'000'000) {
-        for (uint32_t id = 0; id < children_.size(); ++id)
-          if (children_[id].pid > 0 && children_[id].pidfd < 0) on_exit(id, true, -1);
-      }
-    }
-
-    fds.clear();
-    ids.clear();
-    fds.push_back({event_fd_, POLLIN, 0});
-    for (uint32_t i = 0; i < children_.size(); ++i) {
-      if (children_[i].pid > 0 && children_[i].pidfd >= 0) {
-        fds.push_back({children_[i].pidfd, POLLIN, 0});
-        ids.push_back(i);
-      }
-    }
-    bool unwatched = false;  // a worker without a pidfd: looked at every 10 ms instead
-    for (auto& c : children_) unwatched |= c.pid > 0 && c.pidfd < 0;
-    bool busy = quitting || unwatched || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
-                !publish_recoveries_.empty() || !requeue_.empty() || !results_pending_.empty();
-    int timeout_ms = busy ? 10 : 250;
-    poll(fds.data(), fds.size(), timeout_ms);
-    if (fds[0].revents & POLLIN) {
-      uint64_t v;
-      ssize_t rc = read(event_fd_, &v, sizeof v);
-      (void)rc;
-    }
-
-    std::deque<uint32_t> kills;
-    bool rescale = false;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      kills.swap(kill_requests_);
-      rescale = scale_pending_;
-      scale_pending_ = false;
-    }
-    for (uint32_t id : kills)
-      signal_child(children_[id], SIGKILL);
-    if (rescale && !quitting) {
-      uint32_t n = target_.load();
-      for (uint32_t i = 0; i < children_.size(); ++i) {
-        Child& c = children_[i];
-        if (i < n && !c.active && c.pid <= 0) spawn(i);
-        if (i >= n && c.active && c.pid > 0) {
-          c.stopping = true;
-          seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
-        }
-      }
-      seg_.tasks().wake_consumers();
-    }
-
-    for (size_t k = 1; k < fds.size(); ++k) {
-      if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-      uint32_t id = ids[k - 1];
-      Child& c = children_[id];
-      int status = -1;
-      if (opts_.children_are_ours) {
-        pid_t r = waitpid(c.pid, &status, WNOHANG);
-        if (r == 0) continue;  // not yet reapable
-      }
-      // Only a worker that announced it was leaving exited cleanly; any other exit while it
-      // held (or could hold) tasks is a crash.
-      auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
-      bool crashed = !(st == WorkerState::kExiting || st == WorkerState::kExited);
-      on_exit(id, crashed, status);
-    }
-    // A worker whose pidfd could not be opened: a fork server's child that died and was
-    // reaped before pidfd_open (a worker that fails at once), or a kernel without pidfd.
-    // Our own children are still reapable; another process's are gone once their pid no
-    // longer shows the start time seen at spawn (gone, or reused by another process).
-    for (uint32_t id = 0; id < children_.size(); ++id) {
-      Child& c = children_[id];
-      if (c.pid <= 0 || c.pidfd >= 0) continue;
-      int status = -1;
-      if (opts_.children_are_ours) {
-        if (waitpid(c.pid, &status, WNOHANG) == 0) continue;
-      } else if (still_ours(c)) {
-        continue;
-      }
-      auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
-      on_exit(id, !(st == WorkerState::kExiting || st == WorkerState::kExited), status);
-    }
+    if (quitting && !carry_out_stop(asked_to_stop)) break;
+    poll_children(quitting);
+    apply_commands(quitting);
+    reap_watched();
+    reap_unwatched();
     check_timeouts();
     run_recoveries();
     flush_requeue();
   }
-  // Every worker is gone: finish the recoveries that waited for them, then end what can
-  // no longer run.
+  finish_after_stop();
+}
+
+bool Supervisor::carry_out_stop(bool& asked_to_stop) {
+  if (!asked_to_stop) {
+    asked_to_stop = true;
+    for (uint32_t i = 0; i < children_.size(); ++i) {
+      if (children_[i].pid <= 0) continue;
+      children_[i].stopping = true;
+      seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
+      if (!graceful_.load()) signal_child(children_[i], SIGKILL);
+    }
+    seg_.tasks().wake_consumers();
+  }
+  bool any_alive = false;
+  for (auto& c : children_) any_alive |= c.pid > 0;
+  if (!any_alive) return false;
+  if (monotonic_ns() > stop_deadline_ns_.load()) {
+    for (auto& c : children_) signal_child(c, SIGKILL);
+    // A worker we cannot watch (no pidfd) that still looks alive 2 s after its SIGKILL:
+    // stop() must end all the same (a safety net; reap_unwatched already takes a pid
+    // that shows another start time for a worker gone).
+    if (monotonic_ns() > stop_deadline_ns_.load() + 2'000'000'000) {
+      for (uint32_t id = 0; id < children_.size(); ++id)
+        if (children_[id].pid > 0 && children_[id].pidfd < 0) on_exit(id, true, -1);
+    }
+  }
+  return true;
+}
+
+void Supervisor::poll_children(bool quitting) {
+  poll_fds_.clear();
+  poll_ids_.clear();
+  poll_fds_.push_back({event_fd_, POLLIN, 0});
+  for (uint32_t i = 0; i < children_.size(); ++i) {
+    if (children_[i].pid > 0 && children_[i].pidfd >= 0) {
+      poll_fds_.push_back({children_[i].pidfd, POLLIN, 0});
+      poll_ids_.push_back(i);
+    }
+  }
+  bool unwatched = false;  // a worker without a pidfd: looked at every 10 ms instead
+  for (auto& c : children_) unwatched |= c.pid > 0 && c.pidfd < 0;
+  bool busy = quitting || unwatched || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
+              !publish_recoveries_.empty() || !requeue_.empty() || !results_pending_.empty();
+  int timeout_ms = busy ? 10 : 250;
+  poll(poll_fds_.data(), poll_fds_.size(), timeout_ms);
+  if (poll_fds_[0].revents & POLLIN) {
+    uint64_t v;
+    ssize_t rc = read(event_fd_, &v, sizeof v);
+    (void)rc;
+  }
+}
+
+void Supervisor::apply_commands(bool quitting) {
+  std::deque<uint32_t> kills;
+  bool rescale = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    kills.swap(kill_requests_);
+    rescale = scale_pending_;
+    scale_pending_ = false;
+  }
+  for (uint32_t id : kills) signal_child(children_[id], SIGKILL);
+  if (rescale && !quitting) {
+    uint32_t n = target_.load();
+    for (uint32_t i = 0; i < children_.size(); ++i) {
+      Child& c = children_[i];
+      if (i < n && !c.active && c.pid <= 0) spawn(i);
+      if (i >= n && c.active && c.pid > 0) {
+        c.stopping = true;
+        seg_.workers().record(i).stop_request.store(1, std::memory_order_release);
+      }
+    }
+    seg_.tasks().wake_consumers();
+  }
+}
+
+void Supervisor::reap_watched() {
+  for (size_t k = 1; k < poll_fds_.size(); ++k) {
+    if (!(poll_fds_[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    uint32_t id = poll_ids_[k - 1];
+    Child& c = children_[id];
+    int status = -1;
+    if (opts_.children_are_ours) {
+      pid_t r = waitpid(c.pid, &status, WNOHANG);
+      if (r == 0) continue;  // not yet reapable
+    }
+    // Only a worker that announced it was leaving exited cleanly; any other exit while it
+    // held (or could hold) tasks is a crash.
+    auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
+    bool crashed = !(st == WorkerState::kExiting || st == WorkerState::kExited);
+    on_exit(id, crashed, status);
+  }
+}
+
+// A worker whose pidfd could not be opened: a fork server's child that died and was
+// reaped before pidfd_open (a worker that fails at once), or a kernel without pidfd.
+// Our own children are still reapable; another process's are gone once their pid no
+// longer shows the start time seen at spawn (gone, or reused by another process).
+void Supervisor::reap_unwatched() {
+  for (uint32_t id = 0; id < children_.size(); ++id) {
+    Child& c = children_[id];
+    if (c.pid <= 0 || c.pidfd >= 0) continue;
+    int status = -1;
+    if (opts_.children_are_ours) {
+      if (waitpid(c.pid, &status, WNOHANG) == 0) continue;
+    } else if (still_ours(c)) {
+      continue;
+    }
+    auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
+    on_exit(id, !(st == WorkerState::kExiting || st == WorkerState::kExited), status);
+  }
+}
+
+// Every worker is gone: finish the recoveries that waited for them, then end what can
+// no longer run.
+void Supervisor::finish_after_stop() {
   for (auto& r : ring_recoveries_) r.wait.clear();
   for (auto& r : publish_recoveries_) r.wait.clear();
   run_recoveries();

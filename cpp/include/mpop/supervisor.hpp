@@ -4,6 +4,7 @@
 // applies scale() and stop().
 #pragma once
 
+#include <poll.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -61,12 +62,9 @@ class Supervisor {
   void scale(uint32_t n);
   bool kill_worker(uint32_t id);
   bool running() const { return thread_.joinable(); }
-  uint32_t target() const { return target_.load(); }
   uint32_t live_workers() const;
   const SupervisorCounters& counters() const { return counters_; }
   std::string last_error() const;
-  // Blocks until every live worker has left kStarting (or the deadline).
-  bool wait_ready(int64_t deadline_ns) const;
 
  private:
   struct Child {
@@ -93,10 +91,52 @@ class Supervisor {
     uint32_t value_len = 0;
   };
 
+  // What a dead worker had published of the task it was running (see what_it_published).
+  struct Publication {
+    uint64_t result_seq = 0;  // the task its last recorded result is for
+    bool in_window = false;   // it died inside its publication window
+    bool window_out = false;  // and its cell there was already published
+    bool published = false;   // the result of result_seq is out
+  };
+
+  // The thread: spawn, then each round the steps below, in this order, until a stop finds
+  // every worker gone.
   void loop();
+  // Asks every worker to stop (once), kills them all past the stop's deadline; false once
+  // every worker is gone.
+  bool carry_out_stop(bool& asked_to_stop);
+  // Waits (10 ms when there is work pending or a stop under way, else 250 ms) for a
+  // child's pidfd or a command's wake-up.
+  void poll_children(bool quitting);
+  // kill_worker requests and scale().
+  void apply_commands(bool quitting);
+  // The children whose pidfd turned readable in poll_children, and those without one.
+  void reap_watched();
+  void reap_unwatched();
+  void finish_after_stop();
+
   void spawn(uint32_t id);
   // exit: the wait status, or -1 when unknown (not our child).
   void on_exit(uint32_t id, bool crashed, int exit);
+  // on_exit's cases: a worker that died before it took work, and one that crashed (or was
+  // killed for task_timeout) and whose tasks, claim and publication window are recovered.
+  void on_start_death(uint32_t id, int exit);
+  void on_crash(uint32_t id);
+  // Still part of the target set, and no stop under way: a dead worker gets a successor.
+  bool still_wanted(const Child& c) const;
+  Publication what_it_published(const WorkerRecord& rec) const;
+  // Settles each task of a dead worker's local queue; returns the seqs found there (the
+  // ring recovery leaves those alone).
+  std::vector<uint64_t> recover_local_queue(uint32_t id, const Publication& pub, bool cancel);
+  void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel,
+                           std::vector<uint64_t>& local_seqs);
+  // A task the dead worker was running and whose result is not out: cancelled, timed out,
+  // crashed for good, or re-queued with one more attempt.
+  void settle_interrupted_task(uint32_t id, TaskHeader th, uint8_t* body, bool cancel);
+  // The recoveries of its claim window (ring cells claimed, not released) and publication
+  // window (a result cell reserved, not published), run by run_recoveries once every
+  // worker that was inside such a window at the death has left it.
+  void recover_windows(uint32_t id, const Publication& pub, std::vector<uint64_t> local_seqs);
   // Whether a child without a pidfd that another process reaps is still the process we
   // spawned (its pid not reused since), and a signal that reaches only that process.
   bool still_ours(const Child& c) const;
@@ -136,6 +176,8 @@ class Supervisor {
   std::vector<std::vector<uint8_t>> results_pending_;  // result records waiting for room
   std::vector<PendingRingRecovery> ring_recoveries_;
   std::vector<PendingPublishRecovery> publish_recoveries_;
+  std::vector<pollfd> poll_fds_;    // poll_children's: the eventfd, then each watched pidfd
+  std::vector<uint32_t> poll_ids_;  // the worker of each pidfd in poll_fds_[1..]
 };
 
 }  // namespace mpop

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -135,252 +136,417 @@ inline const char* to_string(WorkerExit e) {
 //   const std::vector<ExternalPiece>* value_pieces();  -- data `value` leaves in place
 //   bool args_pinned();       -- the handler kept a view of its pooled arguments
 //   void after_publish();     -- the result is out: let go of what it was copied from
+//
+// One worker's life in the loop, in named steps: claim a range into the local queue, then
+// for each of its tasks start it, run it, publish its result and mark it done; sleep when
+// there is nothing to claim. The steps run in the order run() gives; each one's memory
+// orders and fault points are part of the protocol the supervisor's recovery relies on.
+// They are public so that a test can take one step at a time (test_worker_loop.cpp).
+template <class Runner>
+class WorkerSession {
+ public:
+  WorkerSession(Segment& seg, uint32_t id, Runner& runner)
+      : cfg_(seg.config()),
+        hdr_(seg.header()),
+        tasks_(seg.tasks()),
+        results_(seg.results()),
+        pool_(seg.pool()),
+        id_(id),
+        tag_(ArgPool::worker_tag(id)),
+        table_(seg.workers()),
+        rec_(table_.record(id)),
+        owner_(hdr_),
+        runner_(runner),
+        body_bytes_(task_body_bytes(cfg_.slot)),
+        timing_(cfg_.max_performance == 0),
+        has_meta_(cfg_.slot.meta_len >= sizeof(TaskMeta)) {
+    value_.reserve(4096);
+  }
+  WorkerSession(const WorkerSession&) = delete;
+  WorkerSession& operator=(const WorkerSession&) = delete;
+
+  WorkerExit run() {
+    announce();
+    for (;;) {
+      uint32_t want = 0;
+      if (auto why = must_leave(want)) return exit_with(*why);
+      const uint32_t k = claim_into_local_queue(want);
+      if (k == 0) {
+        if (!sleep_while_idle()) return exit_with(WorkerExit::kOwnerDied);
+        continue;
+      }
+      begin_batch();
+      for (uint32_t j = 0; j < k; ++j) {
+        Task t = start_task(j);
+        run_task(t);
+        if (!publish(t)) return exit_with(WorkerExit::kOwnerDied);
+        mark_done(t);
+      }
+      end_batch();
+    }
+  }
+
+  // ---- the steps ----------------------------------------------------------------------
+
+  // A task of the local queue on its way through start_task, run_task, publish, mark_done.
+  struct Task {
+    uint32_t index;  // its entry in the local queue
+    LocalEntry* entry;
+    TaskHeader th;
+    uint8_t* slot;  // the worker's private copy (meta filled in)
+    uint32_t fn_id;
+    uint32_t tsk_id;
+    int64_t start;  // 0 when not timing
+    int64_t end;
+    bool ran;  // false: cancelled before it started
+    ResultStatus status;
+  };
+
+  // The result of a task on its way into the result ring.
+  struct Outgoing {
+    ResultHeader r;
+    // Pieces of the value the runner left in place (an array's data), copied straight to
+    // where the value goes; null when the whole value is in value_.
+    const std::vector<ExternalPiece>* pieces;
+    size_t vlen;  // the encoded value's length, pieces included
+  };
+
+  // The worker announces itself: its pid, a new life's task count, and idle.
+  void announce() {
+    rec_.pid.store(static_cast<int32_t>(getpid()), std::memory_order_relaxed);
+    rec_.tasks_this_life.store(0, std::memory_order_relaxed);
+    rec_.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_release);
+    idle_since_ = monotonic_ns();
+  }
+
+  // Why the worker must leave before its next claim, if it must; else sets `want` to how
+  // many tasks that claim may take (fewer near max_tasks_per_worker).
+  std::optional<WorkerExit> must_leave(uint32_t& want) {
+    if (hdr_.shutdown.load(std::memory_order_acquire)) return WorkerExit::kShutdown;
+    if (rec_.stop_request.load(std::memory_order_acquire)) return WorkerExit::kStopRequested;
+    if (runner_.interrupted()) return WorkerExit::kInterrupted;
+    want = cfg_.batch_size;
+    if (cfg_.max_tasks_per_worker) {
+      uint64_t done = rec_.tasks_this_life.load(std::memory_order_relaxed);
+      if (done >= cfg_.max_tasks_per_worker) return WorkerExit::kRecycled;
+      if (cfg_.max_tasks_per_worker - done < want)
+        want = static_cast<uint32_t>(cfg_.max_tasks_per_worker - done);
+    }
+    return std::nullopt;
+  }
+
+  WorkerExit exit_with(WorkerExit e) {
+    rec_.state.store(static_cast<uint32_t>(e == WorkerExit::kOwnerDied ? WorkerState::kExited
+                                                                       : WorkerState::kExiting),
+                     std::memory_order_release);
+    return e;
+  }
+
+  // Claim a range and copy it into the local queue. local_count is published with each
+  // copied entry, before the ring cells are released, so that every task is always in
+  // the ring, in the local queue, or both (recovery handles both).
+  uint32_t claim_into_local_queue(uint32_t want) {
+    auto claim_alone = [](const uint8_t* body) {
+      uint32_t flags;
+      std::memcpy(&flags, body + offsetof(TaskHeader, flags), sizeof flags);
+      return (flags & kClaimAlone) != 0;
+    };
+    return tasks_.claim_range(
+        want, &rec_.claim,
+        [&](uint32_t i, const uint8_t* body) {
+          LocalEntry& e = table_.entry(id_, i);
+          std::memcpy(table_.entry_body(id_, i), body, body_bytes_);
+          e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
+          rec_.local_next.store(0, std::memory_order_relaxed);
+          rec_.local_count.store(i + 1, std::memory_order_release);
+        },
+        ring_hook(), claim_alone);
+  }
+
+  // Nothing claimed: sleep until a task comes or 250 ms pass. False: the owner died.
+  bool sleep_while_idle() {
+    if (!owner_.alive()) return false;
+    maybe_fault(hdr_, FaultStep::kIdle);
+    runner_.before_sleep();
+    // One idle worker at a time spins before sleeping; the others sleep at once.
+    tasks_.spin_then_wait(id_ + 1, kIdleSpinNs, monotonic_ns() + 250'000'000,
+                          [this] { return stop_now(); });
+    runner_.after_sleep();
+    return true;
+  }
+
+  void begin_batch() {
+    rec_.claims.fetch_add(1, std::memory_order_relaxed);
+    tasks_.wake_if_more();
+    int64_t now = timing_ ? monotonic_ns() : 0;
+    if (timing_)
+      rec_.idle_ns.fetch_add(static_cast<uint64_t>(now - idle_since_), std::memory_order_relaxed);
+    rec_.state.store(static_cast<uint32_t>(WorkerState::kBusy), std::memory_order_relaxed);
+  }
+
+  void end_batch() {
+    rec_.local_count.store(0, std::memory_order_release);
+    rec_.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_relaxed);
+    idle_since_ = timing_ ? monotonic_ns() : 0;
+  }
+
+  // Entry `j` of the local queue becomes the running task: the supervisor's view of it
+  // (running_*, the entry's state) and its meta.
+  Task start_task(uint32_t j) {
+    Task t{};
+    t.index = j;
+    t.entry = &table_.entry(id_, j);
+    uint8_t* body = table_.entry_body(id_, j);
+    std::memcpy(&t.th, body, sizeof t.th);
+    t.slot = body + sizeof t.th;
+    const SlotLayout& L = cfg_.slot;
+    t.fn_id = read_uint(t.slot + L.fn_id_off, L.fn_id_size);
+    t.tsk_id = read_uint(t.slot + L.tsk_id_off, L.tsk_id_size);
+
+    if (cfg_.debug_delay_ns > 0) debug_delay();
+    // The start time is kept even with max_performance: task_timeout depends on it.
+    const int64_t began = monotonic_ns();
+    t.start = timing_ ? began : 0;
+    rec_.running_seq.store(t.th.seq, std::memory_order_relaxed);
+    rec_.running_fn.store(t.fn_id, std::memory_order_relaxed);
+    rec_.running_tsk.store(t.tsk_id, std::memory_order_relaxed);
+    rec_.running_since_ns.store(began, std::memory_order_relaxed);
+    // seq_cst, before the look at the owner's cancellations (CancelTable::take).
+    t.entry->state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_seq_cst);
+    if (has_meta_) {
+      TaskMeta m{t.th.enqueue_ns, t.start, 0, static_cast<uint16_t>(t.th.attempts + 1),
+                 static_cast<uint16_t>(id_), 0};
+      std::memcpy(t.slot + L.meta_off, &m, sizeof m);
+    }
+    return t;
+  }
+
+  // Runs the task through the Runner, unless the owner cancelled it (then its status stays
+  // kCancelled and the runner never sees it).
+  void run_task(Task& t) {
+    const SlotLayout& L = cfg_.slot;
+    const uint8_t* stream = nullptr;
+    if (t.th.encoding == ArgEncoding::kPacked) stream = t.slot + L.arg_area_off();
+    if (t.th.encoding == ArgEncoding::kPooled) stream = pool_.data(t.th.pool_ref);
+    TaskRun run{id_, t.fn_id, t.tsk_id, &t.th, t.slot, stream, t.th.stream_len};
+    value_.clear();
+    maybe_fault(hdr_, FaultStep::kBeforeRun);
+    t.status = ResultStatus::kCancelled;
+    t.ran = t.th.seq >= hdr_.cancel_below.load(std::memory_order_relaxed) &&
+            !hdr_.cancels.take(t.th.seq);
+    if (t.ran) t.status = runner_.run(run, value_);
+    maybe_fault(hdr_, FaultStep::kAfterRun);
+    t.end = timing_ ? monotonic_ns() : 0;
+  }
+
+  // Publishes the task's result into the result ring: recorded first (so that the
+  // supervisor can tell whether it got out), a large value placed in the pool, then the
+  // push, waiting for room. False: the owner died.
+  bool publish(Task& t) {
+    Outgoing out = result_of(t);
+    rec_.result_ref.store(0, std::memory_order_relaxed);
+    rec_.result_epoch.store(rec_.publish.epoch.load(std::memory_order_relaxed),
+                            std::memory_order_relaxed);
+    rec_.result_seq.store(t.th.seq, std::memory_order_release);
+    if (out.vlen > kResultInlineBytes && !place_large_value(t, out)) return false;
+    if (out.r.value_encoding != ValueEncoding::kPooled) {
+      out.r.value_encoding = ValueEncoding::kInline;
+      out.r.inline_len = static_cast<uint16_t>(out.vlen);
+    }
+    return push_result(out);
+  }
+
+  // The result's header and value as the runner left them; settles who owns arguments
+  // the handler kept a view of.
+  Outgoing result_of(const Task& t) {
+    Outgoing out{};
+    if constexpr (requires { runner_.value_pieces(); }) {
+      if (t.ran) out.pieces = runner_.value_pieces();
+    }
+    out.vlen = value_.size();
+    if (out.pieces)
+      for (const ExternalPiece& x : *out.pieces) out.vlen += x.len;
+    // Arguments the handler kept a view of (an array) stay ours until it lets go: the
+    // collector must not free them, and our death must.
+    bool pinned = false;
+    if constexpr (requires { runner_.args_pinned(); }) {
+      pinned = t.ran && t.th.encoding == ArgEncoding::kPooled && runner_.args_pinned();
+    }
+    if (pinned) pool_.retag(t.th.pool_ref, t.th.stream_len, tag_);
+
+    ResultHeader& r = out.r;
+    r.seq = t.th.seq;
+    r.arg_ref = t.th.encoding == ArgEncoding::kPooled && !pinned ? t.th.pool_ref : 0;
+    r.arg_len = t.th.encoding == ArgEncoding::kPooled && !pinned ? t.th.stream_len : 0;
+    r.tsk_id = t.tsk_id;
+    r.fn_id = t.fn_id;
+    r.worker_id = static_cast<uint16_t>(id_);
+    r.status = t.status;
+    r.attempts = static_cast<uint16_t>(t.th.attempts + 1);
+    r.enqueue_ns = t.th.enqueue_ns;
+    r.route = t.th.route;
+    r.start_ns = t.start;
+    r.end_ns = t.end;
+    return out;
+  }
+
+  // A value too large to go inline goes to the pool. A result too large for the pool
+  // fails its task; one that does not find room within kResultWaitNs (every worker
+  // blocked on large results while queued tasks' arguments hold the rest) fails too,
+  // instead of waiting for ever. False: the owner died (or shut down) while it waited.
+  bool place_large_value(Task& t, Outgoing& out) {
+    const size_t vlen = out.vlen;
+    uint64_t off = 0;
+    std::string why;
+    if (vlen > pool_.capacity_bytes()) {
+      why = "the result takes " + std::to_string(vlen) +
+            " bytes encoded, more than the whole argument pool (" +
+            std::to_string(pool_.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
+    } else {
+      off = pool_.alloc(
+          vlen, monotonic_ns() + kResultWaitNs,
+          [&] { return !owner_.alive() || hdr_.shutdown.load() != 0; }, UINT64_MAX, tag_,
+          [&] { results_.wake_consumers(); });
+      if (!off && (!owner_.alive() || hdr_.shutdown.load() != 0)) return false;
+      if (!off)
+        why = "the result takes " + std::to_string(vlen) +
+              " bytes encoded and found no room in the argument pool (" +
+              std::to_string(pool_.used_bytes()) + " of " + std::to_string(pool_.capacity_bytes()) +
+              " bytes in use) for 10 s; pass a larger pool_bytes to MpopApi";
+    }
+    if (off)
+      place_in_pool(out, off);
+    else
+      place_error(t, out, why);
+    return true;
+  }
+
+  // The value goes into the pool block `off`, recorded in result_ref before it is
+  // written, so that a death from here on frees it.
+  void place_in_pool(Outgoing& out, uint64_t off) {
+    maybe_fault(hdr_, FaultStep::kResultAllocated);
+    rec_.result_len.store(static_cast<uint32_t>(out.vlen), std::memory_order_relaxed);
+    rec_.result_ref.store(off, std::memory_order_release);
+    copy_value(out, pool_.data(off), out.vlen);
+    // Handed on: from here the supervisor tracks it through result_ref, and a death
+    // no longer leaves it tagged as ours.
+    pool_.retag(off, out.vlen, ArgPool::kResultTag);
+    out.r.value_encoding = ValueEncoding::kPooled;
+    out.r.value_ref = off;
+    out.r.value_len = static_cast<uint32_t>(out.vlen);
+    maybe_fault(hdr_, FaultStep::kResultPooled);
+  }
+
+  // The task fails with `why` instead. The error itself must be placed: inline, or in the
+  // pool if there is room now; failing both, a message short enough to go inline.
+  void place_error(Task& t, Outgoing& out, const std::string& why) {
+    value_.clear();
+    out.pieces = nullptr;
+    out.r.status = t.status = runner_.fail(why, value_);
+    out.vlen = value_.size();
+    uint64_t eoff =
+        value_.size() > kResultInlineBytes ? pool_.try_alloc(value_.size(), UINT64_MAX, tag_) : 0;
+    if (eoff) {
+      rec_.result_len.store(static_cast<uint32_t>(value_.size()), std::memory_order_relaxed);
+      rec_.result_ref.store(eoff, std::memory_order_release);
+      std::memcpy(pool_.data(eoff), value_.data(), value_.size());
+      pool_.retag(eoff, value_.size(), ArgPool::kResultTag);
+      out.r.value_encoding = ValueEncoding::kPooled;
+      out.r.value_ref = eoff;
+      out.r.value_len = static_cast<uint32_t>(value_.size());
+    } else if (value_.size() > kResultInlineBytes) {
+      value_.clear();
+      runner_.fail("result too large for the argument pool; raise pool_bytes", value_);
+      if (value_.size() > kResultInlineBytes) value_.clear();
+      out.vlen = value_.size();
+    }
+  }
+
+  // Pushes the result into the result ring, through the publication window, waiting for
+  // room while the owner lives. False: the owner died.
+  bool push_result(const Outgoing& out) {
+    auto fill = [&](uint32_t, void* dst) {
+      auto* o = static_cast<uint8_t*>(dst);
+      std::memcpy(o, &out.r, sizeof out.r);
+      if (out.r.inline_len) copy_value(out, o + sizeof out.r, out.r.inline_len);
+    };
+    while (results_.try_push(1, fill, &rec_.publish, ring_hook()) == 0) {
+      if (!owner_.alive()) return false;
+      runner_.before_sleep();
+      wait_until(
+          results_.control().not_full, [&] { return results_.has_room(); },
+          monotonic_ns() + 250'000'000);
+      runner_.after_sleep();
+    }
+    return true;
+  }
+
+  // The result is out: the task is done in the local queue, and counted.
+  void mark_done(const Task& t) {
+    maybe_fault(hdr_, FaultStep::kAfterPublish);
+    if constexpr (requires { runner_.after_publish(); }) runner_.after_publish();
+    t.entry->state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
+    rec_.local_next.store(t.index + 1, std::memory_order_release);
+    rec_.running_since_ns.store(0, std::memory_order_relaxed);
+    if (t.status == ResultStatus::kOk)
+      rec_.completed.fetch_add(1, std::memory_order_relaxed);
+    else if (t.status != ResultStatus::kCancelled)
+      rec_.failed.fetch_add(1, std::memory_order_relaxed);
+    rec_.tasks_this_life.fetch_add(1, std::memory_order_relaxed);
+    if (timing_)
+      rec_.busy_ns.fetch_add(static_cast<uint64_t>(t.end - t.start), std::memory_order_relaxed);
+  }
+
+ private:
+  // The fault points inside the rings' claim and push.
+  auto ring_hook() {
+    return [this](RingPoint p) { maybe_fault(hdr_, fault_for(p)); };
+  }
+
+  bool stop_now() const {
+    return hdr_.shutdown.load(std::memory_order_acquire) != 0 ||
+           rec_.stop_request.load(std::memory_order_acquire) != 0;
+  }
+
+  // cfg.debug_delay_ns before each task, without holding what before_sleep releases.
+  void debug_delay() {
+    runner_.before_sleep();
+    timespec ts{static_cast<time_t>(cfg_.debug_delay_ns / 1000000000),
+                static_cast<long>(cfg_.debug_delay_ns % 1000000000)};
+    nanosleep(&ts, nullptr);
+    runner_.after_sleep();
+  }
+
+  // Copies the first n bytes of the value to dst: value_ with the pieces left in place
+  // gathered into it, or value_ alone.
+  void copy_value(const Outgoing& out, uint8_t* dst, size_t n) const {
+    if (out.pieces && !out.pieces->empty())
+      gather(value_.data(), value_.size(), *out.pieces, dst);
+    else if (n)
+      std::memcpy(dst, value_.data(), n);
+  }
+
+  const SegmentConfig& cfg_;
+  SegmentHeader& hdr_;
+  TaskRing& tasks_;
+  TaskRing& results_;
+  ArgPool& pool_;
+  const uint32_t id_;
+  const uint16_t tag_;  // blocks we take are ours until handed on
+  const WorkerTable& table_;
+  WorkerRecord& rec_;
+  OwnerWatch owner_;
+  Runner& runner_;
+  const uint32_t body_bytes_;
+  const bool timing_;
+  const bool has_meta_;
+  std::vector<uint8_t> value_;  // the running task's encoded value
+  int64_t idle_since_ = 0;
+};
+
 template <class Runner>
 WorkerExit run_worker(Segment& seg, uint32_t id, Runner& runner) {
-  const SegmentConfig& cfg = seg.config();
-  SegmentHeader& hdr = seg.header();
-  TaskRing& tasks = seg.tasks();
-  TaskRing& results = seg.results();
-  ArgPool& pool = seg.pool();
-  const uint16_t tag = ArgPool::worker_tag(id);  // blocks we take are ours until handed on
-  const WorkerTable& table = seg.workers();
-  WorkerRecord& rec = table.record(id);
-  OwnerWatch owner(hdr);
-  const uint32_t body_bytes = task_body_bytes(cfg.slot);
-  const bool timing = cfg.max_performance == 0;
-  const bool has_meta = cfg.slot.meta_len >= sizeof(TaskMeta);
-  std::vector<uint8_t> value;
-  value.reserve(4096);
-  auto ring_hook = [&hdr](RingPoint p) { maybe_fault(hdr, fault_for(p)); };
-  auto claim_alone = [](const uint8_t* body) {
-    uint32_t flags;
-    std::memcpy(&flags, body + offsetof(TaskHeader, flags), sizeof flags);
-    return (flags & kClaimAlone) != 0;
-  };
-
-  auto stop_now = [&] {
-    return hdr.shutdown.load(std::memory_order_acquire) != 0 ||
-           rec.stop_request.load(std::memory_order_acquire) != 0;
-  };
-  auto exit_with = [&](WorkerExit e) {
-    rec.state.store(static_cast<uint32_t>(e == WorkerExit::kOwnerDied ? WorkerState::kExited
-                                                                      : WorkerState::kExiting),
-                    std::memory_order_release);
-    return e;
-  };
-
-  rec.pid.store(static_cast<int32_t>(getpid()), std::memory_order_relaxed);
-  rec.tasks_this_life.store(0, std::memory_order_relaxed);
-  rec.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_release);
-  int64_t idle_since = monotonic_ns();
-
-  for (;;) {
-    if (hdr.shutdown.load(std::memory_order_acquire)) return exit_with(WorkerExit::kShutdown);
-    if (rec.stop_request.load(std::memory_order_acquire))
-      return exit_with(WorkerExit::kStopRequested);
-    if (runner.interrupted()) return exit_with(WorkerExit::kInterrupted);
-    uint32_t want = cfg.batch_size;
-    if (cfg.max_tasks_per_worker) {
-      uint64_t done = rec.tasks_this_life.load(std::memory_order_relaxed);
-      if (done >= cfg.max_tasks_per_worker) return exit_with(WorkerExit::kRecycled);
-      if (cfg.max_tasks_per_worker - done < want)
-        want = static_cast<uint32_t>(cfg.max_tasks_per_worker - done);
-    }
-
-    // Claim a range and copy it into the local queue. local_count is published with each
-    // copied entry, before the ring cells are released, so that every task is always in
-    // the ring, in the local queue, or both (recovery handles both).
-    uint32_t k = tasks.claim_range(want, &rec.claim, [&](uint32_t i, const uint8_t* body) {
-      LocalEntry& e = table.entry(id, i);
-      std::memcpy(table.entry_body(id, i), body, body_bytes);
-      e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
-      rec.local_next.store(0, std::memory_order_relaxed);
-      rec.local_count.store(i + 1, std::memory_order_release);
-    }, ring_hook, claim_alone);
-
-    if (k == 0) {
-      if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
-      maybe_fault(hdr, FaultStep::kIdle);
-      runner.before_sleep();
-      // One idle worker at a time spins before sleeping; the others sleep at once.
-      tasks.spin_then_wait(id + 1, kIdleSpinNs, monotonic_ns() + 250'000'000, stop_now);
-      runner.after_sleep();
-      continue;
-    }
-    rec.claims.fetch_add(1, std::memory_order_relaxed);
-    tasks.wake_if_more();
-    int64_t now = timing ? monotonic_ns() : 0;
-    if (timing) rec.idle_ns.fetch_add(static_cast<uint64_t>(now - idle_since), std::memory_order_relaxed);
-    rec.state.store(static_cast<uint32_t>(WorkerState::kBusy), std::memory_order_relaxed);
-
-    for (uint32_t j = 0; j < k; ++j) {
-      LocalEntry& e = table.entry(id, j);
-      uint8_t* body = table.entry_body(id, j);
-      TaskHeader th;
-      std::memcpy(&th, body, sizeof th);
-      uint8_t* slot = body + sizeof th;
-      const SlotLayout& L = cfg.slot;
-      uint32_t fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
-      uint32_t tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
-
-      if (cfg.debug_delay_ns > 0) {
-        runner.before_sleep();
-        timespec ts{static_cast<time_t>(cfg.debug_delay_ns / 1000000000),
-                    static_cast<long>(cfg.debug_delay_ns % 1000000000)};
-        nanosleep(&ts, nullptr);
-        runner.after_sleep();
-      }
-      // The start time is kept even with max_performance: task_timeout depends on it.
-      const int64_t began = monotonic_ns();
-      int64_t start = timing ? began : 0;
-      rec.running_seq.store(th.seq, std::memory_order_relaxed);
-      rec.running_fn.store(fn_id, std::memory_order_relaxed);
-      rec.running_tsk.store(tsk_id, std::memory_order_relaxed);
-      rec.running_since_ns.store(began, std::memory_order_relaxed);
-      // seq_cst, before the look at the owner's cancellations (CancelTable::take).
-      e.state.store(static_cast<uint32_t>(LocalState::kRunning), std::memory_order_seq_cst);
-      if (has_meta) {
-        TaskMeta m{th.enqueue_ns, start, 0, static_cast<uint16_t>(th.attempts + 1),
-                   static_cast<uint16_t>(id), 0};
-        std::memcpy(slot + L.meta_off, &m, sizeof m);
-      }
-
-      const uint8_t* stream = nullptr;
-      if (th.encoding == ArgEncoding::kPacked) stream = slot + L.arg_area_off();
-      if (th.encoding == ArgEncoding::kPooled) stream = pool.data(th.pool_ref);
-      TaskRun run{id, fn_id, tsk_id, &th, slot, stream, th.stream_len};
-      value.clear();
-      maybe_fault(hdr, FaultStep::kBeforeRun);
-      ResultStatus status = ResultStatus::kCancelled;
-      const bool ran = th.seq >= hdr.cancel_below.load(std::memory_order_relaxed) && !hdr.cancels.take(th.seq);
-      if (ran) status = runner.run(run, value);
-      maybe_fault(hdr, FaultStep::kAfterRun);
-      int64_t end = timing ? monotonic_ns() : 0;
-      // Pieces of the value the runner left in place (an array's data), copied below
-      // straight to where the value goes.
-      const std::vector<ExternalPiece>* pieces = nullptr;
-      if constexpr (requires { runner.value_pieces(); }) {
-        if (ran) pieces = runner.value_pieces();
-      }
-      size_t vlen = value.size();
-      if (pieces) for (const ExternalPiece& x : *pieces) vlen += x.len;
-      auto copy_value = [&](uint8_t* dst, size_t n) {
-        if (pieces && !pieces->empty()) gather(value.data(), value.size(), *pieces, dst);
-        else if (n) std::memcpy(dst, value.data(), n);
-      };
-      // Arguments the handler kept a view of (an array) stay ours until it lets go: the
-      // collector must not free them, and our death must.
-      bool pinned = false;
-      if constexpr (requires { runner.args_pinned(); }) {
-        pinned = ran && th.encoding == ArgEncoding::kPooled && runner.args_pinned();
-      }
-      if (pinned) pool.retag(th.pool_ref, th.stream_len, tag);
-
-      ResultHeader r;
-      r.seq = th.seq;
-      r.arg_ref = th.encoding == ArgEncoding::kPooled && !pinned ? th.pool_ref : 0;
-      r.arg_len = th.encoding == ArgEncoding::kPooled && !pinned ? th.stream_len : 0;
-      r.tsk_id = tsk_id;
-      r.fn_id = fn_id;
-      r.worker_id = static_cast<uint16_t>(id);
-      r.status = status;
-      r.attempts = static_cast<uint16_t>(th.attempts + 1);
-      r.enqueue_ns = th.enqueue_ns;
-      r.route = th.route;
-      r.start_ns = start;
-      r.end_ns = end;
-      rec.result_ref.store(0, std::memory_order_relaxed);
-      rec.result_epoch.store(rec.publish.epoch.load(std::memory_order_relaxed), std::memory_order_relaxed);
-      rec.result_seq.store(th.seq, std::memory_order_release);
-      if (vlen > kResultInlineBytes) {
-        // A result too large for the pool fails its task; one that does not find room
-        // within kResultWaitNs (every worker blocked on large results while queued tasks'
-        // arguments hold the rest) fails too, instead of waiting for ever.
-        uint64_t off = 0;
-        std::string why;
-        if (vlen > pool.capacity_bytes()) {
-          why = "the result takes " + std::to_string(vlen) + " bytes encoded, more than the whole argument pool (" +
-                std::to_string(pool.capacity_bytes()) + " bytes); pass a larger pool_bytes to MpopApi";
-        } else {
-          off = pool.alloc(vlen, monotonic_ns() + kResultWaitNs,
-                           [&] { return !owner.alive() || hdr.shutdown.load() != 0; }, UINT64_MAX, tag,
-                           [&] { results.wake_consumers(); });
-          if (!off && (!owner.alive() || hdr.shutdown.load() != 0)) return exit_with(WorkerExit::kOwnerDied);
-          if (!off)
-            why = "the result takes " + std::to_string(vlen) + " bytes encoded and found no room in the argument pool (" +
-                  std::to_string(pool.used_bytes()) + " of " + std::to_string(pool.capacity_bytes()) +
-                  " bytes in use) for 10 s; pass a larger pool_bytes to MpopApi";
-        }
-        if (off) {
-          maybe_fault(hdr, FaultStep::kResultAllocated);
-          rec.result_len.store(static_cast<uint32_t>(vlen), std::memory_order_relaxed);
-          rec.result_ref.store(off, std::memory_order_release);
-          copy_value(pool.data(off), vlen);
-          // Handed on: from here the supervisor tracks it through result_ref, and a death
-          // no longer leaves it tagged as ours.
-          pool.retag(off, vlen, ArgPool::kResultTag);
-          r.value_encoding = ValueEncoding::kPooled;
-          r.value_ref = off;
-          r.value_len = static_cast<uint32_t>(vlen);
-          maybe_fault(hdr, FaultStep::kResultPooled);
-        } else {
-          // The error itself must be placed: inline, or in the pool if there is room now;
-          // failing both, a message short enough to go inline.
-          value.clear();
-          pieces = nullptr;
-          r.status = status = runner.fail(why, value);
-          vlen = value.size();
-          uint64_t eoff = value.size() > kResultInlineBytes ? pool.try_alloc(value.size(), UINT64_MAX, tag) : 0;
-          if (eoff) {
-            rec.result_len.store(static_cast<uint32_t>(value.size()), std::memory_order_relaxed);
-            rec.result_ref.store(eoff, std::memory_order_release);
-            std::memcpy(pool.data(eoff), value.data(), value.size());
-            pool.retag(eoff, value.size(), ArgPool::kResultTag);
-            r.value_encoding = ValueEncoding::kPooled;
-            r.value_ref = eoff;
-            r.value_len = static_cast<uint32_t>(value.size());
-          } else if (value.size() > kResultInlineBytes) {
-            value.clear();
-            runner.fail("result too large for the argument pool; raise pool_bytes", value);
-            if (value.size() > kResultInlineBytes) value.clear();
-            vlen = value.size();
-          }
-        }
-      }
-      if (r.value_encoding != ValueEncoding::kPooled) {
-        r.value_encoding = ValueEncoding::kInline;
-        r.inline_len = static_cast<uint16_t>(vlen);
-      }
-      auto fill = [&](uint32_t, void* out) {
-        auto* o = static_cast<uint8_t*>(out);
-        std::memcpy(o, &r, sizeof r);
-        if (r.inline_len) copy_value(o + sizeof r, r.inline_len);
-      };
-      while (results.try_push(1, fill, &rec.publish, ring_hook) == 0) {
-        if (!owner.alive()) return exit_with(WorkerExit::kOwnerDied);
-        runner.before_sleep();
-        wait_until(
-            results.control().not_full, [&] { return results.has_room(); },
-            monotonic_ns() + 250'000'000);
-        runner.after_sleep();
-      }
-
-      maybe_fault(hdr, FaultStep::kAfterPublish);
-      if constexpr (requires { runner.after_publish(); }) runner.after_publish();
-      e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
-      rec.local_next.store(j + 1, std::memory_order_release);
-      rec.running_since_ns.store(0, std::memory_order_relaxed);
-      if (status == ResultStatus::kOk)
-        rec.completed.fetch_add(1, std::memory_order_relaxed);
-      else if (status != ResultStatus::kCancelled)
-        rec.failed.fetch_add(1, std::memory_order_relaxed);
-      rec.tasks_this_life.fetch_add(1, std::memory_order_relaxed);
-      if (timing) rec.busy_ns.fetch_add(static_cast<uint64_t>(end - start), std::memory_order_relaxed);
-    }
-    rec.local_count.store(0, std::memory_order_release);
-    rec.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_relaxed);
-    idle_since = timing ? monotonic_ns() : 0;
-  }
+  return WorkerSession<Runner>(seg, id, runner).run();
 }
 
 }  // namespace mpop
