@@ -294,3 +294,27 @@ def test_producer_to_collector_through_a_worker_loop(seg, worker_thread):
     w = seg.worker_status(0)
     assert w["completed"] == 6 and w["failed"] == 1
     p.close()
+
+
+def test_the_stub_names_everything_the_native_module_has():
+    # python/mpop/_core.pyi is what editors and type checkers see of the native module.
+    import ast
+    from pathlib import Path
+
+    stub = ast.parse((Path(_core.__file__).parent / "_core.pyi").read_text())
+    declared: dict[str, set] = {}
+    for node in stub.body:
+        if isinstance(node, ast.ClassDef):
+            declared[node.name] = {n.name if isinstance(n, ast.FunctionDef) else n.target.id
+                                   for n in node.body if isinstance(n, (ast.FunctionDef, ast.AnnAssign))}
+        elif isinstance(node, ast.FunctionDef):
+            declared[node.name] = set()
+        elif isinstance(node, ast.AnnAssign):
+            declared[node.target.id] = set()
+    native = {n for n in dir(_core) if not n.startswith("__")}
+    assert native == set(declared), (native ^ set(declared))
+    for name in native:
+        obj = getattr(_core, name)
+        if isinstance(obj, type) and not issubclass(obj, BaseException) and name != "ResultRecord":
+            members = {m for m in vars(obj) if not m.startswith("__") and m != "_pybind11_conduit_v1_"}
+            assert members <= declared[name], (name, members - declared[name])

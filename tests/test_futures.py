@@ -304,9 +304,11 @@ def _dispatcher():
     return ResultRouter(_NoResults(), str, max_retries=1, task_timeout=None)
 
 
-def _record(seq: int, value) -> tuple:
+def _record(seq: int, value):
+    from mpop._core import ROUTE_FUTURE, ResultRecord
+
     # (seq, tsk_id, fn_id, worker_id, attempts, status, value, enqueue_ns, start_ns, end_ns, route)
-    return (seq, seq, 0x10, 0, 1, 0, value, 0, 0, 0, 1)
+    return ResultRecord((seq, seq, 0x10, 0, 1, 0, value, 0, 0, 0, ROUTE_FUTURE))
 
 
 def test_a_result_that_beats_its_future_registration_settles_it_once():
@@ -327,7 +329,7 @@ def test_a_result_that_beats_its_future_registration_settles_it_once():
     d.register_future(8, fut2)
     d._deliver(_record(8, "late"))
     assert fut2.result(timeout=0) == "late" and not d.futures and not d.early
-    assert _record(8, 0)[10] == ROUTE_FUTURE
+    assert _record(8, 0).route == ROUTE_FUTURE
 
 
 def test_fail_all_ends_every_waiting_future():

@@ -20,10 +20,8 @@ class PyCollector {
  public:
   explicit PyCollector(SegmentPtr seg) : seg_(std::move(seg)), col_(*seg_) {}
 
-  // [(seq, tsk_id, fn_id, worker_id, attempts, status, value, enqueue_ns, start_ns, end_ns,
-  //   route)]
-  // status: 0 ok, 1 error (value: bytes of the pickled error, or the exception raised while
-  // decoding), 2 crashed, 3 timeout, 4 cancelled.
+  // [ResultRecord] (make_result_record). For status kError the value is the bytes of the
+  // pickled error, or the exception raised while decoding the value.
   //
   // The wait (up to `timeout`) is for `want` results, or fewer if they come out of order:
   // a caller that needs many (run(), wait()) sleeps through the rest instead of waking
@@ -34,28 +32,22 @@ class PyCollector {
     wait_for(timeout, want, spin, epoch);
     py::list out;
     drain_into([&](const ResultHeader& h, uint8_t status, py::object& v) {
-      out.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v,
-                                h.enqueue_ns, h.start_ns, h.end_ns, h.route));
+      out.append(make_result_record(h, status, v));
     }, max);
     return out;
   }
 
-  // settle(): where the results that need no Python code go. `futures` is the dispatcher's
-  // seq -> future dict; futures of class `future_cls` are settled by writing `_result` and
-  // `_state` (= `finished`) while holding their shared lock (`acquire`, `release`), unless
-  // somebody waits on one (concurrent.futures.wait's waiters) or it has callbacks or is no
-  // longer pending. A plain (enqueue()d) task's value becomes a `result_cls` (TaskResult) passed
-  // to `plain_append`. `timings_append` (or None) receives (queue_wait_s, run_time_s).
-  void bind_settle(py::dict futures, py::object future_cls, py::object pending, py::object finished,
-                   py::object acquire, py::object release, py::object result_cls, py::object plain_append,
-                   py::object timings_append) {
-    if (!PyType_Check(future_cls.ptr()) || !PyType_Check(result_cls.ptr()))
-      throw py::type_error("bind_settle: future_cls and result_cls must be classes");
+  // settle(): where the results that need no Python code go. `futures` is the router's
+  // seq -> future dict; a future (a FutureCore) that nobody waits on and that has no
+  // callbacks gets its value through future_finish, while its shared lock is held
+  // (`acquire`, `release`). A plain (enqueue()d) task's value becomes a `result_cls`
+  // (TaskResult) passed to `plain_append`. `timings_append` (or None) receives
+  // (queue_wait_s, run_time_s).
+  void bind_settle(py::dict futures, py::object acquire, py::object release, py::object result_cls,
+                   py::object plain_append, py::object timings_append) {
+    if (!PyType_Check(result_cls.ptr())) throw py::type_error("bind_settle: result_cls must be a class");
     s_ = std::make_shared<Settle>();
     s_->futures = std::move(futures);
-    s_->future_cls = std::move(future_cls);
-    s_->pending = std::move(pending);
-    s_->finished = std::move(finished);
     s_->acquire = std::move(acquire);
     s_->release = std::move(release);
     s_->result_cls = std::move(result_cls);
@@ -78,21 +70,21 @@ class PyCollector {
   }
 
   // Lets go of everything bind_settle gave it (at shutdown, and for the garbage collector:
-  // the dispatcher holds this collector, and this collector holds the dispatcher's dict,
+  // the router holds this collector, and this collector holds the router's dict,
   // future class and bound methods, a cycle only the collector's traverse and clear let
   // the garbage collector see and break).
   void unbind_settle() { s_.reset(); }
 
   int traverse(visitproc visit, void* arg) const {
     if (!s_) return 0;
-    for (const py::object* o : {&s_->futures, &s_->future_cls, &s_->pending, &s_->finished, &s_->acquire,
-                                &s_->release, &s_->result_cls, &s_->plain_append, &s_->timings_append})
+    for (const py::object* o : {&s_->futures, &s_->acquire, &s_->release, &s_->result_cls, &s_->plain_append,
+                                &s_->timings_append})
       Py_VISIT(o->ptr());
     return 0;
   }
 
   // drain() that settles what it can itself (see bind_settle): returns (delivered, records
-  // for the dispatcher's _deliver, [(future, value)] for its _set_value). Records of
+  // for the router's delivery, [(future, value)] for MpopFuture.deliver). Records of
   // failures, map chunks, and futures it cannot settle go back to Python.
   py::tuple settle(size_t max, const py::object& timeout, uint32_t want, bool spin, const py::object& epoch) {
     if (!s_) throw std::logic_error("mpop: Collector.settle before bind_settle");
@@ -121,45 +113,20 @@ class PyCollector {
           py::object f = py::reinterpret_borrow<py::object>(fut);
           if (PyDict_DelItem(S.futures.ptr(), key.ptr()) < 0) throw py::error_already_set();
           if (timed && h.start_ns) S.timings_append(py::make_tuple(queue_wait_s(h), run_time_s(h)));
-          if (Py_TYPE(fut) == reinterpret_cast<PyTypeObject*>(S.future_cls.ptr()))
+          if (is_future_core(fut))
             ready.emplace_back(std::move(f), v);
           else
             slow_futs.append(py::make_tuple(f, v));
           return;
         }
-        // Not registered (yet): the dispatcher keeps it as an early result.
+        // Not registered (yet): the router keeps it as an early result.
       }
-      slow.append(py::make_tuple(h.seq, h.tsk_id, h.fn_id, h.worker_id, h.attempts, status, v, h.enqueue_ns,
-                                 h.start_ns, h.end_ns, h.route));
+      slow.append(make_result_record(h, status, v));
     }, max);
     if (!ready.empty()) {
-      // Interned once and never freed (no destructor running after the interpreter's end).
-      static PyObject* const k_w = PyUnicode_InternFromString("_w");
-      static PyObject* const k_cbs = PyUnicode_InternFromString("_cbs");
-      static PyObject* const k_state = PyUnicode_InternFromString("_state");
-      static PyObject* const k_result = PyUnicode_InternFromString("_result");
       S.acquire();
-      try {
-        for (auto& [f, v] : ready) {
-          py::object d = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(f.ptr(), nullptr));
-          if (!d) throw py::error_already_set();
-          PyObject* state = PyDict_GetItemWithError(d.ptr(), k_state);
-          if (state == nullptr && PyErr_Occurred()) throw py::error_already_set();
-          bool pending = state == nullptr || PyObject_RichCompareBool(state, S.pending.ptr(), Py_EQ) == 1;
-          if (!pending || PyDict_Contains(d.ptr(), k_w) != 0 || PyDict_Contains(d.ptr(), k_cbs) != 0) {
-            slow_futs.append(py::make_tuple(f, v));  // waiters, callbacks, or settled by the user: _set_value
-            continue;
-          }
-          if (PyDict_SetItem(d.ptr(), k_result, v.ptr()) < 0 || PyDict_SetItem(d.ptr(), k_state, S.finished.ptr()) < 0)
-            throw py::error_already_set();
-          // Written into its dict, not set: a future submit() left untracked (LazyTracked)
-          // must be tracked once it holds a value that may refer back to it.
-          if (!atomic(v.ptr()) && !PyObject_GC_IsTracked(f.ptr())) PyObject_GC_Track(f.ptr());
-        }
-      } catch (...) {
-        S.release();
-        throw;
-      }
+      for (auto& [f, v] : ready)  // waited on, with callbacks, or settled by the user: deliver
+        if (!future_finish_if_quiet(f.ptr(), v.ptr())) slow_futs.append(py::make_tuple(f, v));
       S.release();
     }
     return py::make_tuple(n, slow, slow_futs);
@@ -178,13 +145,11 @@ class PyCollector {
   Segment& segment() { return *seg_; }
 
  private:
-  static constexpr uint32_t kRoutePlain = 0, kRouteFuture = 1;  // _dispatch.ROUTE_*
 
   static constexpr int kResultFields = 10;
 
   struct Settle {
-    py::object futures, future_cls, pending, finished, acquire, release, result_cls, plain_append,
-        timings_append;
+    py::object futures, acquire, release, result_cls, plain_append, timings_append;
     Py_ssize_t offsets[kResultFields] = {};
   };
 

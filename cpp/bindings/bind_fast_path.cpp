@@ -16,7 +16,6 @@ namespace mpop::bindings {
 
 namespace {
 
-constexpr uint32_t kRouteFuture = 1;  // mirrors _dispatch.ROUTE_FUTURE
 
 struct FastHandler {
   uint32_t fn_id;
@@ -31,9 +30,9 @@ struct FastPathObject {
   PyObject* handlers;    // fn -> index into `table` (registered, written, argument-mode)
   std::vector<FastHandler>* table;
   PyObject* labels;      // the app's tsk_id counter (an iterator of ints)
-  PyObject* futures;     // the dispatcher's seq -> future dict
-  PyObject* early;       // the dispatcher's results that came before their future
-  PyObject* reg;         // the dispatcher's register_future(seq, future)
+  PyObject* futures;     // the router's seq -> future dict
+  PyObject* early;       // the router's results that came before their future
+  PyObject* reg;         // the router's register_future(seq, future)
   PyObject* future_cls;  // the app's future class (called with no arguments)
   PyObject* check;       // raises if the workers failed, while a push waits for room
   uint64_t label_mask;
@@ -120,7 +119,7 @@ PyObject* fast_enqueue(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
 
 // submit(fn, args) -> the task's future, registered under its seq; or None (see enqueue).
 // A push that had to wait for room gave up the GIL, so the result may have come in before
-// the registration (the dispatcher then keeps it in `early`): register_future settles it.
+// the registration (the router then keeps it in `early`): register_future settles it.
 PyObject* fast_submit(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   if (argc != 2) {
     PyErr_SetString(PyExc_TypeError, "FastPath.submit(fn, args)");
@@ -132,8 +131,8 @@ PyObject* fast_submit(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
   if (fut == nullptr) return nullptr;
   // A new future refers to nothing but its class: the garbage collector need not walk the
   // hundreds of thousands a caller may hold (it took more time than the rest of submit).
-  // Its class is a LazyTracked: setting an attribute (a callback, a waiter, an exception)
-  // tracks it again, and the collector tracks one given a value that is not atomic.
+  // Its class is a FutureCore: setting an attribute (a callback, a waiter, an exception)
+  // tracks it again, and so does a value that is not atomic (future_finish).
   if (PyObject_GC_IsTracked(fut)) PyObject_GC_UnTrack(fut);
   long long seq = fast_push(self, argv[0], argv[1], kRouteFuture);
   if (seq <= 0) {
@@ -218,7 +217,7 @@ PyObject* fast_discard(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
 }
 
 // release(): disarms and drops every reference (the app's shutdown), so that nothing the
-// fast path held keeps the dispatcher or the producer alive.
+// fast path held keeps the router or the producer alive.
 PyObject* fast_release(PyObject* o, PyObject* const*, Py_ssize_t) {
   fast_clear(o);
   Py_RETURN_NONE;

@@ -16,6 +16,8 @@ void register_producer(py::module_& m);
 void register_fast_path(py::module_& m);
 void register_worker(py::module_& m);
 void register_lazy_tracked(py::module_& m);
+void register_future_core(py::module_& m);
+void register_protocol(py::module_& m);
 void register_collector(py::module_& m);
 void register_supervisor(py::module_& m);
 
@@ -28,6 +30,18 @@ class PyProducer;
 PyProducer* producer_of(const py::object& producer);
 uint64_t enqueue_positional(PyProducer& p, uint32_t fn_id, uint32_t tsk_id, const py::tuple& args,
                             uint32_t route, const py::object& check, bool* encoded);
+
+// The futures' native base (bind_future.cpp). future_finish sets a future's value and the
+// FINISHED state, the only code that does (the caller holds the future's lock);
+// future_finish_if_quiet does so only for a pending future that nobody waits on and that
+// has no callbacks (those need Python code), and says whether it did.
+bool is_future_core(PyObject* o);
+void future_finish(PyObject* fut, PyObject* value);
+bool future_finish_if_quiet(PyObject* fut, PyObject* value);
+
+// A result record as Python sees it (bind_protocol.cpp): a ResultRecord struct sequence
+// with the header's fields by name, the decoded value and the status it ended with.
+py::object make_result_record(const ResultHeader& h, uint8_t status, const py::object& value);
 
 inline int64_t deadline_from_timeout(const py::object& timeout) {
   if (timeout.is_none()) return -1;

@@ -11,6 +11,8 @@ PYBIND11_MODULE(_core, m) {
   mpop::bindings::register_producer(m);
   mpop::bindings::register_fast_path(m);
   mpop::bindings::register_lazy_tracked(m);
+  mpop::bindings::register_future_core(m);
+  mpop::bindings::register_protocol(m);
   mpop::bindings::register_collector(m);
   mpop::bindings::register_worker(m);
   mpop::bindings::register_supervisor(m);

@@ -12,7 +12,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any
 
-from ._core import LazyTracked
+from ._core import FutureCore
 
 if TYPE_CHECKING:
     from ._router import ResultRouter
@@ -22,57 +22,55 @@ __all__ = ["MpopFuture", "future_class"]
 _CANCELLED_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED)
 _DONE_STATES = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
+FutureCore.set_states(PENDING, FINISHED)  # what a new future starts as, and ends as
 
-class MpopFuture(LazyTracked, Future):
+
+class MpopFuture(FutureCore, Future):
     """A concurrent.futures.Future that costs one object until somebody needs more.
 
     Future.__init__ builds a Condition (an RLock, a deque, five bound methods) and two
     lists for every instance; at a few hundred thousand futures in flight, creating them
     and the garbage collector walking them took more of the owner's time than the tasks.
-    Here the state lives in class defaults until it changes, the lock is one RLock shared
-    by the app's futures (concurrent.futures.wait and as_completed only acquire and
-    release `_condition`, and an RLock lets them take it once per future), and the waiter
-    and callback lists are made on first use. A future from the native submit() path
-    starts untracked by the garbage collector, which then never walks the futures a caller
-    holds; it is tracked again once it holds anything that could refer back to it
-    (LazyTracked).
+    Here the state, the value, and the waiter and callback lists (made on first use) are
+    fields of the native base FutureCore, which also sets a value (`_finish`, the one code
+    that does, whether the collector settles a future natively or deliver() does); the
+    lock is one RLock shared by the app's futures (concurrent.futures.wait and
+    as_completed only acquire and release `_condition`, and an RLock lets them take it
+    once per future). A future from the native submit() path starts untracked by the
+    garbage collector, which then never walks the futures a caller holds; it is tracked
+    again once it holds anything that could refer back to it.
 
     Blocking waits (result(), exception()) never sleep on `_condition`: they drain results
     in the waiting thread (ResultRouter.help_until), so a round trip costs no hand-off
     through the background thread. Each app uses its own subclass, made by its
     ResultRouter (future_class), which sets `_router` and `_condition`."""
 
-    _state = PENDING
-    _result = None
     _exception = None
     _router: ResultRouter
     _condition: threading.Condition
 
     __init__ = object.__init__  # nothing per instance until needed (see above)
 
-    # The lists are set as attributes (not put in __dict__): that tracks a future that
-    # submit() left untracked by the garbage collector (LazyTracked), since a waiter or a
-    # callback may refer back to it.
-    def _list(self, name: str) -> list:
-        lst = self.__dict__.get(name)
-        if lst is None:
-            with self._condition:
-                lst = self.__dict__.get(name)
-                if lst is None:
-                    lst = []
-                    setattr(self, name, lst)
-        return lst
-
+    # Setting _w or _cbs tracks a future that submit() left untracked by the garbage
+    # collector, since a waiter or a callback may refer back to it.
     @property
     def _waiters(self) -> list:
-        return self._list("_w")
+        if self._w is None:
+            with self._condition:
+                if self._w is None:
+                    self._w = []
+        return self._w
 
     @property
     def _done_callbacks(self) -> list:
-        return self._list("_cbs")
+        if self._cbs is None:
+            with self._condition:
+                if self._cbs is None:
+                    self._cbs = []
+        return self._cbs
 
     def _invoke_callbacks(self) -> None:
-        if "_cbs" in self.__dict__:
+        if self._cbs is not None:
             super()._invoke_callbacks()
 
     def cancelled(self) -> bool:
@@ -108,7 +106,7 @@ class MpopFuture(LazyTracked, Future):
             if self._state != PENDING:
                 return
             self._state = CANCELLED_AND_NOTIFIED
-            for waiter in self.__dict__.get("_w", ()):
+            for waiter in self._w or ():
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         self._invoke_callbacks()
@@ -146,20 +144,6 @@ class MpopFuture(LazyTracked, Future):
             raise CancelledError()
         raise TimeoutError()
 
-    def deliver(self, value: Any) -> None:
-        """set_result(value) for a result that came in (a pending future: a cancelled one's
-        task never runs, see cancel())."""
-        with self._condition:
-            state = self._state
-            if state != PENDING:
-                raise InvalidStateError(f"{state}: {self!r}")
-            self._result = value
-            self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
-                waiter.add_result(self)
-        if "_cbs" in self.__dict__:
-            self._invoke_callbacks()
-
     def set_running_or_notify_cancel(self) -> bool:
         """concurrent.futures' executor hook: False for a cancelled future, else marks it
         running and returns True."""
@@ -178,11 +162,14 @@ class MpopFuture(LazyTracked, Future):
         with self._condition:
             if self._state in _DONE_STATES:
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result = result
-            self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
+            self._finish(result)
+            for waiter in self._w or ():
                 waiter.add_result(self)
         self._invoke_callbacks()
+
+    # How the router hands a task's value to a future it did not settle natively (one
+    # waited on, or with callbacks).
+    deliver = set_result
 
     def set_exception(self, exception: BaseException) -> None:
         """Settles the future with `exception`. Raises InvalidStateError if it is done."""
@@ -191,7 +178,7 @@ class MpopFuture(LazyTracked, Future):
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._exception = exception
             self._state = FINISHED
-            for waiter in self.__dict__.get("_w", ()):
+            for waiter in self._w or ():
                 waiter.add_exception(self)
         self._invoke_callbacks()
 

@@ -6,28 +6,31 @@ that keeps results moving when no caller drains them."""
 from __future__ import annotations
 
 import collections
+import enum
 import itertools
 import logging
 import pickle
 import threading
 import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
-from concurrent.futures._base import FINISHED, PENDING
 from typing import Any, Callable
 
+from ._core import FIRST_MAP_ROUTE, RESULT_STATUS, ROUTE_FUTURE, ROUTE_PLAIN, ResultRecord
 from ._errors import MpopError, RemoteTraceback, ShutdownError, TaskTimeoutError, WorkerCrashedError
 from ._futures import future_class
 from ._results import TaskResult
 
-__all__ = ["ResultRouter", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState", "unpack_error"]
+__all__ = ["ResultRouter", "ResultStatus", "ResultRecord", "ROUTE_PLAIN", "ROUTE_FUTURE", "MapState",
+           "unpack_error"]
 
 log = logging.getLogger("mpop")
 
-ROUTE_PLAIN = 0
-ROUTE_FUTURE = 1
-FIRST_MAP_ROUTE = 2  # each map() call has a route of its own, from here up
-
-OK, ERROR, CRASHED, TIMEOUT, CANCELLED_STATUS = range(5)
+# How a task ended, as the native core defines it (result_ring.hpp). Routes (where a
+# result goes: ROUTE_PLAIN, ROUTE_FUTURE, and from FIRST_MAP_ROUTE up one per map() call)
+# and the fields of a ResultRecord are defined there too.
+ResultStatus = enum.IntEnum("ResultStatus", RESULT_STATUS)
+OK, ERROR, CRASHED, TIMEOUT, CANCELLED_STATUS = (ResultStatus.OK, ResultStatus.ERROR, ResultStatus.CRASHED,
+                                                 ResultStatus.TIMEOUT, ResultStatus.CANCELLED)
 
 
 def unpack_error(value: Any) -> BaseException:
@@ -122,7 +125,7 @@ class ResultRouter:
         # With debug, every result goes through _deliver, which logs it.
         self._native_settle = None
         if not self.debug and hasattr(collector, "bind_settle"):
-            collector.bind_settle(self.futures, self.future_cls, PENDING, FINISHED, cond.acquire, cond.release,
+            collector.bind_settle(self.futures, cond.acquire, cond.release,
                                   TaskResult, self.plain.append,
                                   self.timings.append if self.keep_timings else None)
             self._native_settle = collector.settle
@@ -150,15 +153,16 @@ class ResultRouter:
         interrupted: BaseException | None = None
         self._pump_depth += 1
         try:
-            for item in (*slow_futures, *batch) if slow_futures or batch else ():
+            for fut, value in slow_futures:  # waited on or with callbacks
                 try:
-                    if len(item) == 2:  # a future waited on or with callbacks
-                        self._set_future(*item)
-                    else:  # a record the collector did not settle itself: see _deliver
-                        self._deliver(item)
+                    self._set_future(fut, value)
                 except BaseException as e:
-                    if interrupted is None:
-                        interrupted = e
+                    interrupted = interrupted or e
+            for rec in batch:  # what the collector did not settle itself: see _deliver
+                try:
+                    self._deliver(rec)
+                except BaseException as e:
+                    interrupted = interrupted or e
         finally:
             self._pump_depth -= 1
         # Only the outermost pump says what is complete: a done callback may pump again
@@ -405,15 +409,15 @@ class ResultRouter:
 
         return CancelledError(f"task {tsk_id} was cancelled before it ran")
 
-    def _deliver(self, rec: tuple) -> None:
+    def _deliver(self, rec: ResultRecord) -> None:
         seq, tsk_id, fn_id, worker_id, attempts, status, value, enq, start, end, route = rec
         if self.keep_timings and start:
             self.timings.append(((start - enq) / 1e9 if enq else 0.0, (end - start) / 1e9))
         if self.debug and route != ROUTE_PLAIN:
-            what = "map chunk" if route >= 2 else "task"
+            what = "map chunk" if route >= FIRST_MAP_ROUTE else "task"
             log.debug("%s %s %s on worker %s -> %s", what, tsk_id, self._names(fn_id), worker_id,
                       "ok" if status == OK else ("error", "crashed", "timed out", "cancelled")[status - 1])
-        if route >= 2:
+        if route >= FIRST_MAP_ROUTE:
             state = self.maps.get(route)
             if state is not None and not state.closed:
                 state.results[tsk_id] = (status, value if status == OK else
@@ -446,20 +450,20 @@ class ResultRouter:
                       repr(r.value) if r.success else f"{type(error).__name__}: {error}")
         self.plain.append(r)
 
-    def _settle(self, fut: Future, rec: tuple) -> None:
+    def _settle(self, fut: Future, rec: ResultRecord) -> None:
         try:
             self._settle_one(fut, rec)
         except (InvalidStateError, RuntimeError):  # the user settled it (set_result): theirs stands
             log.debug("result of an already settled future dropped: %r", fut)
 
-    def _settle_one(self, fut: Future, rec: tuple) -> None:
-        seq, tsk_id, fn_id, worker_id, attempts, status, value = rec[:7]
-        if status == CANCELLED_STATUS:  # shutdown(cancel_pending=True) took it off the queue
+    def _settle_one(self, fut: Future, rec: ResultRecord) -> None:
+        if rec.status == CANCELLED_STATUS:  # shutdown(cancel_pending=True) took it off the queue
             fut.deliver_cancelled()
-        elif status == OK:
-            fut.deliver(value)
+        elif rec.status == OK:
+            fut.deliver(rec.value)
         else:
-            fut.set_exception(self._error_for(status, value, tsk_id, fn_id, worker_id, attempts))
+            fut.set_exception(self._error_for(rec.status, rec.value, rec.tsk_id, rec.fn_id, rec.worker_id,
+                                              rec.attempts))
 
     def register_future(self, seq: int, fut: Future) -> None:
         self.futures[seq] = fut
@@ -518,7 +522,7 @@ class ResultRouter:
         """Delivers a cancellation for a task removed from the queue before it ran."""
         self._lock_drain()
         try:
-            self._deliver((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route))
+            self._deliver(ResultRecord((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route)))
             self._collector.mark_complete(seq)
             self.complete_below = self._collector.first_incomplete
         finally:

@@ -78,7 +78,7 @@ class Collector {
   // const uint8_t* value, uint32_t value_len). Blocks are freed after the sink returns,
   // except a pooled value block when the sink returns true: the sink has taken it over
   // (an array result handed out as a view over it) and frees it itself.
-  // Only one thread may drain at a time (the Python dispatcher holds a lock for that).
+  // Only one thread may drain at a time (the Python result router holds a lock for that).
   template <class Sink, class Stop>
   size_t drain(size_t max, int64_t deadline_ns, Sink&& sink, Stop&& stop) {
     if (deadline_ns != 0 && !ring_.has_published())

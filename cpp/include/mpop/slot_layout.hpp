@@ -48,6 +48,13 @@ struct TaskHeader {
   uint32_t flags = 0;       // TaskFlags
 };
 
+// Where the owner delivers a task's result (TaskHeader::route, echoed in ResultHeader).
+enum Route : uint32_t {
+  kRoutePlain = 0,     // an enqueue()d task: a TaskResult for results() and run()
+  kRouteFuture = 1,    // a submit()ted task: its future
+  kFirstMapRoute = 2,  // a map() call's chunks: each call a route of its own from here up
+};
+
 enum TaskFlags : uint32_t {
   kClaimAlone = 1,  // a long task (e.g. a chunk of map()): never claimed in a batch
 };

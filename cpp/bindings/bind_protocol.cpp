@@ -1,0 +1,72 @@
+// The protocol between the native core and the Python package, defined once (in the
+// native headers) and bound here: the routes of results, the statuses a task ends with,
+// and the record of a result as the collector hands it to Python (ResultRecord).
+#include "bindings.hpp"
+
+#include <structseq.h>
+
+#include "mpop/result_ring.hpp"
+#include "mpop/slot_layout.hpp"
+
+namespace mpop::bindings {
+
+namespace {
+
+PyStructSequence_Field record_fields[] = {
+    {const_cast<char*>("seq"), const_cast<char*>("the task's unique internal number")},
+    {const_cast<char*>("tsk_id"), const_cast<char*>("the task's label")},
+    {const_cast<char*>("fn_id"), const_cast<char*>("the handler's id")},
+    {const_cast<char*>("worker_id"), const_cast<char*>("the worker that ran it (or died running it)")},
+    {const_cast<char*>("attempts"), const_cast<char*>("runs charged to it")},
+    {const_cast<char*>("status"), const_cast<char*>("how it ended (RESULT_STATUS)")},
+    {const_cast<char*>("value"), const_cast<char*>("the value, the packed error, or None")},
+    {const_cast<char*>("enqueue_ns"), const_cast<char*>("monotonic clock at enqueue (0: not taken)")},
+    {const_cast<char*>("start_ns"), const_cast<char*>("monotonic clock at its start (0: not taken)")},
+    {const_cast<char*>("end_ns"), const_cast<char*>("monotonic clock at its end")},
+    {const_cast<char*>("route"), const_cast<char*>("where it goes (ROUTE_*)")},
+    {nullptr, nullptr}};
+
+PyStructSequence_Desc record_desc = {
+    const_cast<char*>("mpop._core.ResultRecord"),
+    const_cast<char*>("One task's result as the collector hands it on (private)."), record_fields, 11};
+
+PyTypeObject* g_record_type = nullptr;
+
+}  // namespace
+
+py::object make_result_record(const ResultHeader& h, uint8_t status, const py::object& value) {
+  py::object rec = py::reinterpret_steal<py::object>(PyStructSequence_New(g_record_type));
+  if (!rec) throw py::error_already_set();
+  PyObject* items[] = {PyLong_FromUnsignedLongLong(h.seq),   PyLong_FromUnsignedLong(h.tsk_id),
+                       PyLong_FromUnsignedLong(h.fn_id),     PyLong_FromUnsignedLong(h.worker_id),
+                       PyLong_FromUnsignedLong(h.attempts),  PyLong_FromUnsignedLong(status),
+                       value.inc_ref().ptr(),                PyLong_FromLongLong(h.enqueue_ns),
+                       PyLong_FromLongLong(h.start_ns),      PyLong_FromLongLong(h.end_ns),
+                       PyLong_FromUnsignedLong(h.route)};
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < 11; ++i) {
+    ok = ok && items[i] != nullptr;
+    PyStructSequence_SET_ITEM(rec.ptr(), i, items[i]);  // steals; a null one stays null
+  }
+  if (!ok) throw py::error_already_set();
+  return rec;
+}
+
+void register_protocol(py::module_& m) {
+  g_record_type = PyStructSequence_NewType(&record_desc);
+  if (g_record_type == nullptr) throw py::error_already_set();
+  Py_INCREF(g_record_type);  // for the life of the process
+  m.attr("ResultRecord") = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(g_record_type));
+  m.attr("ROUTE_PLAIN") = static_cast<uint32_t>(kRoutePlain);
+  m.attr("ROUTE_FUTURE") = static_cast<uint32_t>(kRouteFuture);
+  m.attr("FIRST_MAP_ROUTE") = static_cast<uint32_t>(kFirstMapRoute);
+  py::dict status;
+  status["OK"] = static_cast<int>(ResultStatus::kOk);
+  status["ERROR"] = static_cast<int>(ResultStatus::kError);
+  status["CRASHED"] = static_cast<int>(ResultStatus::kCrashed);
+  status["TIMEOUT"] = static_cast<int>(ResultStatus::kTimeout);
+  status["CANCELLED"] = static_cast<int>(ResultStatus::kCancelled);
+  m.attr("RESULT_STATUS") = status;
+}
+
+}  // namespace mpop::bindings
