@@ -281,15 +281,16 @@ def test_producer_to_collector_through_a_worker_loop(seg, worker_thread):
     deadline = time.monotonic() + 30
     while len(records) < 7 and time.monotonic() < deadline:
         records += c.drain(100, 0.2)
-    by_seq = {r[0]: r for r in records}
+    by_seq = {r.seq: r for r in records}
     assert set(by_seq) == set(seqs) | {bad}
     for i, s in enumerate(seqs):
-        seq, tsk_id, fn_id, worker_id, attempts, status, value, enq, start, end, route = by_seq[s]
-        assert (tsk_id, fn_id, worker_id, attempts, status, value, route) == (100 + i, 0x1000, 0, 1, 0, i + 10, 0)
-        assert 0 < enq <= start <= end
+        r = by_seq[s]
+        assert (r.tsk_id, r.fn_id, r.worker_id, r.attempts, r.status, r.value, r.route) == \
+            (100 + i, 0x1000, 0, 1, _core.RESULT_STATUS["OK"], i + 10, _core.ROUTE_PLAIN)
+        assert r.queue_wait_s >= 0 and r.run_time_s >= 0
         assert c.is_complete(s)
     err = by_seq[bad]
-    assert err[5] == 1 and isinstance(err[6], bytes)  # status 1: the pickled error
+    assert err.status == _core.RESULT_STATUS["ERROR"] and isinstance(err.value, bytes)  # the pickled error
     assert c.drain(10, 0) == []
     w = seg.worker_status(0)
     assert w["completed"] == 6 and w["failed"] == 1

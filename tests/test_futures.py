@@ -307,8 +307,8 @@ def _dispatcher():
 def _record(seq: int, value):
     from mpop._core import ROUTE_FUTURE, ResultRecord
 
-    # (seq, tsk_id, fn_id, worker_id, attempts, status, value, enqueue_ns, start_ns, end_ns, route)
-    return ResultRecord((seq, seq, 0x10, 0, 1, 0, value, 0, 0, 0, ROUTE_FUTURE))
+    # (seq, tsk_id, fn_id, worker_id, attempts, status, value, queue_wait_s, run_time_s, route)
+    return ResultRecord((seq, seq, 0x10, 0, 1, 0, value, None, None, ROUTE_FUTURE))
 
 
 def test_a_result_that_beats_its_future_registration_settles_it_once():

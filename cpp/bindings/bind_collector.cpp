@@ -205,16 +205,6 @@ class PyCollector {
     }, stop);
   }
 
-  // Seconds the handler ran, and from enqueue to start (0 when the enqueue time was not
-  // taken), as timings and TaskResult give them.
-  static double run_time_s(const ResultHeader& h) {
-    return static_cast<double>(static_cast<int64_t>(h.end_ns) - static_cast<int64_t>(h.start_ns)) / 1e9;
-  }
-  static double queue_wait_s(const ResultHeader& h) {
-    return h.enqueue_ns ? static_cast<double>(static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9
-                        : 0.0;
-  }
-
   // Values that cannot refer to anything (so a holder of only these joins no cycle).
   static bool atomic(PyObject* v) {
     return v == Py_None || PyLong_CheckExact(v) || PyFloat_CheckExact(v) || PyUnicode_CheckExact(v) ||

@@ -20,15 +20,14 @@ PyStructSequence_Field record_fields[] = {
     {const_cast<char*>("attempts"), const_cast<char*>("runs charged to it")},
     {const_cast<char*>("status"), const_cast<char*>("how it ended (RESULT_STATUS)")},
     {const_cast<char*>("value"), const_cast<char*>("the value, the packed error, or None")},
-    {const_cast<char*>("enqueue_ns"), const_cast<char*>("monotonic clock at enqueue (0: not taken)")},
-    {const_cast<char*>("start_ns"), const_cast<char*>("monotonic clock at its start (0: not taken)")},
-    {const_cast<char*>("end_ns"), const_cast<char*>("monotonic clock at its end")},
+    {const_cast<char*>("queue_wait_s"), const_cast<char*>("seconds from enqueue to start, or None")},
+    {const_cast<char*>("run_time_s"), const_cast<char*>("seconds it ran, or None (not timed)")},
     {const_cast<char*>("route"), const_cast<char*>("where it goes (ROUTE_*)")},
     {nullptr, nullptr}};
 
 PyStructSequence_Desc record_desc = {
     const_cast<char*>("mpop._core.ResultRecord"),
-    const_cast<char*>("One task's result as the collector hands it on (private)."), record_fields, 11};
+    const_cast<char*>("One task's result as the collector hands it on (private)."), record_fields, 10};
 
 PyTypeObject* g_record_type = nullptr;
 
@@ -37,14 +36,22 @@ PyTypeObject* g_record_type = nullptr;
 py::object make_result_record(const ResultHeader& h, uint8_t status, const py::object& value) {
   py::object rec = py::reinterpret_steal<py::object>(PyStructSequence_New(g_record_type));
   if (!rec) throw py::error_already_set();
-  PyObject* items[] = {PyLong_FromUnsignedLongLong(h.seq),   PyLong_FromUnsignedLong(h.tsk_id),
-                       PyLong_FromUnsignedLong(h.fn_id),     PyLong_FromUnsignedLong(h.worker_id),
-                       PyLong_FromUnsignedLong(h.attempts),  PyLong_FromUnsignedLong(status),
-                       value.inc_ref().ptr(),                PyLong_FromLongLong(h.enqueue_ns),
-                       PyLong_FromLongLong(h.start_ns),      PyLong_FromLongLong(h.end_ns),
-                       PyLong_FromUnsignedLong(h.route)};
+  // Timings only for a task that ran with the clock on (start_ns set), as TaskResult has them.
+  PyObject* wait_s = Py_None;
+  PyObject* run_s = Py_None;
+  if (h.start_ns) {
+    run_s = PyFloat_FromDouble(run_time_s(h));
+    wait_s = h.enqueue_ns ? PyFloat_FromDouble(queue_wait_s(h)) : Py_None;
+  }
+  if (wait_s == Py_None) Py_INCREF(Py_None);
+  if (run_s == Py_None) Py_INCREF(Py_None);
+  PyObject* items[] = {PyLong_FromUnsignedLongLong(h.seq),  PyLong_FromUnsignedLong(h.tsk_id),
+                       PyLong_FromUnsignedLong(h.fn_id),    PyLong_FromUnsignedLong(h.worker_id),
+                       PyLong_FromUnsignedLong(h.attempts), PyLong_FromUnsignedLong(status),
+                       value.inc_ref().ptr(),               wait_s,
+                       run_s,                               PyLong_FromUnsignedLong(h.route)};
   bool ok = true;
-  for (Py_ssize_t i = 0; i < 11; ++i) {
+  for (Py_ssize_t i = 0; i < 10; ++i) {
     ok = ok && items[i] != nullptr;
     PyStructSequence_SET_ITEM(rec.ptr(), i, items[i]);  // steals; a null one stays null
   }

@@ -39,6 +39,16 @@ bool is_future_core(PyObject* o);
 void future_finish(PyObject* fut, PyObject* value);
 bool future_finish_if_quiet(PyObject* fut, PyObject* value);
 
+// Seconds a task ran, and waited from its enqueue to its start (0 when the enqueue time was
+// not taken): the one place these are worked out from a result's clock readings.
+inline double run_time_s(const ResultHeader& h) {
+  return static_cast<double>(static_cast<int64_t>(h.end_ns) - static_cast<int64_t>(h.start_ns)) / 1e9;
+}
+inline double queue_wait_s(const ResultHeader& h) {
+  return h.enqueue_ns ? static_cast<double>(static_cast<int64_t>(h.start_ns) - static_cast<int64_t>(h.enqueue_ns)) / 1e9
+                      : 0.0;
+}
+
 // A result record as Python sees it (bind_protocol.cpp): a ResultRecord struct sequence
 // with the header's fields by name, the decoded value and the status it ended with.
 py::object make_result_record(const ResultHeader& h, uint8_t status, const py::object& value);

@@ -23,9 +23,8 @@ class ResultRecord(tuple):
     attempts: int
     status: int
     value: Any
-    enqueue_ns: int
-    start_ns: int
-    end_ns: int
+    queue_wait_s: float | None
+    run_time_s: float | None
     route: int
     def __init__(self, sequence: tuple) -> None: ...
 

@@ -410,44 +410,57 @@ class ResultRouter:
         return CancelledError(f"task {tsk_id} was cancelled before it ran")
 
     def _deliver(self, rec: ResultRecord) -> None:
-        seq, tsk_id, fn_id, worker_id, attempts, status, value, enq, start, end, route = rec
-        if self.keep_timings and start:
-            self.timings.append(((start - enq) / 1e9 if enq else 0.0, (end - start) / 1e9))
-        if self.debug and route != ROUTE_PLAIN:
-            what = "map chunk" if route >= FIRST_MAP_ROUTE else "task"
-            log.debug("%s %s %s on worker %s -> %s", what, tsk_id, self._names(fn_id), worker_id,
-                      "ok" if status == OK else ("error", "crashed", "timed out", "cancelled")[status - 1])
-        if route >= FIRST_MAP_ROUTE:
-            state = self.maps.get(route)
-            if state is not None and not state.closed:
-                state.results[tsk_id] = (status, value if status == OK else
-                                         self._error_for(status, value, tsk_id, fn_id, worker_id, attempts))
-                state.received += 1
+        """Hands on one record the collector did not settle itself."""
+        if self.keep_timings and rec.run_time_s is not None:
+            self.timings.append((rec.queue_wait_s or 0.0, rec.run_time_s))
+        if self.debug and rec.route != ROUTE_PLAIN:
+            what = "map chunk" if rec.route >= FIRST_MAP_ROUTE else "task"
+            log.debug("%s %s %s on worker %s -> %s", what, rec.tsk_id, self._names(rec.fn_id), rec.worker_id,
+                      ResultStatus(rec.status).name.lower())
+        if rec.route >= FIRST_MAP_ROUTE:
+            self._deliver_chunk(rec)
+        elif rec.route == ROUTE_FUTURE:
+            self._deliver_to_future(rec)
+        else:
+            self._deliver_plain(rec)
+
+    def _error_of(self, rec: ResultRecord) -> BaseException | None:
+        if rec.status == OK:
+            return None
+        return self._error_for(rec.status, rec.value, rec.tsk_id, rec.fn_id, rec.worker_id, rec.attempts)
+
+    def _deliver_chunk(self, rec: ResultRecord) -> None:
+        state = self.maps.get(rec.route)
+        if state is not None and not state.closed:
+            state.results[rec.tsk_id] = (rec.status, rec.value if rec.status == OK else self._error_of(rec))
+            state.received += 1
+
+    def _deliver_to_future(self, rec: ResultRecord) -> None:
+        seq = rec.seq
+        if seq in self._cancelled:  # its future was cancelled already (try_cancel)
+            self._cancelled.discard(seq)
+            self._collector.release_cancel(seq)
             return
-        if route == ROUTE_FUTURE:
-            if seq in self._cancelled:  # its future was cancelled already (try_cancel)
-                self._cancelled.discard(seq)
-                self._collector.release_cancel(seq)
-                return
+        fut = self.futures.pop(seq, None)
+        if fut is None:
+            # The result beat register_future (the submitting thread lost the GIL between
+            # its push and the registration). No lock: each dict operation is atomic, and
+            # whichever side pops the record from `early` settles.
+            self.early[seq] = rec
             fut = self.futures.pop(seq, None)
-            if fut is None:
-                # The result beat register_future (the submitting thread lost the GIL
-                # between its push and the registration). No lock: each dict operation is
-                # atomic, and whichever side pops the record from `early` settles.
-                self.early[seq] = rec
-                fut = self.futures.pop(seq, None)
-                if fut is None or self.early.pop(seq, None) is None:
-                    return
-            self._settle(fut, rec)
-            return
-        error = None if status == OK else self._error_for(status, value, tsk_id, fn_id, worker_id, attempts)
-        r = TaskResult(success=status == OK, value=value if status == OK else None, error=error,
-                       tsk_id=tsk_id, seq=seq, fn_id=fn_id, worker_id=worker_id, attempts=attempts,
-                       queue_wait_s=(start - enq) / 1e9 if enq and start else None,
-                       run_time_s=(end - start) / 1e9 if start else None)
+            if fut is None or self.early.pop(seq, None) is None:
+                return
+        self._settle(fut, rec)
+
+    def _deliver_plain(self, rec: ResultRecord) -> None:
+        ok = rec.status == OK
+        error = self._error_of(rec)
+        r = TaskResult(success=ok, value=rec.value if ok else None, error=error, tsk_id=rec.tsk_id,
+                       seq=rec.seq, fn_id=rec.fn_id, worker_id=rec.worker_id, attempts=rec.attempts,
+                       queue_wait_s=rec.queue_wait_s, run_time_s=rec.run_time_s)
         if self.debug:
-            log.debug("task %s %s on worker %s -> %s", tsk_id, self._names(fn_id), worker_id,
-                      repr(r.value) if r.success else f"{type(error).__name__}: {error}")
+            log.debug("task %s %s on worker %s -> %s", rec.tsk_id, self._names(rec.fn_id), rec.worker_id,
+                      repr(r.value) if ok else f"{type(error).__name__}: {error}")
         self.plain.append(r)
 
     def _settle(self, fut: Future, rec: ResultRecord) -> None:
@@ -462,8 +475,7 @@ class ResultRouter:
         elif rec.status == OK:
             fut.deliver(rec.value)
         else:
-            fut.set_exception(self._error_for(rec.status, rec.value, rec.tsk_id, rec.fn_id, rec.worker_id,
-                                              rec.attempts))
+            fut.set_exception(self._error_of(rec))
 
     def register_future(self, seq: int, fut: Future) -> None:
         self.futures[seq] = fut
@@ -522,7 +534,7 @@ class ResultRouter:
         """Delivers a cancellation for a task removed from the queue before it ran."""
         self._lock_drain()
         try:
-            self._deliver(ResultRecord((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, 0, 0, 0, route)))
+            self._deliver(ResultRecord((seq, tsk_id, fn_id, 0, 0, CANCELLED_STATUS, None, None, None, route)))
             self._collector.mark_complete(seq)
             self.complete_below = self._collector.first_incomplete
         finally:
