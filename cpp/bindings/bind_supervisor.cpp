@@ -14,6 +14,14 @@ namespace mpop::bindings {
 
 namespace {
 
+// In a child just forked from `parent`: it gets SIGTERM when that parent (the thread that
+// forked it) dies. False if the parent died before the signal was armed (the child must
+// then exit). Async-signal-safe.
+bool die_with_parent(pid_t parent) {
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  return getppid() == parent;
+}
+
 // fork + exec with the parent-death signal set in between (only async-signal-safe calls
 // after fork). The argv gets the worker id and generation appended.
 pid_t spawn_exec(const std::vector<std::string>& argv_base, const std::vector<std::string>& env,
@@ -29,8 +37,7 @@ pid_t spawn_exec(const std::vector<std::string>& argv_base, const std::vector<st
   pid_t parent = getpid();
   pid_t pid = fork();
   if (pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (getppid() != parent) _exit(1);  // the owner died before prctl took effect
+    if (!die_with_parent(parent)) _exit(1);
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, nullptr);
@@ -49,8 +56,7 @@ pid_t spawn_fork(const py::object& entry, uint32_t id, uint32_t gen) {
   pid_t pid = fork();
   if (pid == 0) {
     PyOS_AfterFork_Child();
-    prctl(PR_SET_PDEATHSIG, SIGTERM);
-    if (getppid() != parent) _exit(1);
+    if (!die_with_parent(parent)) _exit(1);
     int code = 0;
     try {
       code = entry(id, gen).cast<int>();
@@ -113,6 +119,9 @@ class PySupervisor {
 }  // namespace
 
 void register_supervisor(py::module_& m) {
+  // The fork server (mpop._worker) arms the same parent-death signal for itself and the
+  // workers it forks.
+  m.def("die_with_parent", [](int parent) { return die_with_parent(static_cast<pid_t>(parent)); });
   py::class_<PySupervisor>(m, "Supervisor")
       .def(py::init<SegmentPtr, uint32_t, uint32_t, double, const std::string&,
                     std::vector<std::string>, std::vector<std::string>, py::object>(),

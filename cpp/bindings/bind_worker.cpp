@@ -149,16 +149,10 @@ class PyRunner {
         if (!r) throw py::error_already_set();
         ret = py::reinterpret_steal<py::object>(r);
       }
+      // A TaskResult the handler returned: its value, or its error raised (mpop._builtins).
       if (PyObject_TypeCheck(ret.ptr(), reinterpret_cast<PyTypeObject*>(task_result_.ptr()))) {
-        if (!ret.attr("success").cast<bool>()) {
-          py::object err = ret.attr("error");
-          if (err.is_none())
-            err = py::module_::import("mpop._errors").attr("MpopError")(
-                "handler returned TaskResult(success=False) with value " +
-                py::repr(ret.attr("value")).cast<std::string>());
-          return error(err, value);
-        }
-        ret = ret.attr("value");
+        static py::object* unwrap = new py::object(py::module_::import("mpop._builtins").attr("unwrap_result"));
+        ret = (*unwrap)(ret);
       }
       // An array result's data is copied once, by the worker loop, straight to its place.
       StreamWriter w(value, &value_pieces_);

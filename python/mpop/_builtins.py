@@ -124,8 +124,6 @@ def run_chunk(fn_id: int, call: tuple | None, star: bool, items: list | None, *s
     time spent (the owner sizes later chunks from it), and the packed failure or None.
     TaskResults among the values are unwrapped by fix_chunk, on the way out."""
     fn, slot_class = _chunk_callable(fn_id, call)
-    from ._results import TaskResult
-
     if items is None:
         items = spread
 
@@ -139,7 +137,7 @@ def run_chunk(fn_id: int, call: tuple | None, star: bool, items: list | None, *s
                 slot.fn_id = fn_id
                 for i, v in enumerate(x if star else (x,)):
                     slot.args[i] = v
-                append(_value_of(fn(slot), TaskResult))
+                append(unwrap_result(fn(slot)))
         else:
             # The loop runs in C; extend() keeps what was appended before a failure.
             out.extend(itertools.starmap(fn, items) if star else map(fn, items))
@@ -161,15 +159,18 @@ def fix_chunk(result: tuple) -> tuple:
     out = []
     for r in values:
         try:
-            out.append(_value_of(r, TaskResult))
+            out.append(unwrap_result(r))
         except Exception as e:
             return out, elapsed, pack_error(e)
     return out, elapsed, error
 
 
-def _value_of(r, task_result: type):
-    """A handler's return value, unwrapping a TaskResult (raising its error)."""
-    if not isinstance(r, task_result):
+def unwrap_result(r):
+    """A handler's return value, unwrapping a TaskResult (raising its error): for map()
+    chunks here, and for single tasks by the native worker loop."""
+    from ._results import TaskResult
+
+    if not isinstance(r, TaskResult):
         return r
     if not r.success:
         from ._errors import MpopError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-__all__ = ["segments", "owner_alive", "remove_dead_segments"]
+__all__ = ["segments", "remove_dead_segments"]
 
 SHM_DIR = "/dev/shm"
 
@@ -29,14 +29,6 @@ def segments() -> list[str]:
         except OSError:
             continue
     return names
-
-
-def owner_alive(seg) -> bool:
-    """Whether the process that created `seg` still runs (pid and start time, so a reused
-    pid does not count)."""
-    from . import _core
-
-    return _core.Segment.process_start_time(seg.owner_pid) == seg.owner_start_time
 
 
 def _mapped_by_any_process(name: str) -> bool:
@@ -79,7 +71,7 @@ def remove_dead_segments(report: Callable[[str], None] = lambda line: None) -> l
         except Exception as e:
             report(f"skipped {name}: {e}")
             continue
-        if owner_alive(seg):
+        if _core.owner_alive(seg):
             report(f"kept    {name}: owner pid {seg.owner_pid} is alive")
             seg.leave()
             continue

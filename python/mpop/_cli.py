@@ -57,7 +57,8 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from . import _core
-    from ._cleanup import owner_alive, segments
+    from ._cleanup import segments
+    from ._core import owner_alive
     from ._status import format_status
 
     try:

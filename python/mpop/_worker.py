@@ -122,25 +122,18 @@ def forked_main(name: str, worker_id: int, generation: int) -> int:
         sys.stderr.flush()
 
 
-def _set_parent_death_signal() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     """A fork server: a fresh interpreter that imports mpop and the handler module once,
     then forks one worker per request line ``WORKER_ID`` on stdin, answering with the
     child's pid on `reply_fd` (a pipe of its own: its standard output and error, and its
     workers', are the owner's). It never imports the owner's ``__main__``; it exits when
     stdin closes or its parent (the owner's supervisor thread) dies."""
-    _set_parent_death_signal()
-    if os.getppid() != owner_pid:
+    from . import _core
+
+    if not _core.die_with_parent(owner_pid):
         return 1  # the owner died before the death signal was armed
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
-    from . import _core
 
     segment = _core.Segment.attach(name)
     resolver = _Resolver(segment)
@@ -152,6 +145,7 @@ def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     segment.leave()
     del segment
     replies = os.fdopen(reply_fd, "w", buffering=1)
+    me = os.getpid()
     for line in sys.stdin:
         worker_id = int(line)
         pid = os.fork()
@@ -160,8 +154,7 @@ def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
                 sys.stdin.close()
                 os.close(reply_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _set_parent_death_signal()
-                code = run(name, worker_id)
+                code = run(name, worker_id) if _core.die_with_parent(me) else 1
             except BaseException:
                 traceback.print_exc()
                 code = 1
