@@ -41,7 +41,16 @@ def test_no_part_reads_another_objects_private_attributes():
 def test_mpop_api_is_a_facade():
     tree = ast.parse((PACKAGE / "_api.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MpopApi")
-    assert cls.end_lineno - cls.lineno + 1 <= 380, "MpopApi grew beyond a facade"
+    # Its code, not its documentation: lines of the class less its docstrings and blanks.
+    source = (PACKAGE / "_api.py").read_text().splitlines()[cls.lineno - 1:cls.end_lineno]
+    doc_lines = set()
+    for node in [cls, *cls.body]:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
+            doc = node.body[0]
+            doc_lines.update(range(doc.lineno, doc.end_lineno + 1))
+    code = [line for i, line in enumerate(source, cls.lineno)
+            if i not in doc_lines and line.strip() and not line.strip().startswith("#")]
+    assert len(code) <= 220, f"MpopApi grew beyond a facade: {len(code)} lines of code"
     for fn in cls.body:
         if isinstance(fn, ast.FunctionDef):
             body = fn.body[1:] if ast.get_docstring(fn) else fn.body

@@ -181,6 +181,11 @@ class PyCollector {
     return col_.drain(max, 0, [&](const ResultHeader& h, const uint8_t* value, uint32_t len) {
       py::object v = py::none();
       auto status = static_cast<uint8_t>(h.status);
+      if (h.route >= kFirstSideRoute) {  // a side message: its bytes as they came
+        v = py::bytes(reinterpret_cast<const char*>(value), len);
+        sink(h, status, v);
+        return false;
+      }
       // An array in a pooled result becomes a view over its block (no copy out), as long as
       // the results held that way stay within a quarter of the pool; past that, a copy, so
       // results a caller keeps never starve the workers of room.

@@ -67,6 +67,11 @@ void register_protocol(py::module_& m) {
   m.attr("ROUTE_PLAIN") = static_cast<uint32_t>(kRoutePlain);
   m.attr("ROUTE_FUTURE") = static_cast<uint32_t>(kRouteFuture);
   m.attr("FIRST_MAP_ROUTE") = static_cast<uint32_t>(kFirstMapRoute);
+  m.attr("FIRST_SIDE_ROUTE") = static_cast<uint32_t>(kFirstSideRoute);
+  m.attr("ROUTE_STDOUT") = static_cast<uint32_t>(kRouteStdout);
+  m.attr("ROUTE_STDERR") = static_cast<uint32_t>(kRouteStderr);
+  m.attr("ROUTE_LOG") = static_cast<uint32_t>(kRouteLog);
+  m.attr("ROUTE_EXIT") = static_cast<uint32_t>(kRouteExit);
   py::dict status;
   status["OK"] = static_cast<int>(ResultStatus::kOk);
   status["ERROR"] = static_cast<int>(ResultStatus::kError);

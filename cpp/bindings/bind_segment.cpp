@@ -80,6 +80,7 @@ py::dict worker_status(Segment& s, uint32_t i) {
   d["completed"] = r.completed.load();
   d["failed"] = r.failed.load();
   d["restarts"] = r.restarts.load();
+  d["recycled"] = r.recycled.load();
   d["busy_s"] = static_cast<double>(r.busy_ns.load()) / 1e9;
   d["idle_s"] = static_cast<double>(r.idle_ns.load()) / 1e9;
   d["claims"] = r.claims.load();
@@ -105,7 +106,7 @@ void register_segment(py::module_& m) {
           [](const std::string& prefix, const py::dict& slot, uint32_t queue_slots,
              uint32_t result_slots, uint32_t max_workers, uint32_t batch_size, uint64_t pool_bytes,
              uint64_t registry_bytes, bool debug, double debug_delay, bool max_performance,
-             uint64_t max_tasks_per_worker) {
+             uint64_t max_tasks_per_worker, uint64_t max_worker_memory) {
             SegmentConfig c;
             c.slot = layout_from(slot);
             c.queue_slots = queue_slots;
@@ -118,12 +119,14 @@ void register_segment(py::module_& m) {
             c.debug_delay_ns = static_cast<int64_t>(debug_delay * 1e9);
             c.max_performance = max_performance;
             c.max_tasks_per_worker = max_tasks_per_worker;
+            c.max_worker_memory = max_worker_memory;
             return SegmentPtr(Segment::create(prefix, c));
           },
           py::arg("prefix"), py::arg("slot"), py::arg("queue_slots"), py::arg("result_slots"),
           py::arg("max_workers"), py::arg("batch_size"), py::arg("pool_bytes"),
           py::arg("registry_bytes"), py::arg("debug") = false, py::arg("debug_delay") = 0.0,
-          py::arg("max_performance") = false, py::arg("max_tasks_per_worker") = 0)
+          py::arg("max_performance") = false, py::arg("max_tasks_per_worker") = 0,
+          py::arg("max_worker_memory") = 0)
       .def_static("attach", [](const std::string& name) { return SegmentPtr(Segment::attach(name)); })
       .def_static("remove", &Segment::remove)
       .def_static("process_start_time", &Segment::process_start_time)

@@ -158,6 +158,7 @@ void register_supervisor(py::module_& m) {
            py::arg("graceful") = true, py::arg("timeout") = 10.0)
       .def("scale", [](PySupervisor& s, uint32_t n) { s.native().scale(n); })
       .def("kill_worker", [](PySupervisor& s, uint32_t id) { return s.native().kill_worker(id); })
+      .def("kill_task", [](PySupervisor& s, uint64_t seq) { return s.native().kill_task(seq); })
       .def_property_readonly("running", [](PySupervisor& s) { return s.native().running(); })
       .def_property_readonly("last_error", [](PySupervisor& s) { return s.native().last_error(); })
       .def("counters", [](PySupervisor& s) {

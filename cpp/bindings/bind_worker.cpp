@@ -8,6 +8,7 @@
 #include <unordered_map>
 
 #include "bindings.hpp"
+#include "mpop/side_channel.hpp"
 #include "mpop/worker_loop.hpp"
 #include "py_codec.hpp"
 
@@ -37,6 +38,15 @@ void on_sigterm(int) {
   _exit(0);
 }
 
+// A worker's SideChannel, with its segment kept alive, and whether output waits in a
+// stream's buffer (mpop._output): the runner has it sent after the task that wrote it.
+struct PySideChannel {
+  PySideChannel(SegmentPtr s, uint32_t id) : seg(std::move(s)), channel(*seg, id) {}
+  SegmentPtr seg;
+  SideChannel channel;
+  bool pending = false;
+};
+
 struct Handler {
   py::object fn;
   py::object slot_cls;  // set for slot-mode handlers
@@ -45,8 +55,10 @@ struct Handler {
 class PyRunner {
  public:
   PyRunner(SegmentPtr seg, py::object resolve, py::object pack_error, py::object task_result,
-           int64_t chunk_fn_id, py::object fix_chunk)
-      : seg_(*seg),
+           int64_t chunk_fn_id, py::object fix_chunk, PySideChannel* side, py::object flush_output)
+      : side_(side),
+        flush_output_(std::move(flush_output)),
+        seg_(*seg),
         seg_ptr_(std::move(seg)),
         resolve_(std::move(resolve)),
         pack_error_(std::move(pack_error)),
@@ -60,6 +72,8 @@ class PyRunner {
       lease_ = std::make_shared<py_codec::BlockLease>(
           py_codec::BlockLease{seg_ptr_, t.header->pool_ref, t.stream_len, false, false, nullptr});
     ResultStatus status = run_handler(t, value);
+    // What the task printed goes out before its result (and so reaches the owner first).
+    if (side_ && side_->pending) flush_side();
     if (status != ResultStatus::kOk) {
       value_pieces_.clear();
       last_ret_ = py::object();
@@ -74,6 +88,11 @@ class PyRunner {
     return error(err, value);
   }
   void before_sleep() { saved_ = PyEval_SaveThread(); }
+  // Output other threads of the worker wrote while it had no task goes out before it sleeps
+  // (only this thread sends: see mpop._output).
+  void on_idle() {
+    if (side_ && side_->pending) flush_side();
+  }
   void after_sleep() {
     PyEval_RestoreThread(saved_);
     saved_ = nullptr;
@@ -92,6 +111,17 @@ class PyRunner {
   bool args_pinned() const { return pinned_; }
 
  private:
+  void flush_side() {
+    side_->pending = false;
+    try {
+      flush_output_();
+    } catch (py::error_already_set& e) {
+      e.discard_as_unraisable("mpop: sending a worker's output to its owner");
+    }
+  }
+
+  PySideChannel* side_;
+  py::object flush_output_;
   Handler* lookup(uint32_t fn_id) {
     // A handler registered again replaces what was loaded: start over from the log.
     uint64_t epoch = seg_.header().registry_epoch.load(std::memory_order_acquire);
@@ -200,16 +230,37 @@ void register_worker(py::module_& m) {
   m.def(
       "worker_loop",
       [](SegmentPtr seg, uint32_t id, py::object resolve, py::object pack_error,
-         py::object task_result, int64_t chunk_fn_id, py::object fix_chunk) {
+         py::object task_result, int64_t chunk_fn_id, py::object fix_chunk, PySideChannel* side,
+         py::object flush_output) {
         if (id >= seg->workers().count) throw py::value_error("worker id out of range");
+        if (side && flush_output.is_none()) throw py::value_error("worker_loop: a side channel needs flush_output");
         PyRunner runner(seg, std::move(resolve), std::move(pack_error), std::move(task_result),
-                        chunk_fn_id, std::move(fix_chunk));
+                        chunk_fn_id, std::move(fix_chunk), side, std::move(flush_output));
         WorkerExit e = run_worker(*seg, id, runner);
         if (PyErr_Occurred()) throw py::error_already_set();
         return std::string(to_string(e));
       },
       py::arg("segment"), py::arg("worker_id"), py::arg("resolve"), py::arg("pack_error"),
-      py::arg("task_result"), py::arg("chunk_fn_id") = -1, py::arg("fix_chunk") = py::none());
+      py::arg("task_result"), py::arg("chunk_fn_id") = -1, py::arg("fix_chunk") = py::none(),
+      py::arg("side") = nullptr, py::arg("flush_output") = py::none());
+
+  // What a worker sends its owner besides results (side_channel.hpp).
+  py::class_<PySideChannel>(m, "SideChannel")
+      .def(py::init([](SegmentPtr seg, uint32_t id) {
+             if (id >= seg->workers().count) throw py::value_error("worker id out of range");
+             return std::make_unique<PySideChannel>(std::move(seg), id);
+           }),
+           py::arg("segment"), py::arg("worker_id"))
+      .def(
+          "send",
+          [](PySideChannel& s, uint32_t route, const py::bytes& data) {
+            if (route < kFirstSideRoute) throw py::value_error("SideChannel.send: not a side route");
+            std::string_view b = data;  // the bytes object is immutable and held by the caller
+            py::gil_scoped_release nogil;
+            return s.channel.send(route, reinterpret_cast<const uint8_t*>(b.data()), b.size());
+          },
+          py::arg("route"), py::arg("data"))
+      .def("mark_pending", [](PySideChannel& s) { s.pending = true; });
 
   // Called by a worker right after it attaches: on SIGTERM (the parent-death signal) leave
   // the segment, remove it if this is the last process out, and exit at once, even inside

@@ -120,6 +120,23 @@ void Supervisor::scale(uint32_t n) {
   wake();
 }
 
+bool Supervisor::kill_task(uint64_t seq) {
+  if (seq == 0) return false;
+  for (uint32_t id = 0; id < children_.size(); ++id) {
+    const WorkerRecord& rec = seg_.workers().record(id);
+    if (rec.running_since_ns.load(std::memory_order_acquire) != 0 &&
+        rec.running_seq.load(std::memory_order_acquire) == seq) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        task_kills_.emplace_back(id, seq);
+      }
+      wake();
+      return true;
+    }
+  }
+  return false;
+}
+
 bool Supervisor::kill_worker(uint32_t id) {
   if (id >= children_.size()) return false;
   auto st = static_cast<WorkerState>(seg_.workers().record(id).state.load());
@@ -148,6 +165,7 @@ void Supervisor::spawn(uint32_t id) {
   c.gen += 1;
   c.stopping = false;
   c.timed_out_seq = 0;
+  c.killed_seq = 0;
   c.active = true;
   rec.stop_request.store(0);
   rec.local_count.store(0);
@@ -245,15 +263,24 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   }
   c.start_deaths = 0;
 
-  if (crashed || c.timed_out_seq) {
+  if (crashed || c.timed_out_seq || c.killed_seq) {
     on_crash(id);
     return;
   }
 
+  // A worker recycled for its memory left in the middle of a claim: the tasks it had not
+  // started go back to the ring, uncharged.
+  recover_local_queue(id, what_it_published(rec), false);
+  rec.local_count.store(0);
   rec.state.store(static_cast<uint32_t>(WorkerState::kExited));
-  // A worker that left by itself while still wanted was recycled (max_tasks_per_worker).
-  if (still_wanted(c) && id < target_.load()) spawn(id);
-  else c.active = false;
+  // A worker that left by itself while still wanted was recycled (max_tasks_per_worker,
+  // max_worker_memory).
+  if (still_wanted(c) && id < target_.load()) {
+    rec.recycled.fetch_add(1);
+    spawn(id);
+  } else {
+    c.active = false;
+  }
 }
 
 bool Supervisor::still_wanted(const Child& c) const {
@@ -267,6 +294,8 @@ void Supervisor::on_start_death(uint32_t id, int exit) {
   // would fail the same way: report it. If it was killed, start a replacement, unless
   // that keeps happening.
   std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
+  // It may have died sending output (its initializer's, say): void a cell it reserved.
+  recover_windows(id, what_it_published(rec), {});
   bool failed = !why.empty() || (exit >= 0 && WIFEXITED(exit) && WEXITSTATUS(exit) != 0);
   if (failed || ++c.start_deaths >= 5) {
     set_error("mpop: worker " + std::to_string(id) + " failed to start" +
@@ -374,6 +403,16 @@ void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication&
 void Supervisor::settle_interrupted_task(uint32_t id, TaskHeader th, uint8_t* body, bool cancel) {
   const Child& c = children_[id];
   const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  // Killed by kill_task: that task ends cancelled. Had the worker moved on to another task
+  // before the signal came, that one is not charged for a death it did not cause.
+  if (c.killed_seq && !cancel) {
+    if (c.killed_seq == th.seq) {
+      post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+    } else {
+      requeue_.emplace_back(body, body + body_bytes);
+    }
+    return;
+  }
   th.attempts += 1;
   if (cancel) {
     post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
@@ -554,14 +593,26 @@ void Supervisor::poll_children(bool quitting) {
 
 void Supervisor::apply_commands(bool quitting) {
   std::deque<uint32_t> kills;
+  std::deque<std::pair<uint32_t, uint64_t>> task_kills;
   bool rescale = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     kills.swap(kill_requests_);
+    task_kills.swap(task_kills_);
     rescale = scale_pending_;
     scale_pending_ = false;
   }
   for (uint32_t id : kills) signal_child(children_[id], SIGKILL);
+  for (auto [id, seq] : task_kills) {
+    // Only while it still runs that task (as check_timeouts does).
+    Child& c = children_[id];
+    const WorkerRecord& rec = seg_.workers().record(id);
+    if (c.pid <= 0 || c.killed_seq || rec.running_since_ns.load(std::memory_order_acquire) == 0 ||
+        rec.running_seq.load(std::memory_order_acquire) != seq)
+      continue;
+    c.killed_seq = seq;
+    signal_child(c, SIGKILL);
+  }
   if (rescale && !quitting) {
     uint32_t n = target_.load();
     for (uint32_t i = 0; i < children_.size(); ++i) {

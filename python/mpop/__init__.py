@@ -26,6 +26,7 @@ from ._errors import (
     ShutdownError,
     TaskTimeoutError,
     WorkerCrashedError,
+    WorkerInitError,
 )
 from ._executor import Executor
 from ._results import RunResult, TaskResult
@@ -53,4 +54,5 @@ __all__ = [
     "WorkerCrashedError",
     "TaskTimeoutError",
     "ShutdownError",
+    "WorkerInitError",
 ]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import ConfigError, MpopError, RegistryError
+from ._hooks import pack as pack_hooks
 from ._map import MapIterator, MapRun
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
@@ -74,6 +75,20 @@ class MpopApi:
     - pool_bytes: size of the shared argument pool (>= 65536).
     - registry_bytes: size of the segment's handler log (>= 65536).
     - scale_limit: the most workers scale() may ask for (default: max(workers, 2 x CPUs, 8)).
+    - initializer, initargs: ``initializer(*initargs)`` runs in every worker (first start,
+      respawn, recycling) before its first task; if it raises, the first call to observe
+      it raises WorkerInitError with the worker's traceback as __cause__.
+    - worker_state: True gives each worker a dict of its own, passed to every handler (and
+      initializer) that declares a ``worker_state`` parameter, kept across its tasks.
+    - worker_exit: runs in a worker when it retires (shutdown, the end of an auto-terminated
+      run, scale() down, recycling): ``worker_exit(worker_state)`` with worker_state, else
+      ``worker_exit()``; what it returns is collected by exit_results().
+    - max_worker_memory: bytes, or a string such as "512MB" (decimal) or "2GiB" (binary): a
+      worker whose private resident memory exceeds it after a task is recycled.
+
+    What handlers print and log reaches the owner: sys.stdout and sys.stderr text goes to
+    the owner's streams, logging records to the owner's logger of the same name (with
+    ``record.worker_id``), at the levels the owner's logging has at start().
 
     Shared memory is allocated at first use and released by shutdown(), by leaving a
     `with` block, when the app is garbage-collected, at interpreter exit, and, when the
@@ -101,6 +116,11 @@ class MpopApi:
         pool_bytes: int = 64 << 20,
         registry_bytes: int = 4 << 20,
         scale_limit: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        worker_state: bool = False,
+        worker_exit: Callable[..., Any] | None = None,
+        max_worker_memory: int | str | None = None,
     ) -> None:
         self._config = Config.build(
             workers=workers, queue_slots=queue_slots, slot_class=slot_class, worker_batch_size=worker_batch_size,
@@ -108,14 +128,16 @@ class MpopApi:
             handler_module=handler_module, start_method=start_method, max_retries=max_retries,
             task_timeout=task_timeout, max_tasks_per_worker=max_tasks_per_worker, cpu_affinity=cpu_affinity,
             name=name, max_performance=max_performance, pool_bytes=pool_bytes, registry_bytes=registry_bytes,
-            scale_limit=scale_limit)
+            scale_limit=scale_limit, initializer=initializer, initargs=initargs, worker_state=worker_state,
+            worker_exit=worker_exit, max_worker_memory=max_worker_memory)
+        hooks = pack_hooks(self._config)
         if debug and not max_performance:
             _enable_debug_logging()
         # The registry calls back into the app weakly: an app nobody refers to any more is
         # freed (and its finalizer stops its workers) at once, not at the next collection.
-        self._registry = Registry(slot_class, on_register=_weakly(self._on_register))
+        self._registry = Registry(slot_class, on_register=_weakly(self._on_register), worker_state=worker_state)
         labels = itertools.count(1)  # tsk_id labels, shared by the native fast path
-        self._lifecycle = Lifecycle(self._config, self._registry, labels)
+        self._lifecycle = Lifecycle(self._config, self._registry, labels, hooks)
         self._submitter = Submitter(self._config, self._registry, self._lifecycle, labels)
         self._finalizer = weakref.finalize(self, finalize, self._lifecycle.runtime_ref)
         _LIFECYCLES.add(self._lifecycle)
@@ -365,7 +387,8 @@ class MpopApi:
     def status(self) -> dict:
         """A snapshot: {"config": settings plus "segment" and "running", "queue": counts,
         the supervisor's counters and timing percentiles, "workers": one dict per worker
-        (id, pid, state, completed, failed, restarts, busy_s, idle_s, running task)}."""
+        (id, pid, state, completed, failed, restarts, recycled, busy_s, idle_s, running
+        task)}."""
         return self._lifecycle.status(self.config)
 
     def print_status(self, config: bool = True, queue: bool = True, workers: bool = True) -> None:
@@ -394,6 +417,28 @@ class MpopApi:
         self._lifecycle.check_owner()
         rt = self._lifecycle.runtime
         return rt is not None and rt.kill_worker(worker_id)
+
+    def kill_task(self, future: Future) -> bool:
+        """Stops the task behind `future` (one of this app's submit() futures): a queued
+        task is taken off the queue; a running one's worker is killed and replaced, and
+        the other tasks it held run elsewhere, uncharged. Returns True when the future
+        ends cancelled; False for a future that is already finished (or finishes first)
+        or is not this app's. (future.cancel() stops queued tasks only.)"""
+        self._lifecycle.check_owner()
+        rt = self._lifecycle.runtime
+        if rt is None or not isinstance(future, rt.router.future_cls) or future.done():
+            return False
+        return rt.router.try_kill(future, rt.kill_task)
+
+    def exit_results(self) -> list:
+        """What worker_exit returned in each worker that retired so far, in the order they
+        retired (an exception worker_exit raised is in its place, with the worker's
+        traceback as its __cause__). Workers killed (a crash, kill_worker, kill_task,
+        task_timeout, shutdown(wait=False)) do not retire."""
+        rt = self._lifecycle.runtime
+        if rt is not None and not self._lifecycle.inherited:
+            rt.router.drain_rest()
+        return list(self._lifecycle.exit_results)
 
 
 Mpop = MpopApi

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import itertools
 import pickle
 import time
@@ -14,7 +15,8 @@ from typing import Any, Callable
 from ._pickling import pack_error
 
 __all__ = ["ProcTaskFnID", "BUILTIN_HANDLERS", "RESERVED_MAX", "MAP_CHUNK_ID", "CALL_BY_VALUE_ID",
-           "BOOT_FN_ID", "run_chunk", "call_by_value", "fix_chunk", "set_resolver"]
+           "BOOT_FN_ID", "STATE_PARAM", "run_chunk", "call_by_value", "fix_chunk", "set_resolver",
+           "set_worker_state", "with_state"]
 
 
 class ProcTaskFnID(enum.IntEnum):
@@ -60,6 +62,31 @@ def set_resolver(resolve: Callable[[int], Any]) -> None:
     global _resolve
     _resolve = resolve
 
+
+STATE_PARAM = "worker_state"  # the parameter a worker fills in itself (worker_state=True)
+
+# The worker's own state (the app has worker_state=True), or None.
+_state: dict | None = None
+
+
+def set_worker_state(state: dict | None) -> None:
+    """Called by the worker at its start when the app has worker_state=True."""
+    global _state
+    _state = state
+
+
+def with_state(fn: Callable) -> Callable:
+    """`fn` as the worker calls it: with the worker's state bound to its ``worker_state``
+    parameter when the app has worker_state=True and `fn` declares one; else `fn` itself,
+    at no cost per call."""
+    if _state is None:
+        return fn
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn
+    return functools.partial(fn, worker_state=_state) if STATE_PARAM in params else fn
+
 # Functions that travel with their tasks (see call_by_value), by their pickled form: the
 # same lambda or closure sent again is unpickled once. Bounded in entries and bytes.
 _BY_VALUE: dict[bytes, object] = {}
@@ -75,7 +102,7 @@ def load_by_value(blob: bytes):
     if fn is None:
         import cloudpickle  # noqa: F401  (reducers its payload needs)
 
-        fn = pickle.loads(blob)
+        fn = with_state(pickle.loads(blob))
         while _BY_VALUE and (len(_BY_VALUE) >= _BY_VALUE_MAX
                              or _by_value_bytes + len(blob) > _BY_VALUE_MAX_BYTES):
             oldest = next(iter(_BY_VALUE))  # first in, first out

@@ -56,6 +56,11 @@ class Config:
     pool_bytes: int
     registry_bytes: int
     scale_limit: int
+    initializer: Any = None  # Callable | None
+    initargs: tuple = ()
+    worker_state: bool = False
+    worker_exit: Any = None  # Callable | None
+    max_worker_memory: int | None = None  # bytes
 
     @property
     def layout(self) -> dict:
@@ -66,6 +71,9 @@ class Config:
         """The settings as plain values (the slot class by name), as status() shows them."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["slot_class"] = self.slot_class.__name__
+        for hook in ("initializer", "worker_exit"):
+            f = d[hook]
+            d[hook] = None if f is None else getattr(f, "__qualname__", None) or repr(f)
         d["cpu_affinity"] = list(self.cpu_affinity) if self.cpu_affinity is not None else None
         return d
 
@@ -75,7 +83,9 @@ class Config:
               handler_module: str | types.ModuleType | None, start_method: str, max_retries: int,
               task_timeout: float | None, max_tasks_per_worker: int | None,
               cpu_affinity: bool | list[int], name: str | None, max_performance: bool,
-              pool_bytes: int, registry_bytes: int, scale_limit: int | None) -> Config:
+              pool_bytes: int, registry_bytes: int, scale_limit: int | None,
+              initializer: Any = None, initargs: Any = (), worker_state: bool = False,
+              worker_exit: Any = None, max_worker_memory: int | str | None = None) -> Config:
         """Validates every argument; raises ConfigError listing each bad one."""
         problems: list[str] = []
         bad = problems.append
@@ -98,7 +108,7 @@ class Config:
         if not is_int(worker_batch_size) or worker_batch_size < 1:
             bad(f"worker_batch_size must be an int >= 1, got {worker_batch_size!r}")
         for pname, v in (("display", display), ("auto_terminate", auto_terminate), ("debug", debug),
-                         ("max_performance", max_performance)):
+                         ("max_performance", max_performance), ("worker_state", worker_state)):
             if not isinstance(v, bool):
                 bad(f"{pname} must be True or False, got {v!r}")
         if (not isinstance(debug_delay, (int, float)) or isinstance(debug_delay, bool)
@@ -127,6 +137,12 @@ class Config:
             bad(f"scale_limit must be an int from 1 to 1024 or None, got {scale_limit!r}")
         elif scale_limit is not None and is_int(workers) and scale_limit < workers:
             bad(f"scale_limit ({scale_limit}) must be >= workers ({workers})")
+        for pname, v in (("initializer", initializer), ("worker_exit", worker_exit)):
+            if v is not None and not callable(v):
+                bad(f"{pname} must be a callable or None, got {v!r}")
+        if not isinstance(initargs, (tuple, list)):
+            bad(f"initargs must be a tuple, got {initargs!r}")
+        memory = _check_memory(max_worker_memory, bad)
         if problems:
             raise ConfigError("invalid MpopApi configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -137,7 +153,9 @@ class Config:
             max_retries=max_retries, task_timeout=task_timeout, max_tasks_per_worker=max_tasks_per_worker,
             cpu_affinity=cpus, name=name or "mpop", max_performance=max_performance, pool_bytes=pool_bytes,
             registry_bytes=registry_bytes,
-            scale_limit=scale_limit or max(workers, 2 * available_cpus(), 8))
+            scale_limit=scale_limit or max(workers, 2 * available_cpus(), 8),
+            initializer=initializer, initargs=tuple(initargs), worker_state=worker_state,
+            worker_exit=worker_exit, max_worker_memory=memory)
 
 
 def _check_timeout(task_timeout: Any, bad) -> float | None:
@@ -163,3 +181,38 @@ def _check_affinity(cpu_affinity: Any, bad) -> tuple[int, ...] | None:
     if cpu_affinity is not False:
         bad(f"cpu_affinity must be True, False or a list of CPU ids, got {cpu_affinity!r}")
     return None
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(v: Any) -> int | None:
+    """An int of bytes, or a string such as "512MB" (decimal units: 1 MB = 10**6 bytes) or
+    "2GiB" (binary units); None when it is neither."""
+    if is_int(v):
+        return v
+    if not isinstance(v, str):
+        return None
+    text = v.strip().lower().replace(" ", "").replace("_", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number):] or "b"
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    if unit not in _UNITS or not math.isfinite(value):
+        return None
+    return int(value * _UNITS[unit])
+
+
+def _check_memory(v: Any, bad) -> int | None:
+    if v is None:
+        return None
+    n = parse_bytes(v)
+    if n is None or n < 1 << 20:
+        bad(f"max_worker_memory must be a number of bytes of at least 1 MiB, as an int or a string "
+            f"such as '512MB' or '2GiB' (or None), got {v!r}")
+        return None
+    return n
+

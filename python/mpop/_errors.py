@@ -10,6 +10,7 @@ __all__ = [
     "WorkerCrashedError",
     "TaskTimeoutError",
     "ShutdownError",
+    "WorkerInitError",
     "RemoteTraceback",
 ]
 
@@ -43,6 +44,10 @@ class TaskTimeoutError(MpopError, TimeoutError):
 
 class ShutdownError(MpopError, RuntimeError):
     """The app was shut down."""
+
+
+class WorkerInitError(MpopError):
+    """A worker's initializer raised; the worker's formatted traceback is its __cause__."""
 
 
 class RemoteTraceback(Exception):

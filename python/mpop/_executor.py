@@ -7,21 +7,36 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from ._api import MpopApi
+from ._errors import ConfigError
 
 __all__ = ["Executor"]
 
 
 class Executor(concurrent.futures.Executor):
-    """``concurrent.futures`` executor running tasks on mpop workers.
+    """``concurrent.futures`` executor running tasks on mpop workers, with
+    ProcessPoolExecutor's signature.
 
-    `max_workers`: worker processes (None: the CPUs this process may use); `options`: any
-    other MpopApi parameter (auto_terminate defaults to False). The workers start at
-    construction. A crashed worker fails only the task it was running
-    (WorkerCrashedError); the executor keeps working."""
+    `max_workers`: worker processes (None: the CPUs this process may use); `mp_context`: a
+    multiprocessing context or a start method name ("spawn", "fork", "forkserver"; None:
+    spawn), whose start method the workers use; `initializer(*initargs)` runs in each
+    worker before its first task; `max_tasks_per_child`: recycle a worker after that many
+    tasks (MpopApi's max_tasks_per_worker); `options`: any other MpopApi parameter
+    (auto_terminate defaults to False). The workers start at construction. A crashed worker
+    fails only the task it was running (WorkerCrashedError); the executor keeps working."""
 
-    def __init__(self, max_workers: int | None = None, **options: Any) -> None:
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple = (), *,
+                 max_tasks_per_child: int | None = None, **options: Any) -> None:
         options.setdefault("auto_terminate", False)
-        self._app = MpopApi(workers=max_workers, **options)
+        if mp_context is not None:
+            if "start_method" in options:
+                raise ConfigError("give mp_context or start_method, not both")
+            options["start_method"] = _start_method(mp_context)
+        if max_tasks_per_child is not None:
+            if options.get("max_tasks_per_worker") is not None:
+                raise ConfigError("give max_tasks_per_child or max_tasks_per_worker, not both")
+            options["max_tasks_per_worker"] = max_tasks_per_child
+        self._app = MpopApi(workers=max_workers, initializer=initializer, initargs=initargs, **options)
         self._app.start()
 
     @property
@@ -62,3 +77,14 @@ class Executor(concurrent.futures.Executor):
         """Stops the executor: waits for the pending calls (`wait`), or first cancels those
         that have not started (`cancel_futures`); see MpopApi.shutdown."""
         self._app.shutdown(wait=wait, cancel_pending=cancel_futures)
+
+
+def _start_method(mp_context: Any) -> str:
+    """The start method of `mp_context`: a multiprocessing context or a method's name."""
+    if isinstance(mp_context, str):
+        return mp_context
+    get = getattr(mp_context, "get_start_method", None)
+    if get is None:
+        raise ConfigError(f"mp_context must be a multiprocessing context or a start method name, "
+                          f"got {mp_context!r}")
+    return get()

@@ -114,7 +114,8 @@ class MpopFuture(FutureCore, Future):
     def _help(self, timeout: float | None) -> None:
         if self._state not in _DONE_STATES:
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._router.help_until(self.done, deadline, spin=True)
+            r = self._router
+            r.help_until(self.done, deadline, r.check, spin=True)
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's value, waiting up to `timeout` seconds (None: for ever). Raises the

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ._builtins import (BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, ProcTaskFnID,
-                        call_by_value, run_chunk)
+from ._builtins import (BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, STATE_PARAM,
+                        ProcTaskFnID, call_by_value, run_chunk)
 from ._errors import RegistryError
 from ._slots import describe, is_slot_class, rebuild, slot_layout
 
@@ -35,13 +35,42 @@ FIRST_AUTO_ID = 0x1000
 MAX_FN_ID = 0xFFFFFFFE  # 0xFFFFFFFF marks the registry's boot entry
 
 
-def _slot_mode(fn: Callable, default_slot: type) -> type | None:
-    """The slot class a slot-mode handler wants, or None for an argument-mode handler.
-
-    Slot mode: a single parameter named ``slot`` or annotated with a slot class."""
+def task_signature(fn: Callable, worker_state: bool = False) -> inspect.Signature | None:
+    """`fn`'s signature as its tasks' arguments see it: without the ``worker_state``
+    parameter, which the worker passes itself when the app has worker_state=True. None when
+    it has no signature."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
+        return None
+    if worker_state and STATE_PARAM in sig.parameters:
+        sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != STATE_PARAM])
+    return sig
+
+
+def _check_state_param(fn: Callable, name: str) -> None:
+    """The worker passes worker_state by keyword: it must be a parameter that can take it
+    without displacing the task's own arguments."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return
+    for i, p in enumerate(params):
+        if p.name != STATE_PARAM:
+            continue
+        after = [q for q in params[i + 1:] if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+        if p.kind is p.POSITIONAL_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and after):
+            raise RegistryError(f"handler {name!r}: the worker passes worker_state by keyword, so declare it "
+                                f"after the task's own parameters or keyword-only (..., *, worker_state)")
+
+
+def _slot_mode(fn: Callable, default_slot: type, worker_state: bool = False) -> type | None:
+    """The slot class a slot-mode handler wants, or None for an argument-mode handler.
+
+    Slot mode: a single parameter (besides worker_state) named ``slot`` or annotated with
+    a slot class."""
+    sig = task_signature(fn, worker_state)
+    if sig is None:
         return None
     params = [p for p in sig.parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -197,10 +226,9 @@ def handler_spec(fn: Callable, slot_class: type | None) -> bytes:
     return buf.getvalue()
 
 
-def _introspect(h: Handler) -> None:
-    try:
-        sig = inspect.signature(h.fn)
-    except (TypeError, ValueError):
+def _introspect(h: Handler, worker_state: bool = False) -> None:
+    sig = task_signature(h.fn, worker_state)
+    if sig is None:
         return
     h.signature = sig
     pos = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -214,10 +242,14 @@ class Registry:
     """fn_id -> Handler for one app. Thread-safe."""
 
     def __init__(self, default_slot: type,
-                 on_register: Callable[[Handler, Handler | None], None] | None = None):
+                 on_register: Callable[[Handler, Handler | None], None] | None = None,
+                 worker_state: bool = False):
         """`on_register(handler, replaced)` is called for every registration after the
-        built-ins (`replaced`: the handler it replaces, or None)."""
+        built-ins (`replaced`: the handler it replaces, or None). `worker_state`: the
+        app's setting; a handler's ``worker_state`` parameter is then the worker's, not
+        its tasks'."""
         self._default_slot = default_slot
+        self._worker_state = worker_state
         self._by_id: dict[int, Handler] = {}
         self._by_name: dict[str, int] = {}
         self._by_fn: dict[Any, int] = {}
@@ -248,7 +280,9 @@ class Registry:
 
     def _add(self, fn_id: int, fn: Callable, name: str, builtin: bool = False,
              replaces: Handler | None = None) -> Handler:
-        slot_class = _slot_mode(fn, self._default_slot)
+        if self._worker_state:
+            _check_state_param(fn, name)
+        slot_class = _slot_mode(fn, self._default_slot, self._worker_state)
         if slot_class is not None and slot_class is not self._default_slot:
             if slot_layout(slot_class) != slot_layout(self._default_slot):
                 raise RegistryError(
@@ -258,7 +292,7 @@ class Registry:
                     f"another layout; annotate it with the app's slot class or pass "
                     f"slot_class={slot_class.__name__} to MpopApi")
         h = Handler(fn_id=fn_id, name=name, fn=fn, slot_class=slot_class, builtin=builtin)
-        _introspect(h)
+        _introspect(h, self._worker_state)
         self._by_id[fn_id] = h
         self._by_name[name] = fn_id
         try:
@@ -346,7 +380,7 @@ class Registry:
         h = self._by_value.get(_by_value_key(key))  # a function made at run time, sent before
         if h is not None and (h.fn is key or type(key) is types.MethodType):
             return h
-        if _defined_once(key) or _slot_mode(key, self._default_slot) is not None:
+        if _defined_once(key) or _slot_mode(key, self._default_slot, self._worker_state) is not None:
             # Registered for the app's life: a program defines such functions once. (A
             # slot-mode handler is found by the fn_id in its slot, so it is registered too.)
             with self._lock:
@@ -380,8 +414,10 @@ class Registry:
         except Exception as e:
             raise RegistryError(f"{name!r} cannot be sent to workers: {e!r}") from e
         blob = buf.getvalue()
+        if self._worker_state:
+            _check_state_param(fn, name)
         h = Handler(fn_id=CALL_BY_VALUE_ID, name=name, fn=fn, slot_class=None, sends=(blob,))
-        _introspect(h)
+        _introspect(h, self._worker_state)
         with self._lock:
             while self._by_value and (len(self._by_value) >= self._BY_VALUE_MAX
                                       or self._by_value_bytes + len(blob) > self._BY_VALUE_MAX_BYTES):

@@ -1,7 +1,8 @@
 """ResultRouter: the owner's result path. Drains the native collector in batches and
 delivers each result to where its task came from: a future (submit), a map() call, or the
-plain results of enqueue()d tasks (results(), wait(), run()); runs the background thread
-that keeps results moving when no caller drains them."""
+plain results of enqueue()d tasks (results(), wait(), run()), and each side message
+(worker output, log records, worker_exit values) to the owner's end of it (_output.py);
+runs the background thread that keeps results moving when no caller drains them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, Callable
 
-from ._core import FIRST_MAP_ROUTE, RESULT_STATUS, ROUTE_FUTURE, ROUTE_PLAIN, ResultRecord
+from ._core import FIRST_MAP_ROUTE, FIRST_SIDE_ROUTE, RESULT_STATUS, ROUTE_FUTURE, ROUTE_PLAIN, ResultRecord
 from ._errors import MpopError, RemoteTraceback, ShutdownError, TaskTimeoutError, WorkerCrashedError
 from ._futures import future_class
 from ._results import TaskResult
@@ -75,6 +76,10 @@ class ResultRouter:
         messages; `submitted()`: how many tasks were submitted so far."""
         self._submitted = submitted
         self._collector = collector
+        # Where side messages go (an _output.OwnerSide), and what a waiting caller calls to
+        # learn that the workers cannot run (Runtime.check_workers): both set by the runtime.
+        self.side = None
+        self.check: Callable[[], None] | None = None
         self._names = names
         self._max_retries = max_retries
         self._task_timeout = task_timeout
@@ -146,7 +151,7 @@ class ResultRouter:
                 n, slow_futures = len(batch), ()
         finally:
             self._pump_want = 0
-        if not n:
+        if not n and not batch:
             return 0
         # These results left the ring: the rest are delivered even if the delivery of one
         # raises (a Ctrl-C in this thread, say); the first exception is raised after.
@@ -173,7 +178,19 @@ class ResultRouter:
             self.cond.notify_all()
         if interrupted is not None:
             raise interrupted
-        return n
+        return n or len(batch)
+
+    def drain_rest(self) -> None:
+        """Delivers whatever is in the result ring now (after the workers stopped: their
+        last output and worker_exit values)."""
+        if self._collector is None or self.inherited:
+            return
+        self._lock_drain()
+        try:
+            while self.pump(0, 1):
+                pass
+        finally:
+            self._drain_lock.release()
 
     @staticmethod
     def _set_future(fut: Future, value: Any) -> None:
@@ -206,11 +223,13 @@ class ResultRouter:
         with self.cond:
             self._helpers += 1
         try:
+            first = True
             while not done():
                 if self._collector is None:
                     raise ShutdownError("the app was shut down")
-                if check is not None:
+                if check is not None and not first:  # a round trip that is answered at once pays nothing
                     check()
+                first = False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return done()
@@ -375,6 +394,7 @@ class ResultRouter:
             self._finished_at_release = self._collector.completed
             self._collector.unbind_settle()
             self._collector = self._native_settle = None
+            self.check = None
             self._submitted = int  # 0: the producer (and its segment) is let go too
             self.futures.clear()
             self.early.clear()
@@ -411,6 +431,10 @@ class ResultRouter:
 
     def _deliver(self, rec: ResultRecord) -> None:
         """Hands on one record the collector did not settle itself."""
+        if rec.route >= FIRST_SIDE_ROUTE:
+            if self.side is not None:
+                self.side.deliver(rec.route, rec.worker_id, rec.value)
+            return
         if self.keep_timings and rec.run_time_s is not None:
             self.timings.append((rec.queue_wait_s or 0.0, rec.run_time_s))
         if self.debug and rec.route != ROUTE_PLAIN:
@@ -529,6 +553,28 @@ class ResultRouter:
             return True
         finally:
             self._drain_lock.release()
+
+    def try_kill(self, fut: Future, kill: Callable[[int], bool], wait_s: float = 30.0) -> bool:
+        """Stops `fut`'s task: cancelled if it has not started, else its worker is killed
+        (`kill(seq)`, the supervisor's kill_task) and the supervisor posts the task's end as
+        cancelled. True when the future ends cancelled; False when it finished first."""
+        seq = self._seq_of(fut)
+        if seq is None:
+            return False
+        deadline = time.monotonic() + 1.0
+        while True:
+            if self.try_cancel(fut):
+                fut.deliver_cancelled()
+                return True
+            if fut.done():
+                return fut.cancelled()
+            if kill(seq):
+                break
+            if time.monotonic() > deadline:  # neither queued nor running: it ended meanwhile
+                return fut.cancelled()
+            time.sleep(0.001)  # being claimed, or moved after a death: it will run or be queued
+        self.help_until(fut.done, time.monotonic() + wait_s, self.check)
+        return fut.cancelled()
 
     def deliver_cancellation(self, seq: int, tsk_id: int, fn_id: int, route: int) -> None:
         """Delivers a cancellation for a task removed from the queue before it ran."""

@@ -16,12 +16,15 @@ import pickle
 import sys
 import threading
 import time
+import weakref
 from typing import Callable, Iterator
 
 from . import _core
 from ._builtins import BOOT_FN_ID
 from ._config import Config
 from ._errors import MpopError, RegistryError, ShutdownError
+from ._hooks import startup_error
+from ._output import OwnerSide, log_levels
 from ._registry import Handler, Registry
 from ._router import ResultRouter
 from ._stats import timing_percentiles
@@ -54,7 +57,10 @@ class Runtime:
     """The native objects of one app (see the module's docstring). Nothing here refers to
     the app: an app nobody holds is freed at once, and its finalizer closes this."""
 
-    def __init__(self, config: Config, registry: Registry, labels: Iterator[int]) -> None:
+    def __init__(self, config: Config, registry: Registry, labels: Iterator[int],
+                 hooks: bytes | None = None, side: OwnerSide | None = None) -> None:
+        """`hooks`: the app's worker hooks (_hooks.pack); `side`: where the workers'
+        output, log records and worker_exit values go."""
         c = config
         _cleanup_dead_owners_once()
         self.segment = _core.Segment.create(
@@ -62,7 +68,7 @@ class Runtime:
             # a claim never takes more than the ring holds: size local queues to match
             min(c.worker_batch_size, c.queue_slots), c.pool_bytes, c.registry_bytes, debug=c.debug,
             debug_delay=c.debug_delay, max_performance=c.max_performance,
-            max_tasks_per_worker=c.max_tasks_per_worker or 0)
+            max_tasks_per_worker=c.max_tasks_per_worker or 0, max_worker_memory=c.max_worker_memory or 0)
         self.config = config
         self.registry = registry
         self.producer = _core.Producer(self.segment)
@@ -71,10 +77,12 @@ class Runtime:
         self.forkserver = None
         self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
         self.closed = False
+        self.failed = False  # the workers could not start (check_workers raised)
         self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
-        boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
-                "cpu_affinity": c.cpu_affinity, "debug": c.debug}
-        self.segment.write_registry(BOOT_FN_ID, pickle.dumps(boot, protocol=5))
+        self.boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
+                     "cpu_affinity": c.cpu_affinity, "debug": c.debug, "hooks": hooks,
+                     "log_levels": log_levels()}
+        self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
         # The producer's count, not a closure over the runtime: nothing the router holds
         # may lead back to the runtime (see close).
         self.router = ResultRouter(
@@ -82,6 +90,8 @@ class Runtime:
             keep_timings=not c.max_performance, debug=c.debug and not c.max_performance,
             submitted=functools.partial(getattr, self.producer, "submitted"))
         r = self.router
+        r.side = side
+        r.check = _weakly(self.check_workers)
         self.fast = _core.fast_path(self.producer, labels, MAX_TSK_ID)  # armed while workers run
         self.fast.bind(r.futures, r.early, r.register_future, r.future_cls, self.check_workers)
         try:
@@ -137,6 +147,10 @@ class Runtime:
     def start(self, workers: int) -> None:
         """Starts the supervisor and `workers` workers, and the feeding of the backlog."""
         c = self.config
+        levels = log_levels()  # workers take the owner's logging levels as they are now
+        if levels != self.boot["log_levels"]:
+            self.boot["log_levels"] = levels
+            self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
         argv, env = self.worker_command()
         entry = None
         if c.start_method == "fork":
@@ -149,12 +163,16 @@ class Runtime:
 
                 self.forkserver = ForkServer(self.segment.name, argv[:-1])
             entry = self.forkserver.spawn
+        self.failed = False
         sup = _core.Supervisor(self.segment, workers, c.max_retries, float(c.task_timeout or 0.0),
                                c.start_method, argv, env, entry)
         try:
             sup.start()
         except RuntimeError as e:
-            raise MpopError(str(e)) from None
+            if self.forkserver is not None:
+                self.forkserver.close()
+            self.failed = True
+            raise startup_error(str(e)) from None
         self.supervisor = sup
         self.producer.start_feeding()
         self.router.start_background()
@@ -170,12 +188,13 @@ class Runtime:
 
     def check_workers(self) -> None:
         """Raises MpopError (after stopping the workers) when they cannot run: e.g. every
-        attempt to start one failed."""
+        attempt to start one failed; WorkerInitError when an initializer raised."""
         sup = self.supervisor
         if sup is not None and sup.last_error:
             err = sup.last_error
             self.stop_workers(graceful=False)
-            raise MpopError(err)
+            self.failed = True
+            raise startup_error(err)
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
         """Stops the supervisor and its workers (gracefully: after their local queues). A
@@ -183,7 +202,13 @@ class Runtime:
         self.fast.armed = False  # calls take the Python path, which restarts workers
         sup, self.supervisor = self.supervisor, None
         if sup is not None:
-            sup.stop(graceful, timeout)
+            try:
+                sup.stop(graceful, timeout)
+            finally:
+                # The fork server dies with the supervisor's thread: a later start makes a
+                # new one.
+                if self.forkserver is not None:
+                    self.forkserver.close()
 
     def queue_status(self) -> dict:
         """status()["queue"]: the rings, the backlog, the counts and the supervisor's
@@ -209,6 +234,12 @@ class Runtime:
 
     def kill_worker(self, worker_id: int) -> bool:
         return self.supervisor is not None and self.supervisor.kill_worker(worker_id)
+
+    def kill_task(self, seq: int) -> bool:
+        """Kills the worker running task `seq` (the supervisor posts the task as cancelled);
+        False when no worker runs it."""
+        sup = self.supervisor
+        return sup is not None and sup.kill_task(seq)
 
     def cancel_pending(self) -> int:
         """Cancels every task no worker has started: those in the backlog and the ring, and
@@ -263,10 +294,14 @@ class Lifecycle:
     """An app's hold on its Runtime: creates it on first use (under a lock), knows whether
     the app was shut down or inherited through fork(), and raises accordingly."""
 
-    def __init__(self, config: Config, registry: Registry, labels: Iterator[int]) -> None:
+    def __init__(self, config: Config, registry: Registry, labels: Iterator[int],
+                 hooks: bytes | None = None) -> None:
         self.config = config
         self.registry = registry
         self.labels = labels
+        self.hooks = hooks
+        self.exit_results: list = []  # worker_exit values, across runtimes
+        self.side = OwnerSide(self.exit_results)
         self.runtime: Runtime | None = None
         # Shared with the app's finalizer, which closes what it holds at garbage collection
         # or interpreter exit without keeping the app alive.
@@ -296,7 +331,7 @@ class Lifecycle:
         with self.lock:
             if self.runtime is None:
                 self.check_open()
-                rt = Runtime(self.config, self.registry, self.labels)
+                rt = Runtime(self.config, self.registry, self.labels, self.hooks, self.side)
                 self.runtime_ref[0] = rt
                 self.runtime = rt  # published last: with the router and handlers in place
             return self.runtime
@@ -325,6 +360,7 @@ class Lifecycle:
         with self.lock:
             rt.stop_workers(graceful)
             rt.producer.pause_feeding()
+            rt.router.drain_rest()  # the retired workers' last output and exit values
 
     def disown(self) -> None:
         """In a fork() child, for every app it inherited (see MpopApi)."""
@@ -345,7 +381,9 @@ class Lifecycle:
             if rt is not None:
                 if cancel_pending:
                     rt.cancel_pending()
-                if wait and rt.producer.submitted != rt.router.finished:
+                if rt.failed:
+                    rt.cancel_pending()  # the workers could not start: end the rest, do not retry
+                elif wait and rt.producer.submitted != rt.router.finished:
                     try:
                         wait_all()
                     except MpopError:
@@ -362,6 +400,7 @@ class Lifecycle:
         rt.router.stop_background()
         try:
             rt.stop_workers(graceful=graceful, timeout=10.0 if graceful else 2.0)
+            rt.router.drain_rest()  # the retired workers' last output and exit values
         finally:  # a Ctrl-C during a graceful stop is raised once the workers are gone
             rt.close()
             self.runtime = None
@@ -380,6 +419,18 @@ class Lifecycle:
         config["segment"] = rt.segment.name if rt is not None else None
         config["running"] = self.running
         return {"config": config, "queue": queue, "workers": workers}
+
+
+def _weakly(method: Callable) -> Callable[[], None]:
+    """`method` called through a weak reference (a no-op once its object is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        m = ref()
+        if m is not None:
+            m()
+
+    return call
 
 
 def finalize(runtime_ref: list) -> None:

@@ -1,5 +1,7 @@
-"""The worker process entry: attach the segment, set up the interpreter as the owner asked
-(sys.path, handler_module, CPU pinning), then run the native worker loop."""
+"""The worker process entry: attach the segment, send output and logging to the owner
+(_output.py), set up the interpreter as the owner asked (sys.path, handler_module, CPU
+pinning), run the initializer (_hooks.py), then the native worker loop, and worker_exit
+when the worker retires."""
 
 from __future__ import annotations
 
@@ -9,19 +11,22 @@ import signal
 import sys
 import traceback
 
-from ._builtins import BOOT_FN_ID, MAP_CHUNK_ID, fix_chunk, set_resolver
+from ._builtins import BOOT_FN_ID, MAP_CHUNK_ID, fix_chunk, set_resolver, with_state
 from ._pickling import pack_error
 
 class _Resolver:
     """fn_id -> (callable, slot class or None), read from the segment's registry log.
 
-    Handlers are unpickled on first use, after the owner's sys.path is in place; one that
-    cannot be loaded fails its own tasks with the reason instead of the worker."""
+    Handlers are unpickled on first use, after the owner's sys.path is in place (and kept
+    until their record changes); one that cannot be loaded fails its own tasks with the
+    reason instead of the worker. A handler that declares ``worker_state`` gets the
+    worker's (see _builtins.with_state)."""
 
     def __init__(self, segment):
         self.segment = segment
         self.offset = 0
         self.blobs: dict[int, bytes] = {}
+        self.loaded: dict[int, tuple[bytes, tuple]] = {}  # fn_id -> (its record, the entry)
         self.boot: dict = {}
         self.epoch = 0  # the registry epoch of the last refresh
 
@@ -43,10 +48,14 @@ class _Resolver:
         blob = self.blobs.get(fn_id)
         if blob is None:
             return None
+        loaded = self.loaded.get(fn_id)
+        if loaded is not None and loaded[0] is blob:
+            return loaded[1]
         try:
             import cloudpickle  # noqa: F401  (reducers its payloads may need)
 
-            entry = pickle.loads(blob)
+            fn, slot_class = pickle.loads(blob)
+            entry = (with_state(fn), slot_class)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
 
@@ -58,6 +67,7 @@ class _Resolver:
                                     f"workers or define it where it can travel by value")
 
             entry = (unloadable, None)
+        self.loaded[fn_id] = (blob, entry)
         return entry
 
 
@@ -69,10 +79,6 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
     cpus = boot.get("cpu_affinity")
     if cpus and worker_id >= 0:
         os.sched_setaffinity(0, {cpus[worker_id % len(cpus)]})
-    if boot.get("debug"):
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format=f"[mpop worker {worker_id}] %(message)s")
     module = boot.get("handler_module")
     if module and module not in sys.modules:
         __import__(module)
@@ -81,22 +87,40 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
 def run(name: str, worker_id: int) -> int:
     """A worker's life in slot `worker_id` of segment `name`: returns its exit code."""
     from . import _core
+    from ._hooks import RETIRING, WorkerLife
+    from ._output import install, pack_exit
     from ._results import TaskResult
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     segment = _core.Segment.attach(name)
     _core.arm_worker_exit(segment)
+    side = _core.SideChannel(segment, worker_id)
     resolver = _Resolver(segment)
     set_resolver(resolver.resolve)
+    outbox = None
     try:
         resolver.refresh()
+        outbox = install(side, worker_id, resolver.boot.get("log_levels"))
         _prepare(resolver, worker_id)
+        life = WorkerLife(resolver.boot.get("hooks"))
+        why = life.begin()
     except BaseException:
-        segment.set_start_error(worker_id, traceback.format_exc()[-1000:])
+        why = traceback.format_exc()[-3500:]
+    if why is not None:
+        if outbox is not None:
+            outbox.flush()  # what the initializer printed before it failed
+        segment.set_start_error(worker_id, why)
         _core.leave_segment(segment, not _core.owner_alive(segment))
         return 3
     reason = _core.worker_loop(segment, worker_id, resolver.resolve, pack_error, TaskResult,
-                               MAP_CHUNK_ID, fix_chunk)
+                               MAP_CHUNK_ID, fix_chunk, side, outbox.flush)
+    if reason in RETIRING:
+        value = life.end()
+        outbox.flush()
+        if value is not WorkerLife.NO_EXIT:
+            side.send(_core.ROUTE_EXIT, pack_exit(value))
+    elif reason != "owner died":
+        outbox.flush()
     _core.leave_segment(segment, reason == "owner died")
     return 0
 

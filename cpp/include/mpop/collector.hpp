@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "mpop/segment.hpp"
+#include "mpop/side_channel.hpp"
 
 namespace mpop {
 
@@ -84,7 +85,8 @@ class Collector {
     if (deadline_ns != 0 && !ring_.has_published())
       ring_.wait_published_n(1, deadline_ns, stop);
     size_t delivered = 0;
-    while (delivered < max) {
+    size_t side_pieces = 0;  // bounded too: a worker that writes without end cannot keep us here
+    while (delivered + side_pieces / 16 < max) {
       uint32_t want = static_cast<uint32_t>(std::min<size_t>(max - delivered, 256));
       buffer_.resize(size_t{want} * kResultStride);
       uint32_t k = ring_.claim_range(want, nullptr, [&](uint32_t i, const uint8_t* body) {
@@ -95,6 +97,16 @@ class Collector {
         const uint8_t* rec = buffer_.data() + size_t{i} * kResultStride;
         ResultHeader h;
         std::memcpy(&h, rec, sizeof h);
+        if (h.route >= kFirstSideRoute && h.status != ResultStatus::kVoid) {
+          // A piece of a side message (worker output, a log record, an exit value): the
+          // whole message, once in, goes to the sink as raw bytes, counted as neither a
+          // result nor a task that ended.
+          side_.add(h, rec + sizeof h, h.inline_len, [&](const uint8_t* data, uint32_t len) {
+            sink(static_cast<const ResultHeader&>(h), data, len);
+          });
+          ++side_pieces;
+          continue;
+        }
         if (h.status != ResultStatus::kVoid && window_.mark(h.seq)) {
           const uint8_t* value = rec + sizeof h;
           uint32_t len = h.inline_len;
@@ -144,6 +156,7 @@ class Collector {
 
   std::vector<uint8_t> buffer_;
   CompletionWindow window_;
+  SideAssembler side_;
   std::atomic<uint64_t> completed_{0};
 };
 

@@ -19,7 +19,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 4;
+constexpr uint32_t kLayoutVersion = 5;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {
@@ -35,6 +35,8 @@ struct SegmentConfig {
   uint32_t max_performance = 0;
   int64_t debug_delay_ns = 0;
   uint64_t max_tasks_per_worker = 0;  // 0 = unlimited
+  // A worker whose resident memory exceeds this after a task is recycled (0 = no cap).
+  uint64_t max_worker_memory = 0;
 };
 
 struct alignas(kCacheLine) SegmentHeader {

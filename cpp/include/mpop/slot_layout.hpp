@@ -53,6 +53,12 @@ enum Route : uint32_t {
   kRoutePlain = 0,     // an enqueue()d task: a TaskResult for results() and run()
   kRouteFuture = 1,    // a submit()ted task: its future
   kFirstMapRoute = 2,  // a map() call's chunks: each call a route of its own from here up
+  // Records a worker publishes that are not the result of a task (seq 0): from here up.
+  kFirstSideRoute = 0xFFFF0000,
+  kRouteStdout = kFirstSideRoute + 1,  // text a handler wrote to sys.stdout
+  kRouteStderr = kFirstSideRoute + 2,  // ... to sys.stderr
+  kRouteLog = kFirstSideRoute + 3,     // a logging record
+  kRouteExit = kFirstSideRoute + 4,    // what worker_exit returned as the worker retired
 };
 
 enum TaskFlags : uint32_t {

@@ -61,6 +61,9 @@ class Supervisor {
   bool wait_stopped(int64_t deadline_ns);
   void scale(uint32_t n);
   bool kill_worker(uint32_t id);
+  // Kills the worker running task `seq`, which then ends cancelled (not retried), and
+  // starts a replacement. False when no worker runs it now.
+  bool kill_task(uint64_t seq);
   bool running() const { return thread_.joinable(); }
   uint32_t live_workers() const;
   const SupervisorCounters& counters() const { return counters_; }
@@ -77,6 +80,7 @@ class Supervisor {
     bool stopping = false;    // asked to stop; its exit is not a crash
     uint32_t gen = 0;
     uint64_t timed_out_seq = 0;  // nonzero: killed for running this task past task_timeout
+    uint64_t killed_seq = 0;     // nonzero: killed by kill_task while running this task
     uint32_t start_deaths = 0;   // consecutive deaths before reaching the loop
   };
   struct PendingRingRecovery {
@@ -164,6 +168,7 @@ class Supervisor {
 
   mutable std::mutex mutex_;  // commands and errors from other threads
   std::deque<uint32_t> kill_requests_;
+  std::deque<std::pair<uint32_t, uint64_t>> task_kills_;  // kill_task: (worker, seq)
   bool scale_pending_ = false;
   bool started_ = false;
   std::condition_variable started_cv_;  // start() waits on the first spawn round

@@ -4,6 +4,7 @@
 // same loop runs Python handlers (bindings) and C++ ones (tests).
 #pragma once
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/syscall.h>
@@ -11,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -53,6 +55,33 @@ class OwnerWatch {
  private:
   int fd_ = -1;
   bool dead_ = false;
+};
+
+// A process's own resident memory: its RSS less the pages it shares with other processes
+// (the app's segment, shared libraries, mapped files), read from /proc/self/statm.
+class ResidentMemory {
+ public:
+  ResidentMemory() : fd_(open("/proc/self/statm", O_RDONLY | O_CLOEXEC)), page_(sysconf(_SC_PAGESIZE)) {}
+  ~ResidentMemory() {
+    if (fd_ >= 0) close(fd_);
+  }
+  ResidentMemory(const ResidentMemory&) = delete;
+  ResidentMemory& operator=(const ResidentMemory&) = delete;
+
+  // 0 when it cannot be read.
+  uint64_t bytes() const {
+    char buf[160];
+    ssize_t n = fd_ >= 0 ? pread(fd_, buf, sizeof buf - 1, 0) : -1;
+    if (n <= 0) return 0;
+    buf[n] = '\0';
+    unsigned long long size = 0, resident = 0, shared = 0;
+    if (std::sscanf(buf, "%llu %llu %llu", &size, &resident, &shared) != 3 || shared > resident) return 0;
+    return (resident - shared) * static_cast<uint64_t>(page_);
+  }
+
+ private:
+  int fd_;
+  long page_;
 };
 
 // What a Runner is given for one task. `slot` is the worker's private copy (meta filled in).
@@ -113,6 +142,11 @@ constexpr int64_t kResultWaitNs = 10'000'000'000;
 // within it starts without a wake-up, and its producer pays no futex syscall. (Idle, a
 // worker wakes every 250 ms, so this costs it 0.02% of a core.)
 constexpr int64_t kIdleSpinNs = MPOP_IDLE_SPIN_NS;
+// With max_worker_memory, a worker reads its memory after every kMemoryCheckTasks tasks,
+// or after a task once kMemoryCheckNs have passed since the last reading: one system call
+// per 64 fast tasks, and one per task for tasks of 100 ms or more.
+constexpr uint32_t kMemoryCheckTasks = 64;
+constexpr int64_t kMemoryCheckNs = 100'000'000;
 
 enum class WorkerExit { kShutdown, kStopRequested, kRecycled, kOwnerDied, kInterrupted };
 
@@ -136,6 +170,7 @@ inline const char* to_string(WorkerExit e) {
 //   const std::vector<ExternalPiece>* value_pieces();  -- data `value` leaves in place
 //   bool args_pinned();       -- the handler kept a view of its pooled arguments
 //   void after_publish();     -- the result is out: let go of what it was copied from
+//   void on_idle();           -- nothing to run: about to sleep (between publications)
 //
 // One worker's life in the loop, in named steps: claim a range into the local queue, then
 // for each of its tasks start it, run it, publish its result and mark it done; sleep when
@@ -161,6 +196,7 @@ class WorkerSession {
         timing_(cfg_.max_performance == 0),
         has_meta_(cfg_.slot.meta_len >= sizeof(TaskMeta)) {
     value_.reserve(4096);
+    if (cfg_.max_worker_memory) memory_.emplace();
   }
   WorkerSession(const WorkerSession&) = delete;
   WorkerSession& operator=(const WorkerSession&) = delete;
@@ -181,6 +217,9 @@ class WorkerSession {
         run_task(t);
         if (!publish(t)) return exit_with(WorkerExit::kOwnerDied);
         mark_done(t);
+        // Over max_worker_memory: recycled now. The tasks of this claim that have not
+        // started stay in the local queue, and the supervisor hands them back to the ring.
+        if (over_memory_cap()) return exit_with(WorkerExit::kRecycled);
       }
       end_batch();
     }
@@ -217,6 +256,19 @@ class WorkerSession {
     rec_.tasks_this_life.store(0, std::memory_order_relaxed);
     rec_.state.store(static_cast<uint32_t>(WorkerState::kIdle), std::memory_order_release);
     idle_since_ = monotonic_ns();
+    last_memory_check_ns_ = idle_since_;
+  }
+
+  // Whether the worker's own memory is past max_worker_memory, read at most as often as
+  // kMemoryCheckTasks and kMemoryCheckNs allow (no system call per fast task).
+  bool over_memory_cap() {
+    if (!memory_) return false;
+    const int64_t now = monotonic_ns();
+    if (++tasks_since_memory_check_ < kMemoryCheckTasks && now - last_memory_check_ns_ < kMemoryCheckNs)
+      return false;
+    tasks_since_memory_check_ = 0;
+    last_memory_check_ns_ = now;
+    return memory_->bytes() > cfg_.max_worker_memory;
   }
 
   // Why the worker must leave before its next claim, if it must; else sets `want` to how
@@ -267,6 +319,7 @@ class WorkerSession {
   bool sleep_while_idle() {
     if (!owner_.alive()) return false;
     maybe_fault(hdr_, FaultStep::kIdle);
+    if constexpr (requires { runner_.on_idle(); }) runner_.on_idle();
     runner_.before_sleep();
     // One idle worker at a time spins before sleeping; the others sleep at once.
     tasks_.spin_then_wait(id_ + 1, kIdleSpinNs, monotonic_ns() + 250'000'000,
@@ -542,6 +595,9 @@ class WorkerSession {
   const bool has_meta_;
   std::vector<uint8_t> value_;  // the running task's encoded value
   int64_t idle_since_ = 0;
+  std::optional<ResidentMemory> memory_;  // with max_worker_memory only
+  uint32_t tasks_since_memory_check_ = 0;
+  int64_t last_memory_check_ns_ = 0;
 };
 
 template <class Runner>

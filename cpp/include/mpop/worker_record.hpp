@@ -34,7 +34,8 @@ struct alignas(kCacheLine) WorkerRecord {
   std::atomic<int32_t> pid{0};
   std::atomic<uint32_t> generation{0};  // bumped on every (re)spawn in this record
   std::atomic<uint32_t> stop_request{0};  // 1 = finish the local queue, then exit
-  std::atomic<uint32_t> restarts{0};
+  std::atomic<uint32_t> restarts{0};  // replacements after a crash, a kill or a timeout
+  std::atomic<uint32_t> recycled{0};  // replacements by max_tasks_per_worker or max_worker_memory
   uint32_t id = 0;
 
   ClaimState claim;  // the claim window on the task ring
@@ -67,7 +68,7 @@ struct alignas(kCacheLine) WorkerRecord {
 
   // Why the last process in this record could not start (set by the worker before it
   // exits), so the owner can raise it instead of respawning forever.
-  alignas(kCacheLine) char start_error[1024] = {};
+  alignas(kCacheLine) char start_error[4096] = {};
 };
 
 // Geometry of the records region: `count` records of `stride` bytes, each followed by its
