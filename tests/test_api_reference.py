@@ -4,6 +4,7 @@ public method of MpopApi and Executor with the signature the code has."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 from pathlib import Path
@@ -123,3 +124,10 @@ def test_api_md_gives_every_mpop_api_method_with_its_signature():
         elif documented[name] != want:
             problems.append(f"MpopApi.{name}: docs/api.md says ({documented[name]}), the code ({want})")
     assert not problems, "\n".join(problems)
+
+
+def test_api_md_lists_mpop_all_as_it_is():
+    text = API_MD.read_text()
+    m = re.search(r"mpop\.__all__ = (\[.*?\])", text, re.S)
+    assert m, "docs/api.md does not show mpop.__all__"
+    assert ast.literal_eval(m.group(1)) == list(mpop.__all__)

@@ -91,3 +91,69 @@ def test_notebook_end_to_end(monkeypatch, tmp_path):
     assert any("mpop workers" in _text(o) for o in displays), displays
     assert "display-run [1, 2, 3]" in outs[8]
     assert "progress 145" in outs[9]
+
+
+OUTPUT_CELLS = [
+    # 0
+    f"import sys, logging\nsys.path.insert(0, {str(PYDIR)!r})\nimport mpop",
+    # 1: the notebook's own logging configuration (a handler on the kernel's stderr)
+    "logging.basicConfig(level=logging.WARNING, format='LOG %(levelname)s %(name)s %(message)s')",
+    # 2: handlers defined in a cell
+    "def loud(x):\n"
+    "    print(f'worker prints {x}')\n"
+    "    sys.stderr.write(f'worker err {x}\\n')\n"
+    "    return 2 * x\n"
+    "\n"
+    "def logs(x):\n"
+    "    logging.getLogger('nbworker').warning('worker logged %s', x)\n"
+    "    return x",
+    # 3
+    "app = mpop.MpopApi(workers=1, auto_terminate=False)\n"
+    "print('result', app.submit(loud, 1).result(timeout=60))",
+    # 4: a later cell (the app and its threads were made in another one)
+    "print('result', app.submit(loud, 2).result(timeout=60))",
+    # 5
+    "print('logged', app.submit(logs, 3).result(timeout=60))",
+    # 6
+    "print('map', list(app.map(loud, [4, 5])))",
+    # 7
+    "app.enqueue(loud, args=(6,))\n"
+    "print('run', app.run().values())",
+    # 8
+    "app.shutdown()",
+]
+
+
+def _streams(cell, name: str) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs
+                   if o.get("output_type") == "stream" and o.get("name") == name)
+
+
+def test_notebook_cells_show_worker_output_and_logging(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PYDIR), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in OUTPUT_CELLS]
+    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        _helpers.SPAWNED.add(client.km.provisioner.process.pid)  # may own segments
+        for index, cell in enumerate(nb.cells):
+            client.execute_cell(cell, index)
+    errors = [o for cell in nb.cells for o in cell.outputs if o.get("output_type") == "error"]
+    assert not errors, errors
+    out = [_streams(cell, "stdout") for cell in nb.cells]
+    err = [_streams(cell, "stderr") for cell in nb.cells]
+    everything = [cell.outputs for cell in nb.cells]
+    # What a task printed is in the output of the cell that ran it, on its stream.
+    assert "worker prints 1\n" in out[3] and "result 2\n" in out[3], everything
+    assert "worker err 1\n" in err[3], everything
+    assert "worker prints 2\n" in out[4] and "result 4\n" in out[4], everything
+    assert "worker err 2\n" in err[4], everything
+    assert "worker prints 4\n" in out[6] and "worker prints 5\n" in out[6], everything
+    assert "map [8, 10]" in out[6], everything
+    assert "worker prints 6\n" in out[7] and "run [12]" in out[7], everything
+    # A worker's log record, handled by the notebook's basicConfig handler, in its cell.
+    assert "LOG WARNING nbworker worker logged 3\n" in err[5], everything
+    assert "logged 3" in out[5], everything
+    # Each text once, in one cell.
+    for text in ("worker prints 1", "worker prints 2", "worker logged 3", "worker prints 6"):
+        assert sum((o + e).count(text) for o, e in zip(out, err)) == 1, (text, everything)

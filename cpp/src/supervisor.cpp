@@ -304,10 +304,13 @@ void Supervisor::on_start_death(uint32_t id, int exit) {
     c.active = false;
     return;
   }
-  rec.restarts.fetch_add(1);
   rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-  if (still_wanted(c)) spawn(id);
-  else c.active = false;
+  if (still_wanted(c)) {
+    rec.restarts.fetch_add(1);  // a replacement: one that is not started is not counted
+    spawn(id);
+  } else {
+    c.active = false;
+  }
 }
 
 void Supervisor::on_crash(uint32_t id) {

@@ -3,7 +3,8 @@
 In a worker, sys.stdout and sys.stderr become WorkerStreams and the root logger's only
 handler a LogShipper. What they are given waits in the worker's Outbox and goes out through
 the native SideChannel (side_channel.hpp) as side messages in the result ring: when 8 KB
-are waiting, when a write comes 0.1 s or more after the first one still waiting, on
+are waiting, when a line (or log record) ends 0.1 s or more after the first write still
+waiting, on
 flush(), after each task and before the worker sleeps. So a hot loop of print() costs no
 system call per line, and a line flushed before the worker is killed has already left.
 Only the worker's main thread sends (it alone publishes into the ring between tasks);
@@ -49,6 +50,8 @@ class Outbox:
         self.fds = {ROUTE_STDOUT: 1, ROUTE_STDERR: 2}
 
     def put(self, route: int, item: Any, nbytes: int) -> None:
+        """Adds one item. Past the delay, a write that ends a line sends (print() writes
+        its text and its newline apart: the line goes out whole)."""
         now = time.monotonic()
         with self.lock:
             if not self.items:
@@ -56,7 +59,8 @@ class Outbox:
                 self.side.mark_pending()  # the worker loop sends it after the task
             self.items.append((route, item))
             self.size += nbytes
-            due = self.size >= self.SEND_BYTES or now - self.first >= self.SEND_DELAY_S
+            due = self.size >= self.SEND_BYTES or (
+                now - self.first >= self.SEND_DELAY_S and (route == ROUTE_LOG or item.endswith("\n")))
         if due:
             if threading.get_ident() == self.main:
                 self.flush()

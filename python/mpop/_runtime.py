@@ -172,7 +172,8 @@ class Runtime:
             if self.forkserver is not None:
                 self.forkserver.close()
             self.failed = True
-            raise startup_error(str(e)) from None
+            err = startup_error(str(e))
+            raise err from err.__cause__  # the worker's traceback, if it sent one
         self.supervisor = sup
         self.producer.start_feeding()
         self.router.start_background()
