@@ -32,6 +32,7 @@
 #include "mpop/codec.hpp"
 #include "mpop/collector.hpp"
 #include "mpop/producer.hpp"
+#include "mpop/side_channel.hpp"
 #include "mpop/supervisor.hpp"
 #include "mpop/worker_loop.hpp"
 #include "test_support.hpp"
@@ -156,14 +157,34 @@ class TestRunner {
   std::vector<uint8_t> blob_;
 };
 
-// The worker process: `<exe> --mpop-worker <segment> <id>`.
+// What a worker that says hello (PoolSetup::hello_bytes) writes to its stdout side route
+// before its loop, and what one that says goodbye sends as its exit value after it.
+uint8_t hello_byte(uint32_t id, uint32_t j) { return static_cast<uint8_t>(id * 59 + j * 13 + j / 256 + 5); }
+std::string goodbye_text(uint32_t id, uint32_t gen, WorkerExit e) {
+  return std::to_string(id) + "/" + std::to_string(gen) + " " + to_string(e);
+}
+
+// The worker process: `<exe> --mpop-worker <segment> <id> [<hello bytes> <goodbye 0|1>]`.
 [[noreturn]] void worker_main(int argc, char** argv) {
   if (argc < 4) _exit(2);
   try {
     auto seg = Segment::attach(argv[2]);
     uint32_t id = static_cast<uint32_t>(std::stoul(argv[3]));
+    const uint32_t hello = argc >= 6 ? static_cast<uint32_t>(std::stoul(argv[4])) : 0;
+    const bool goodbye = argc >= 6 && std::strcmp(argv[5], "1") == 0;
+    if (hello) {  // as an initializer's output: before the loop, still starting
+      std::vector<uint8_t> msg(hello);
+      for (uint32_t j = 0; j < hello; ++j) msg[j] = hello_byte(id, j);
+      SideChannel side(*seg, id);
+      if (!side.send(kRouteStdout, msg.data(), msg.size())) _exit(4);
+    }
     TestRunner runner(*seg);
     WorkerExit e = run_worker(*seg, id, runner);
+    if (goodbye && e != WorkerExit::kOwnerDied) {  // as worker_exit's value
+      std::string bye = goodbye_text(id, seg->workers().record(id).generation.load(), e);
+      SideChannel side(*seg, id);
+      side.send(kRouteExit, reinterpret_cast<const uint8_t*>(bye.data()), bye.size());
+    }
     seg->leave(e == WorkerExit::kOwnerDied);
   } catch (...) {
     _exit(3);
@@ -207,6 +228,13 @@ struct Book {
   size_t received = 0;
   std::atomic<size_t> progress{0};
   std::vector<std::string> strays;
+  // Whole side messages (worker output, exit values), in the order they came.
+  struct Side {
+    uint32_t route;
+    uint16_t worker;
+    std::string data;
+  };
+  std::vector<Side> side;
 
   explicit Book(std::vector<Task> t)
       : tasks(std::move(t)),
@@ -217,6 +245,15 @@ struct Book {
         order(tasks.size(), SIZE_MAX) {}
   size_t size() const { return tasks.size(); }
 
+  // What the collector hands on: a task's result, or a whole side message.
+  void on_record(const ResultHeader& h, const uint8_t* v, uint32_t len) {
+    if (h.route >= kFirstSideRoute) {
+      side.push_back({h.route, h.worker_id, std::string(reinterpret_cast<const char*>(v), len)});
+      if (h.seq != 0) strays.push_back("a side message with seq " + std::to_string(h.seq));
+      return;
+    }
+    on_result(h, v, len);
+  }
   void on_result(const ResultHeader& h, const uint8_t* v, uint32_t len) {
     if (h.tsk_id >= tasks.size()) {
       strays.push_back("result for unknown tsk_id " + std::to_string(h.tsk_id));
@@ -274,6 +311,9 @@ struct PoolSetup {
   uint32_t result_slots = 1024;
   uint64_t pool_bytes = 8ull << 20;
   uint64_t max_tasks_per_worker = 0;
+  uint64_t max_worker_memory = 0;
+  uint32_t hello_bytes = 0;  // each worker writes this many bytes to stdout before its loop
+  bool goodbye = false;      // each worker sends an exit value (goodbye_text) after its loop
 };
 
 // A segment, its producer, collector and supervisor, and a thread that submits a Book.
@@ -289,7 +329,10 @@ class Pool {
     c.pool_bytes = s.pool_bytes;
     c.registry_bytes = 4096;
     c.max_tasks_per_worker = s.max_tasks_per_worker;
+    c.max_worker_memory = s.max_worker_memory;
     seg_ = Segment::create(prefix, c);
+    hello_ = std::to_string(s.hello_bytes);
+    goodbye_ = s.goodbye ? "1" : "0";
     name_ = seg_->name();
     producer_ = std::make_unique<Producer>(*seg_);
     collector_ = std::make_unique<Collector>(*seg_);
@@ -315,6 +358,7 @@ class Pool {
   Segment& seg() { return *seg_; }
   Producer& producer() { return *producer_; }
   Supervisor& sup() { return *sup_; }
+  Collector& collector() { return *collector_; }
   const SupervisorCounters& counters() { return sup_->counters(); }
   WorkerRecord& record(uint32_t id) { return seg_->workers().record(id); }
   uint32_t worker_count() const { return seg_->workers().count; }
@@ -380,7 +424,7 @@ class Pool {
     int64_t deadline = monotonic_ns() + timeout_ns;
     while (b.received < want && monotonic_ns() < deadline) {
       collector_->drain(4096, monotonic_ns() + 20 * kMs,
-                        [&](const ResultHeader& h, const uint8_t* v, uint32_t len) { b.on_result(h, v, len); },
+                        [&](const ResultHeader& h, const uint8_t* v, uint32_t len) { b.on_record(h, v, len); },
                         [] { return false; });
     }
     return b.received >= want;
@@ -391,7 +435,7 @@ class Pool {
     while (monotonic_ns() < until) {
       size_t n = collector_->drain(
           4096, monotonic_ns() + 10 * kMs,
-          [&](const ResultHeader& h, const uint8_t* v, uint32_t len) { b.on_result(h, v, len); },
+          [&](const ResultHeader& h, const uint8_t* v, uint32_t len) { b.on_record(h, v, len); },
           [] { return false; });
       if (n) until = monotonic_ns() + quiet_ns;
     }
@@ -406,13 +450,19 @@ class Pool {
     for (uint32_t i = 0; i < worker_count(); ++i) n += record(i).restarts.load();
     return n;
   }
+  uint64_t sum_recycled() {
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < worker_count(); ++i) n += record(i).recycled.load();
+    return n;
+  }
 
  private:
   // SupervisorOptions::spawn: fork + exec of this executable as a worker. Only
   // async-signal-safe calls between fork and exec: the parent has other threads.
   pid_t spawn(uint32_t id) {
     std::string ids = std::to_string(id);
-    const char* argv[] = {"/proc/self/exe", "--mpop-worker", name_.c_str(), ids.c_str(), nullptr};
+    const char* argv[] = {"/proc/self/exe", "--mpop-worker", name_.c_str(), ids.c_str(),
+                          hello_.c_str(), goodbye_.c_str(), nullptr};
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid == 0) {
@@ -433,6 +483,7 @@ class Pool {
 
   std::unique_ptr<Segment> seg_;
   std::string name_;
+  std::string hello_, goodbye_;  // the workers' extra arguments
   std::unique_ptr<Producer> producer_;
   std::unique_ptr<Collector> collector_;
   std::unique_ptr<Supervisor> sup_;
@@ -620,9 +671,13 @@ TEST_F(SupervisorTest, PlainRunDeliversEveryResultOnce) {
   EXPECT_EQ(t.by_attempts[1], b.size());
   EXPECT_EQ(p.counters().crashes.load(), 0u);
   EXPECT_EQ(p.counters().spawn_failures.load(), 0u);
-  // Both workers ran tasks, and between them exactly the book.
+  // Both workers ran tasks, and between them exactly the book. (A worker counts a task
+  // after its result is out: the last count may come after the collector has the result.)
   uint64_t completed = 0;
-  for (uint32_t i = 0; i < 2; ++i) completed += p.record(i).completed.load();
+  EXPECT_TRUE(eventually([&] {
+    completed = p.record(0).completed.load() + p.record(1).completed.load();
+    return completed >= b.size();
+  }));
   EXPECT_EQ(completed, b.size());
   EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }))
       << p.seg().pool().used_bytes() << " pool bytes still in use";
@@ -726,6 +781,8 @@ TEST_P(FaultTest, RecoversExactlyWhatTheDeadWorkerHeld) {
   } else {
     EXPECT_EQ(c.recovered_from_ring.load(), 0u);
   }
+  // The supervisor counts the crash first and the restart last in its handling of it.
+  EXPECT_TRUE(eventually([&] { return p.sum_restarts() >= rounds; }));
   EXPECT_EQ(p.sum_restarts(), rounds);
   // Whatever the dead worker held in the pool was reclaimed (or handed on) exactly once.
   EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == pool_before; }, 5 * kSec))
@@ -954,6 +1011,304 @@ TEST_F(SupervisorTest, RecycledWorkersAreReplacedWithoutCountingCrashes) {
   EXPECT_EQ(p.sum_restarts(), 0u);
   p.sup().stop(true, 10 * kSec);
   EXPECT_EQ(p.counters().crashes.load(), 0u);
+  EXPECT_EQ(p.seg().pool().used_bytes(), 0u);
+}
+
+// ---- recycling (max_worker_memory) ---------------------------------------------------------
+
+// The side messages of a book on `route`, as strings.
+std::vector<std::string> side_on(const Book& b, uint32_t route) {
+  std::vector<std::string> out;
+  for (const Book::Side& m : b.side)
+    if (m.route == route) out.push_back(m.data);
+  return out;
+}
+
+// The goodbyes a worker's lives sent, in order: each of lives 1..gen-1 was recycled, and the
+// last one left for the stop (or was recycled as it came, and not replaced).
+void expect_goodbyes(const Book& b, uint32_t id, uint32_t gen) {
+  std::vector<std::string> got;
+  const std::string mine = std::to_string(id) + "/";
+  for (const Book::Side& m : b.side)
+    if (m.route == kRouteExit && m.worker == id) got.push_back(m.data);
+  ASSERT_EQ(got.size(), gen) << "worker " << id;
+  for (uint32_t g = 1; g <= gen; ++g) {
+    const std::string& m = got[g - 1];
+    if (g < gen || m == goodbye_text(id, g, WorkerExit::kRecycled)) {
+      EXPECT_EQ(m, goodbye_text(id, g, WorkerExit::kRecycled)) << "worker " << id << " life " << g;
+    } else {
+      EXPECT_EQ(m, goodbye_text(id, g, WorkerExit::kStopRequested)) << "worker " << id << " life " << g;
+    }
+  }
+}
+
+// A cap of 1 byte: every reading of a worker's memory is over it, so each life ends at its
+// first reading, after kMemoryCheckTasks tasks (or sooner, once kMemoryCheckNs passed): in
+// the middle of a claim of 10. The tasks of that claim it had not started go back to the
+// ring uncharged, and its replacement counts as recycled, not as a restart.
+TEST_F(SupervisorTest, AWorkerOverItsMemoryCapIsRecycledMidClaimAndItsClaimIsHandedBack) {
+  static_assert(kMemoryCheckTasks % 10 != 0, "a life must end in the middle of a claim");
+  PoolSetup s;
+  s.workers = 1;
+  s.batch = 10;
+  s.queue_slots = 4096;
+  s.max_worker_memory = 1;
+  s.goodbye = true;
+  Pool p(prefix, s);
+  const size_t n = scaled(2000, 500);
+  Book b(mixed_tasks(n, 0, 7, 11));
+  // Everything is in the ring before the worker starts, so that every claim takes 10 tasks
+  // and one worker's results come in seq order, but for tasks handed back.
+  ASSERT_TRUE(p.submit_range(b, 0, n));
+  p.producer().start_feeding();
+  ASSERT_TRUE(eventually([&] { return p.producer().backlog_size() == 0; }));
+  ASSERT_EQ(p.seg().tasks().size(), n);
+  p.sup().start();
+  ASSERT_TRUE(p.collect(b, n, 90 * kSec)) << describe(tally(b), p);
+
+  EXPECT_ALL_OK(b, p);
+  Tally t = tally(b);
+  EXPECT_EQ(t.by_attempts[1], n) << describe(t, p);  // nothing charged
+  EXPECT_EQ(p.collector().completed(), n);
+  const SupervisorCounters& c = p.counters();
+  EXPECT_EQ(c.crashes.load(), 0u);
+  EXPECT_EQ(c.retries.load(), 0u);
+  EXPECT_EQ(c.crashed_tasks.load(), 0u);
+  EXPECT_EQ(c.recovered_from_ring.load(), 0u);
+  WorkerRecord& rec = p.record(0);
+  EXPECT_EQ(rec.restarts.load(), 0u);
+  // Each life ran at most kMemoryCheckTasks tasks.
+  EXPECT_GE(rec.recycled.load(), n / kMemoryCheckTasks - 1);
+  // Tasks handed back came after later ones: a result out of seq order.
+  size_t handed_back = 0;
+  for (size_t i = 0; i + 1 < n; ++i) handed_back += b.order[i] > b.order[i + 1];
+  EXPECT_GT(handed_back, 0u) << "no life ended in the middle of a claim";
+  EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }, 5 * kSec))
+      << p.seg().pool().used_bytes() << " pool bytes still in use";
+
+  p.sup().stop(true, 10 * kSec);
+  p.collect_rest(b);
+  EXPECT_EQ(c.crashes.load(), 0u);
+  const uint32_t gen = rec.generation.load();
+  EXPECT_EQ(rec.recycled.load(), gen - 1u);
+  EXPECT_EQ(rec.restarts.load(), 0u);
+  EXPECT_EQ(rec.completed.load(), n);  // (counted after the result is out: exact once stopped)
+  // Every life left through the loop's exit, and its exit value reached the owner.
+  expect_goodbyes(b, 0, gen);
+  EXPECT_EQ(p.collector().completed(), n);  // the side messages counted for nothing
+  EXPECT_TRUE(b.strays.empty()) << b.strays.front();
+  std::cout << "[          ] " << gen << " lives, " << handed_back << " results out of order\n";
+}
+
+// The same with three workers fed while they run, through a ring smaller than the work, each
+// life writing some output before its loop: no task lost, repeated or charged.
+TEST_F(SupervisorTest, RecyclingForMemoryUnderLoadLosesAndChargesNothing) {
+  PoolSetup s;
+  s.workers = 3;
+  s.batch = 7;
+  s.queue_slots = 512;
+  s.max_worker_memory = 1;
+  s.hello_bytes = 2 * kResultInlineBytes + 10;  // three pieces
+  s.goodbye = true;
+  Pool p(prefix, s);
+  Book b(mixed_tasks(scaled(6000, 1500), 20, 9, 13));
+  p.start();
+  p.submit_async(b);
+  ASSERT_TRUE(p.collect(b, b.size(), 90 * kSec)) << describe(tally(b), p);
+  ASSERT_TRUE(p.join_submitter());
+  EXPECT_ALL_OK(b, p);
+  Tally t = tally(b);
+  EXPECT_EQ(t.by_attempts[1], b.size()) << describe(t, p);
+  EXPECT_EQ(p.collector().completed(), b.size());
+  const SupervisorCounters& c = p.counters();
+  EXPECT_EQ(c.crashes.load(), 0u);
+  EXPECT_EQ(c.retries.load(), 0u);
+  EXPECT_EQ(c.crashed_tasks.load(), 0u);
+  EXPECT_EQ(p.sum_restarts(), 0u);
+  EXPECT_GE(p.sum_recycled(), b.size() / kMemoryCheckTasks - 3);
+  EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }, 5 * kSec))
+      << p.seg().pool().used_bytes() << " pool bytes still in use";
+
+  p.sup().stop(true, 10 * kSec);
+  p.collect_rest(b);
+  EXPECT_EQ(c.crashes.load(), 0u);
+  EXPECT_EQ(p.sum_restarts(), 0u);
+  uint64_t lives = 0;
+  for (uint32_t id = 0; id < 3; ++id) {
+    const uint32_t gen = p.record(id).generation.load();
+    lives += gen;
+    EXPECT_EQ(p.record(id).recycled.load(), gen - 1u) << "worker " << id;
+    expect_goodbyes(b, id, gen);
+  }
+  // Every life's output came whole.
+  std::vector<std::string> hellos = side_on(b, kRouteStdout);
+  EXPECT_EQ(hellos.size(), lives);
+  size_t bad = 0;
+  for (const Book::Side& m : b.side) {
+    if (m.route != kRouteStdout) continue;
+    std::string want(s.hello_bytes, '\0');
+    for (uint32_t j = 0; j < s.hello_bytes; ++j) want[j] = static_cast<char>(hello_byte(m.worker, j));
+    bad += m.data != want;
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(p.collector().completed(), b.size());
+  EXPECT_TRUE(b.strays.empty()) << b.strays.front();
+  std::cout << "[          ] " << lives << " lives\n";
+}
+
+// ---- kill_task ---------------------------------------------------------------------------------
+
+// kill_task(seq) kills the worker running that task: the task ends cancelled and is not run
+// again; the rest of that worker's claim goes back to the ring uncharged; a seq that no
+// worker runs (queued, claimed and waiting, done, unknown) kills nothing.
+TEST_F(SupervisorTest, KillTaskCancelsTheRunningTaskAndHandsBackTheRestOfItsClaim) {
+  PoolSetup s;
+  s.workers = 1;
+  s.batch = 16;
+  s.goodbye = true;
+  Pool p(prefix, s);
+  constexpr size_t kN = 200, kSlowAt = 3;
+  Book b(mixed_tasks(kN, 0, 7, 11));
+  b.tasks[kSlowAt].delay_us = 120'000'000;  // two minutes: only the kill ends it
+  // Everything in the ring before the worker starts: its first claim is tasks 0..15.
+  ASSERT_TRUE(p.submit_range(b, 0, kN));
+  p.producer().start_feeding();
+  ASSERT_TRUE(eventually([&] { return p.producer().backlog_size() == 0; }));
+  ASSERT_EQ(p.seg().tasks().size(), kN);
+  EXPECT_FALSE(p.sup().kill_task(b.seq[kSlowAt]));  // no worker yet
+  p.sup().start();
+  WorkerRecord& rec = p.record(0);
+  const uint64_t slow = b.seq[kSlowAt];
+  ASSERT_TRUE(eventually([&] { return rec.running_since_ns.load() != 0 && rec.running_seq.load() == slow; }));
+  ASSERT_TRUE(p.collect(b, kSlowAt)) << describe(tally(b), p);
+  EXPECT_EQ(rec.local_count.load(), 16u);
+
+  EXPECT_FALSE(p.sup().kill_task(0));
+  EXPECT_FALSE(p.sup().kill_task(b.seq[0]));            // done
+  EXPECT_FALSE(p.sup().kill_task(b.seq[kSlowAt + 1]));  // claimed, waiting in the local queue
+  EXPECT_FALSE(p.sup().kill_task(b.seq[kN - 1]));       // in the ring
+  EXPECT_FALSE(p.sup().kill_task(b.seq[kN - 1] + 1000));  // no such task
+  ASSERT_TRUE(p.sup().kill_task(slow));
+  ASSERT_TRUE(p.collect(b, kN, 60 * kSec)) << describe(tally(b), p);
+  p.collect_rest(b);
+
+  Tally t = tally(b);
+  EXPECT_EQ(t.ok, kN - 1) << describe(t, p);
+  EXPECT_EQ(t.missing + t.duplicated + t.wrong, 0u) << describe(t, p);
+  EXPECT_EQ(b.count[kSlowAt], 1u);
+  EXPECT_EQ(b.first[kSlowAt].status, ResultStatus::kCancelled);
+  EXPECT_EQ(b.first[kSlowAt].seq, slow);
+  EXPECT_LE(b.first[kSlowAt].attempts, 1u);  // not charged a retry
+  for (size_t i = 0; i < kN; ++i)
+    if (i != kSlowAt) {
+      EXPECT_EQ(b.first[i].attempts, 1u) << "task " << i;
+    }
+  // Tasks 4..15 waited in the killed worker's local queue: back to the ring, behind
+  // everything else, uncharged.
+  for (size_t i = kSlowAt + 1; i < 16; ++i) {
+    EXPECT_GT(b.order[i], b.order[kN - 1]) << "task " << i << " was not handed back";
+  }
+  EXPECT_EQ(p.collector().completed(), kN);
+  const SupervisorCounters& c = p.counters();
+  EXPECT_EQ(c.crashes.load(), 1u);
+  EXPECT_EQ(c.retries.load(), 0u);
+  EXPECT_EQ(c.timeouts.load(), 0u);
+  EXPECT_EQ(c.crashed_tasks.load(), 0u);
+  EXPECT_EQ(rec.restarts.load(), 1u);
+  EXPECT_EQ(rec.recycled.load(), 0u);
+  EXPECT_EQ(rec.generation.load(), 2u);
+  EXPECT_FALSE(p.sup().kill_task(slow));  // over
+  ASSERT_TRUE(eventually([&] { return p.sup().live_workers() == 1; }));
+  EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }, 5 * kSec))
+      << p.seg().pool().used_bytes() << " pool bytes still in use";
+  p.sup().stop(true, 10 * kSec);
+  p.collect_rest(b);
+  EXPECT_EQ(c.crashes.load(), 1u);
+  // Only the replacement left through its loop (the killed one sent nothing).
+  EXPECT_EQ(side_on(b, kRouteExit), std::vector<std::string>{goodbye_text(0, 2, WorkerExit::kStopRequested)});
+  EXPECT_EQ(b.count[kSlowAt], 1u);
+}
+
+// kill_task with several workers and tasks that each take a while: the killed task alone
+// ends cancelled, whichever worker ran it, and nothing else is charged or lost.
+TEST_F(SupervisorTest, KillTaskAmongSeveralWorkersEndsOnlyThatTask) {
+  PoolSetup s;
+  s.workers = 3;
+  s.batch = 4;
+  Pool p(prefix, s);
+  constexpr size_t kN = 600, kSlowAt = 100;
+  Book b(mixed_tasks(kN, 300, 7, 11));
+  b.tasks[kSlowAt].delay_us = 120'000'000;
+  p.start();
+  p.submit_async(b);
+  ASSERT_TRUE(eventually([&] { return b.seq[kSlowAt].load() != 0; }));
+  const uint64_t slow = b.seq[kSlowAt];
+  // Collect while waiting for a worker to start it.
+  uint32_t runner_id = UINT32_MAX;
+  int64_t deadline = monotonic_ns() + kPatienceNs;
+  while (runner_id == UINT32_MAX && monotonic_ns() < deadline) {
+    p.collect(b, b.received + 1, 10 * kMs);
+    for (uint32_t id = 0; id < 3; ++id)
+      if (p.record(id).running_since_ns.load() != 0 && p.record(id).running_seq.load() == slow) runner_id = id;
+  }
+  ASSERT_NE(runner_id, UINT32_MAX) << "no worker started the slow task";
+  ASSERT_TRUE(p.sup().kill_task(slow));
+  ASSERT_TRUE(p.collect(b, kN, 60 * kSec)) << describe(tally(b), p);
+  ASSERT_TRUE(p.join_submitter());
+  p.collect_rest(b);
+  Tally t = tally(b);
+  EXPECT_EQ(t.ok, kN - 1) << describe(t, p);
+  EXPECT_EQ(t.missing + t.duplicated + t.wrong, 0u) << describe(t, p);
+  EXPECT_EQ(b.first[kSlowAt].status, ResultStatus::kCancelled);
+  EXPECT_EQ(t.by_attempts[1], kN - 1) << describe(t, p);
+  const SupervisorCounters& c = p.counters();
+  EXPECT_EQ(c.crashes.load(), 1u);
+  EXPECT_EQ(c.retries.load(), 0u);
+  EXPECT_EQ(c.crashed_tasks.load(), 0u);
+  EXPECT_EQ(p.record(runner_id).restarts.load(), 1u);
+  EXPECT_EQ(p.sum_restarts(), 1u);
+  EXPECT_EQ(p.collector().completed(), kN);
+  ASSERT_TRUE(eventually([&] { return p.sup().live_workers() == 3; }));
+  p.sup().stop(true, 10 * kSec);
+  EXPECT_EQ(p.seg().pool().used_bytes(), 0u);
+}
+
+// ---- output before the loop ----------------------------------------------------------------------
+
+// A worker that dies while it writes output before its loop (an initializer's print, say)
+// leaves a result cell reserved and never written. The supervisor voids it, so the owner's
+// collector gets past it; the dead worker's half message never reaches the owner, and its
+// replacement's message does, whole.
+TEST_F(SupervisorTest, AWorkerThatDiesMidMessageBeforeItsLoopLeavesTheResultRingUsable) {
+  PoolSetup s;
+  s.workers = 1;
+  s.hello_bytes = 5000;  // 30 pieces
+  s.goodbye = true;
+  Pool p(prefix, s);
+  ASSERT_GT(s.hello_bytes, 10 * kResultInlineBytes);
+  arm(p.seg(), FaultStep::kPublishReserved, 10);  // dies with its 10th piece's cell reserved
+  Book b(mixed_tasks(300, 0, 7, 11));
+  p.start();
+  p.submit_async(b);
+  ASSERT_TRUE(p.collect(b, b.size(), 60 * kSec)) << describe(tally(b), p);
+  ASSERT_TRUE(p.join_submitter());
+  EXPECT_ALL_OK(b, p);
+  EXPECT_EQ(p.seg().header().fault_step.load(), 0u) << "the fault did not fire";
+  EXPECT_EQ(p.record(0).generation.load(), 2u);
+  EXPECT_EQ(p.record(0).restarts.load(), 1u);
+  EXPECT_TRUE(p.sup().last_error().empty()) << p.sup().last_error();
+  EXPECT_EQ(p.collector().completed(), b.size());
+  p.sup().stop(true, 10 * kSec);
+  p.collect_rest(b);
+
+  std::string hello(s.hello_bytes, '\0');
+  for (uint32_t j = 0; j < s.hello_bytes; ++j) hello[j] = static_cast<char>(hello_byte(0, j));
+  std::vector<std::string> out = side_on(b, kRouteStdout);
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].size(), hello.size());
+  EXPECT_TRUE(out[0] == hello) << "the message is not the replacement's whole message";
+  EXPECT_EQ(side_on(b, kRouteExit), std::vector<std::string>{goodbye_text(0, 2, WorkerExit::kStopRequested)});
+  EXPECT_EQ(b.side.size(), 2u);
   EXPECT_EQ(p.seg().pool().used_bytes(), 0u);
 }
 

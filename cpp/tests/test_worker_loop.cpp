@@ -13,6 +13,7 @@
 
 #include "mpop/collector.hpp"
 #include "mpop/producer.hpp"
+#include "mpop/side_channel.hpp"
 #include "mpop/worker_loop.hpp"
 #include "test_support.hpp"
 
@@ -47,11 +48,13 @@ struct StepRunner {
   int calls = 0;
   size_t blob_len = 0;
   bool interrupt = false;
+  int interrupt_after = 0;  // > 0: leave the loop (interrupted) once this many tasks ran
   std::vector<std::string> failures;
   std::vector<uint8_t> blob;
 
   ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
     ++calls;
+    if (interrupt_after && calls >= interrupt_after) interrupt = true;
     StreamWriter w(value);
     if (blob_len) {
       blob.assign(blob_len, 0x5a);
@@ -331,6 +334,416 @@ TEST_F(WorkerSessionTest, AValueLargerThanThePoolFailsItsTaskWithAnInlineError) 
   ASSERT_EQ(it.tag, Tag::kStr);
   EXPECT_EQ(std::string(reinterpret_cast<const char*>(it.data), it.len), runner.failures[0]);
   EXPECT_EQ(seg->pool().used_bytes(), 0u);
+}
+
+
+// ---- max_worker_memory ---------------------------------------------------------------------
+
+// The worker reads its memory at most every kMemoryCheckTasks tasks (or kMemoryCheckNs):
+// with a cap of 1 byte every reading is over it; without a cap, or with one it stays
+// under, none is.
+TEST_F(WorkerSessionTest, TheMemoryCapIsReadEveryFewTasksAndOnlyWhenSet) {
+  for (uint64_t cap : {uint64_t{0}, uint64_t{1} << 50}) {
+    cfg.max_worker_memory = cap;
+    make();
+    StepRunner runner;
+    Session s(*seg, 0, runner);
+    s.announce();
+    for (uint32_t i = 0; i < 3 * kMemoryCheckTasks; ++i) ASSERT_FALSE(s.over_memory_cap()) << "cap " << cap;
+    collector.reset();
+    producer.reset();
+    seg.reset();
+  }
+  cfg.max_worker_memory = 1;
+  make();
+  StepRunner runner;
+  Session s(*seg, 0, runner);
+  s.announce();
+  for (int round = 0; round < 3; ++round) {
+    uint32_t calls = 1;
+    while (!s.over_memory_cap() && calls <= kMemoryCheckTasks) ++calls;
+    EXPECT_LE(calls, kMemoryCheckTasks) << "round " << round;
+  }
+}
+
+// Over the cap, the loop leaves (recycled) right after the task whose reading was over it,
+// its result out; the rest of its claim stays pending in the local queue for the supervisor
+// to hand back, and the ring keeps what it did not claim.
+TEST_F(WorkerSessionTest, OverTheMemoryCapTheLoopLeavesMidClaimWithTheRestPending) {
+  static_assert(kMemoryCheckTasks % 3 == 1);
+  cfg.max_worker_memory = 1;
+  cfg.batch_size = 3;
+  cfg.queue_slots = 128;
+  cfg.result_slots = 128;
+  make();
+  const int n = 100;
+  std::vector<uint64_t> seqs = submit(n);
+  StepRunner runner;
+  runner.interrupt_after = n;  // a loop that never leaves for its memory ends all the same
+  Session s(*seg, 0, runner);
+  EXPECT_EQ(s.run(), WorkerExit::kRecycled);
+  EXPECT_EQ(rec().state.load(), static_cast<uint32_t>(WorkerState::kExiting));
+
+  const uint64_t done = rec().tasks_this_life.load();
+  ASSERT_GE(done, 1u);
+  ASSERT_LE(done, kMemoryCheckTasks);
+  EXPECT_EQ(static_cast<uint64_t>(runner.calls), done);
+  std::vector<Got> got;
+  for (std::vector<Got> more = drain(); !more.empty(); more = drain()) got.insert(got.end(), more.begin(), more.end());
+  ASSERT_EQ(got.size(), done);
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i].h.seq, seqs[i]) << "result " << i;
+
+  const uint32_t count = rec().local_count.load(), next = rec().local_next.load();
+  EXPECT_EQ(count, 3u);  // the claim it was in the middle of, not closed
+  EXPECT_EQ(next, (done - 1) % 3 + 1);
+  for (uint32_t j = 0; j < count; ++j) {
+    TaskHeader th;
+    std::memcpy(&th, seg->workers().entry_body(0, j), sizeof th);
+    EXPECT_EQ(th.seq, seqs[done - next + j]) << "entry " << j;
+    EXPECT_EQ(state_of(seg->workers(), j), j < next ? LocalState::kDone : LocalState::kPending) << "entry " << j;
+  }
+  EXPECT_EQ(seg->tasks().size(), static_cast<uint64_t>(n) - (done - next + count));
+  // Read after kMemoryCheckTasks tasks (unless kMemoryCheckNs passed first): mid-claim.
+  if (done == kMemoryCheckTasks) {
+    EXPECT_EQ(count - next, 2u);
+  }
+}
+
+// ---- the side channel: worker output, log records and exit values -----------------------
+
+// The bytes of side message `k` (any length): a pattern that shows a piece out of place.
+std::vector<uint8_t> side_bytes(uint32_t k, size_t len) {
+  std::vector<uint8_t> out(len);
+  for (size_t j = 0; j < len; ++j) out[j] = static_cast<uint8_t>(k * 31 + j * 7 + j / 251 + 1);
+  return out;
+}
+
+// What drain() handed to its sink, in order: a task's result or a whole side message.
+struct Event {
+  bool side;
+  uint32_t route;     // side: the side route
+  uint16_t worker;
+  uint64_t seq;       // result: the task's seq
+  uint32_t tsk_id;    // result: the task's tsk_id
+  ResultStatus status;
+  std::vector<uint8_t> bytes;  // side: the message; result: the value
+};
+
+std::string show(const Event& e) {
+  if (e.side)
+    return "side(route " + std::to_string(e.route - kFirstSideRoute) + ", worker " + std::to_string(e.worker) +
+           ", " + std::to_string(e.bytes.size()) + " bytes)";
+  return "result(tsk " + std::to_string(e.tsk_id) + ", seq " + std::to_string(e.seq) + ", status " +
+         std::to_string(static_cast<int>(e.status)) + ")";
+}
+
+// Drains into `out` with `max` per call until the ring is empty (a call may take only
+// pieces of a message and hand nothing on); returns how many results the drains reported.
+size_t drain_events(Segment& seg, Collector& c, size_t max, std::vector<Event>& out) {
+  size_t delivered = 0;
+  for (int calls = 0; seg.results().has_published() && calls < 10000; ++calls) {
+    delivered += c.drain(
+        max, 0,
+        [&](const ResultHeader& h, const uint8_t* v, uint32_t len) {
+          out.push_back(Event{h.route >= kFirstSideRoute, h.route, h.worker_id, h.seq, h.tsk_id, h.status,
+                              std::vector<uint8_t>(v, v + len)});
+        },
+        [] { return false; });
+  }
+  return delivered;
+}
+
+bool is_side_event(const Event& e, uint32_t route, const std::vector<uint8_t>& bytes) {
+  return e.side && e.route == route && e.worker == 0 && e.seq == 0 && e.bytes == bytes;
+}
+
+bool is_result_event(const Event& e, uint32_t tsk_id, uint64_t seq) {
+  if (e.side || e.tsk_id != tsk_id || e.seq != seq || e.status != ResultStatus::kOk) return false;
+  StreamReader r(e.bytes.data(), static_cast<uint32_t>(e.bytes.size()));
+  Item it = r.item();
+  return it.tag == Tag::kInt && it.i == 2 * static_cast<int64_t>(tsk_id) + 1;
+}
+
+TEST_F(WorkerSessionTest, ASideMessageGoesOutAsNumberedPiecesOfAtMostTheInlineBytes) {
+  make();
+  SideChannel side(*seg, 0);
+  const std::vector<uint8_t> msg = side_bytes(1, 5000);
+  ASSERT_TRUE(side.send(kRouteStderr, msg.data(), msg.size()));
+  ASSERT_TRUE(side.send(kRouteLog, nullptr, 0));
+
+  // The raw records in the result ring, as the collector would copy them out.
+  std::vector<std::vector<uint8_t>> recs;
+  seg->results().claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
+    recs.emplace_back(body, body + kResultStride - 8);
+  });
+  const size_t pieces = (msg.size() + kResultInlineBytes - 1) / kResultInlineBytes;
+  ASSERT_GT(pieces, 5u);
+  ASSERT_EQ(recs.size(), pieces + 1);
+  std::vector<uint8_t> joined;
+  for (size_t k = 0; k < pieces; ++k) {
+    ResultHeader h;
+    std::memcpy(&h, recs[k].data(), sizeof h);
+    EXPECT_EQ(h.seq, 0u) << "piece " << k;
+    EXPECT_EQ(h.route, static_cast<uint32_t>(kRouteStderr)) << "piece " << k;
+    EXPECT_EQ(h.worker_id, 0u) << "piece " << k;
+    EXPECT_EQ(h.tsk_id, k) << "piece " << k;
+    EXPECT_EQ(h.fn_id & kSideLastPiece, k + 1 == pieces ? kSideLastPiece : 0u) << "piece " << k;
+    EXPECT_EQ(h.status, ResultStatus::kOk) << "piece " << k;
+    EXPECT_EQ(h.value_encoding, ValueEncoding::kInline) << "piece " << k;
+    const size_t want = k + 1 == pieces ? msg.size() - k * kResultInlineBytes : kResultInlineBytes;
+    ASSERT_EQ(h.inline_len, want) << "piece " << k;
+    joined.insert(joined.end(), recs[k].data() + sizeof h, recs[k].data() + sizeof h + h.inline_len);
+  }
+  EXPECT_EQ(joined, msg);
+  // An empty message is one empty last piece.
+  ResultHeader h;
+  std::memcpy(&h, recs.back().data(), sizeof h);
+  EXPECT_EQ(h.route, static_cast<uint32_t>(kRouteLog));
+  EXPECT_EQ(h.tsk_id, 0u);
+  EXPECT_EQ(h.fn_id & kSideLastPiece, kSideLastPiece);
+  EXPECT_EQ(h.inline_len, 0u);
+  EXPECT_EQ(seg->pool().used_bytes(), 0u);  // side pieces never use the pool
+}
+
+// Side messages sent between a worker's publications (as a handler's output is) come out
+// of drain() whole and in the order they were sent, among the tasks' results, which are
+// counted exactly; no piece of them counts as a result. Drained in one go, or a record at
+// a time (the pieces of a message then span many drains).
+class SideChannelDrainTest : public WorkerSessionTest, public ::testing::WithParamInterface<size_t> {};
+
+TEST_P(SideChannelDrainTest, MessagesArriveWholeAndInOrderAmongUncountedResults) {
+  make();
+  std::vector<uint64_t> seqs = submit(2);
+  StepRunner runner;
+  Session s(*seg, 0, runner);
+  SideChannel side(*seg, 0);
+  s.announce();
+  ASSERT_EQ(s.claim_into_local_queue(4), 2u);
+  s.begin_batch();
+
+  const std::vector<uint8_t> a = side_bytes(1, 5000);                   // 30 pieces
+  const std::vector<uint8_t> b;                                         // empty
+  const std::vector<uint8_t> c = side_bytes(3, 100);                    // one piece
+  const std::vector<uint8_t> d = side_bytes(4, kResultInlineBytes);     // exactly one piece
+  const std::vector<uint8_t> e = side_bytes(5, kResultInlineBytes + 1); // one byte over
+  const std::vector<uint8_t> f = side_bytes(6, 2 * kResultInlineBytes); // exactly two
+  auto send = [&](uint32_t route, const std::vector<uint8_t>& m) {
+    ASSERT_TRUE(side.send(route, m.data(), m.size()));
+  };
+  auto task = [&](uint32_t j) {
+    Session::Task t = s.start_task(j);
+    s.run_task(t);
+    ASSERT_TRUE(s.publish(t));
+    s.mark_done(t);
+  };
+  send(kRouteStdout, a);
+  task(0);
+  send(kRouteStderr, b);
+  send(kRouteLog, c);
+  send(kRouteStdout, d);
+  send(kRouteStdout, e);
+  task(1);
+  s.end_batch();
+  send(kRouteExit, f);  // as a worker_exit value, after the loop
+
+  std::vector<Event> got;
+  EXPECT_EQ(drain_events(*seg, *collector, GetParam(), got), 2u);
+  std::string all;
+  for (const Event& ev : got) all += show(ev) + "\n";
+  ASSERT_EQ(got.size(), 8u) << all;
+  EXPECT_TRUE(is_side_event(got[0], kRouteStdout, a)) << all;
+  EXPECT_TRUE(is_result_event(got[1], 0, seqs[0])) << all;
+  EXPECT_TRUE(is_side_event(got[2], kRouteStderr, b)) << all;
+  EXPECT_TRUE(is_side_event(got[3], kRouteLog, c)) << all;
+  EXPECT_TRUE(is_side_event(got[4], kRouteStdout, d)) << all;
+  EXPECT_TRUE(is_side_event(got[5], kRouteStdout, e)) << all;
+  EXPECT_TRUE(is_result_event(got[6], 1, seqs[1])) << all;
+  EXPECT_TRUE(is_side_event(got[7], kRouteExit, f)) << all;
+
+  EXPECT_EQ(collector->completed(), 2u);
+  EXPECT_EQ(collector->first_incomplete(), seqs[1] + 1);
+  EXPECT_TRUE(collector->is_complete(seqs[0]));
+  EXPECT_TRUE(collector->is_complete(seqs[1]));
+  EXPECT_FALSE(collector->is_complete(seqs[1] + 1));
+  EXPECT_EQ(rec().completed.load(), 2u);
+  EXPECT_EQ(seg->results().size(), 0u);
+  EXPECT_EQ(seg->pool().used_bytes(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(DrainSizes, SideChannelDrainTest, ::testing::Values(size_t{64}, size_t{1}),
+                         [](const ::testing::TestParamInfo<size_t>& i) {
+                           return i.param == 1 ? std::string("ARecordAtATime") : std::string("InOneGo");
+                         });
+
+// A worker that died in the middle of a message left its first pieces in the ring (and the
+// supervisor a void record for the cell it had reserved): the next message of that worker
+// and route starts afresh at its piece 0, and the half message is never delivered.
+TEST_F(WorkerSessionTest, TheHalfMessageOfADeadWorkerIsDroppedWhenItsSuccessorSends) {
+  make();
+  auto push_raw = [&](uint32_t route, uint32_t piece, bool last, const std::vector<uint8_t>& data,
+                      ResultStatus status = ResultStatus::kOk) {
+    ResultHeader r;
+    r.route = route;
+    r.worker_id = 0;
+    r.tsk_id = piece;
+    r.fn_id = last ? kSideLastPiece : 0;
+    r.status = status;
+    r.inline_len = static_cast<uint16_t>(data.size());
+    ASSERT_EQ(seg->results().try_push(1, [&](uint32_t, void* dst) {
+      std::memcpy(dst, &r, sizeof r);
+      if (!data.empty()) std::memcpy(static_cast<uint8_t*>(dst) + sizeof r, data.data(), data.size());
+    }), 1u);
+  };
+  const std::vector<uint8_t> half = side_bytes(9, kResultInlineBytes);
+  push_raw(kRouteStdout, 0, false, half);
+  push_raw(kRouteStdout, 1, false, half);
+  push_raw(0, 0, false, {}, ResultStatus::kVoid);  // the cell it reserved, voided
+  // Its successor in the same record: a two-piece message on the same route, then a
+  // one-piece one.
+  SideChannel side(*seg, 0);
+  const std::vector<uint8_t> whole = side_bytes(10, kResultInlineBytes + 50);
+  const std::vector<uint8_t> small = side_bytes(11, 7);
+  ASSERT_TRUE(side.send(kRouteStdout, whole.data(), whole.size()));
+  ASSERT_TRUE(side.send(kRouteStdout, small.data(), small.size()));
+
+  std::vector<Event> got;
+  EXPECT_EQ(drain_events(*seg, *collector, 64, got), 0u);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_TRUE(is_side_event(got[0], kRouteStdout, whole)) << show(got[0]);
+  EXPECT_TRUE(is_side_event(got[1], kRouteStdout, small)) << show(got[1]);
+  EXPECT_EQ(collector->completed(), 0u);
+  EXPECT_EQ(collector->first_incomplete(), 1u);
+}
+
+TEST(SideAssembler, PutsPiecesTogetherPerWorkerAndRouteAndRestartsAtPieceZero) {
+  SideAssembler asm_;
+  std::vector<std::pair<uint64_t, std::string>> done;  // (worker << 32 | route, message)
+  auto add = [&](uint16_t worker, uint32_t route, uint32_t piece, bool last, const std::string& text) {
+    ResultHeader h;
+    h.worker_id = worker;
+    h.route = route;
+    h.tsk_id = piece;
+    h.fn_id = last ? kSideLastPiece : 0;
+    asm_.add(h, reinterpret_cast<const uint8_t*>(text.data()), static_cast<uint32_t>(text.size()),
+             [&](const uint8_t* d, uint32_t n) {
+               done.emplace_back(uint64_t{worker} << 32 | route, std::string(reinterpret_cast<const char*>(d), n));
+             });
+  };
+  auto key = [](uint16_t worker, uint32_t route) { return uint64_t{worker} << 32 | route; };
+
+  add(0, kRouteStdout, 0, false, "ab");
+  add(0, kRouteStdout, 1, false, "cd");
+  EXPECT_TRUE(done.empty());
+  // Worker 0 died there; its successor starts a message on the same route.
+  add(0, kRouteStdout, 0, false, "XY");
+  // Other workers and routes in between do not mix in.
+  add(1, kRouteStdout, 0, false, "11");
+  add(0, kRouteStderr, 0, true, "e");
+  add(0, kRouteLog, 0, false, "L");
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0], std::make_pair(key(0, kRouteStderr), std::string("e")));
+  add(0, kRouteStdout, 1, false, "Z");
+  add(1, kRouteStdout, 1, true, "22");
+  add(0, kRouteStdout, 2, true, "!");
+  add(0, kRouteLog, 1, true, "og");
+  ASSERT_EQ(done.size(), 4u);
+  EXPECT_EQ(done[1], std::make_pair(key(1, kRouteStdout), std::string("1122")));
+  EXPECT_EQ(done[2], std::make_pair(key(0, kRouteStdout), std::string("XYZ!")));
+  EXPECT_EQ(done[3], std::make_pair(key(0, kRouteLog), std::string("Log")));
+  // A finished message leaves nothing behind: the next one starts empty.
+  add(0, kRouteStdout, 0, false, "n");
+  add(0, kRouteStdout, 1, true, "ew");
+  ASSERT_EQ(done.size(), 5u);
+  EXPECT_EQ(done[4], std::make_pair(key(0, kRouteStdout), std::string("new")));
+  // Empty pieces and an empty message.
+  add(2, kRouteExit, 0, true, "");
+  add(2, kRouteExit, 0, false, "");
+  add(2, kRouteExit, 1, true, "");
+  ASSERT_EQ(done.size(), 7u);
+  EXPECT_EQ(done[5], std::make_pair(key(2, kRouteExit), std::string()));
+  EXPECT_EQ(done[6], std::make_pair(key(2, kRouteExit), std::string()));
+}
+
+// The runner of a forked worker: every task first writes side message `tsk_id` (lengths
+// from empty to many pieces, on the output routes in turn), then returns 2x + 1.
+size_t forked_message_len(uint32_t i) {
+  static const size_t kLens[] = {5000, 0, 1, kResultInlineBytes, kResultInlineBytes + 1, 777, 3 * kResultInlineBytes};
+  return kLens[i % (sizeof kLens / sizeof kLens[0])];
+}
+uint32_t forked_message_route(uint32_t i) { return kRouteStdout + i % 3; }
+
+struct SideRunner : StepRunner {
+  SideChannel* side = nullptr;
+  bool ok = true;
+  ResultStatus run(const TaskRun& t, std::vector<uint8_t>& value) {
+    const std::vector<uint8_t> m = side_bytes(t.tsk_id, forked_message_len(t.tsk_id));
+    ok = side->send(forked_message_route(t.tsk_id), m.data(), m.size()) && ok;
+    return StepRunner::run(t, value);
+  }
+};
+
+// A worker process runs the real loop and writes a message from every task through a
+// result ring smaller than its longest message (so that sending waits for the owner to
+// drain), then an exit value: the owner gets every message whole, each just before its
+// task's result, and counts exactly the tasks.
+TEST_F(WorkerSessionTest, AForkedWorkersMessagesComeWholeAndInOrderThroughASmallRing) {
+  cfg.result_slots = 16;
+  cfg.queue_slots = 64;
+  make();
+  ASSERT_LT(cfg.result_slots * kResultInlineBytes, 5000u);
+  const uint32_t n = 48;
+  std::vector<uint64_t> seqs = submit(static_cast<int>(n));
+  const std::string name = seg->name();
+  pid_t child = test::fork_child([&] {
+    auto ws = Segment::attach(name);
+    SideChannel side(*ws, 0);
+    SideRunner runner;
+    runner.side = &side;
+    WorkerExit e = run_worker(*ws, 0, runner);
+    if (e != WorkerExit::kShutdown || !runner.ok) return 2;
+    const std::string bye = "bye";
+    if (!side.send(kRouteExit, reinterpret_cast<const uint8_t*>(bye.data()), bye.size())) return 3;
+    ws->leave();
+    return 0;
+  });
+
+  std::vector<Event> got;
+  size_t results = 0;
+  bool shut = false, bye = false;
+  const int64_t deadline = monotonic_ns() + 60'000'000'000;
+  while (!bye && monotonic_ns() < deadline) {
+    collector->drain(
+        64, monotonic_ns() + 20'000'000,
+        [&](const ResultHeader& h, const uint8_t* v, uint32_t len) {
+          Event ev{h.route >= kFirstSideRoute, h.route, h.worker_id, h.seq, h.tsk_id, h.status,
+                   std::vector<uint8_t>(v, v + len)};
+          if (!ev.side) ++results;
+          if (ev.side && ev.route == kRouteExit) bye = true;
+          got.push_back(std::move(ev));
+        },
+        [] { return false; });
+    if (results == n && !shut) {
+      shut = true;
+      seg->header().shutdown.store(1, std::memory_order_release);
+      seg->tasks().wake_consumers();
+    }
+  }
+  EXPECT_EQ(test::wait_child(child, 30'000), 0);
+  ASSERT_TRUE(bye) << results << " results, " << got.size() << " events";
+
+  // One worker takes the tasks in order: message i, result i, ..., then its exit value.
+  ASSERT_EQ(got.size(), 2 * n + 1);
+  for (uint32_t i = 0; i < n; ++i) {
+    const std::vector<uint8_t> m = side_bytes(i, forked_message_len(i));
+    EXPECT_TRUE(is_side_event(got[2 * i], forked_message_route(i), m)) << "task " << i << ": " << show(got[2 * i]);
+    EXPECT_TRUE(is_result_event(got[2 * i + 1], i, seqs[i])) << "task " << i << ": " << show(got[2 * i + 1]);
+  }
+  const std::vector<uint8_t> bye_bytes{'b', 'y', 'e'};
+  EXPECT_TRUE(is_side_event(got.back(), kRouteExit, bye_bytes)) << show(got.back());
+  EXPECT_EQ(collector->completed(), n);
+  EXPECT_EQ(collector->first_incomplete(), seqs.back() + 1);
+  EXPECT_EQ(rec().completed.load(), n);
+  EXPECT_EQ(seg->results().size(), 0u);
 }
 
 }  // namespace

@@ -44,6 +44,8 @@ def pack(config: Config) -> bytes | None:
 class WorkerLife:
     """The hooks in a worker."""
 
+    NO_EXIT = object()  # what end() returns without a worker_exit: nothing to send
+
     def __init__(self, blob: bytes | None) -> None:
         self.hooks: dict = {}
         self.blob = blob
@@ -72,18 +74,14 @@ class WorkerLife:
 
     def end(self) -> Any:
         """When the worker retires: what worker_exit returns (or the exception it raised);
-        None without a worker_exit."""
+        NO_EXIT without a worker_exit."""
         fn = self.hooks.get("worker_exit")
         if fn is None:
-            return _NO_EXIT
+            return self.NO_EXIT
         try:
             return fn(self.state) if self.hooks.get("worker_state") else fn()
         except Exception as e:
             return e
-
-
-_NO_EXIT = object()  # WorkerLife.end without a worker_exit: nothing to send
-WorkerLife.NO_EXIT = _NO_EXIT
 
 
 def startup_error(err: str) -> MpopError:

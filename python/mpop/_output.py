@@ -48,12 +48,17 @@ class Outbox:
         self.lock = threading.RLock()  # a signal handler may print while put() holds it
         self.main = threading.get_ident()
         self.fds = {ROUTE_STDOUT: 1, ROUTE_STDERR: 2}
+        self.closed = False  # the worker left its segment: writes go to its own descriptors
 
     def put(self, route: int, item: Any, nbytes: int) -> None:
         """Adds one item. Past the delay, a write that ends a line sends (print() writes
         its text and its newline apart: the line goes out whole)."""
         now = time.monotonic()
         with self.lock:
+            if self.closed:
+                self.items.append((route, item))
+                self._spill()
+                return
             if not self.items:
                 self.first = now
                 self.side.mark_pending()  # the worker loop sends it after the task
@@ -75,6 +80,12 @@ class Outbox:
             items, self.items, self.size = self.items, [], 0
         for route, payload in _messages(items):
             self.side.send(route, payload)
+
+    def close(self) -> None:
+        """Sends what waits; what is written after (at interpreter exit, say) goes to the
+        process's own file descriptors."""
+        self.flush()
+        self.closed = True
 
     def _spill(self) -> None:
         with self.lock:

@@ -108,7 +108,7 @@ def run(name: str, worker_id: int) -> int:
         why = traceback.format_exc()[-3500:]
     if why is not None:
         if outbox is not None:
-            outbox.flush()  # what the initializer printed before it failed
+            outbox.close()  # what the initializer printed before it failed
         segment.set_start_error(worker_id, why)
         _core.leave_segment(segment, not _core.owner_alive(segment))
         return 3
@@ -119,8 +119,10 @@ def run(name: str, worker_id: int) -> int:
         outbox.flush()
         if value is not WorkerLife.NO_EXIT:
             side.send(_core.ROUTE_EXIT, pack_exit(value))
-    elif reason != "owner died":
-        outbox.flush()
+    if reason != "owner died":
+        outbox.close()
+    else:
+        outbox.closed = True
     _core.leave_segment(segment, reason == "owner died")
     return 0
 

@@ -85,6 +85,7 @@ class SideAssembler {
   void add(const ResultHeader& h, const uint8_t* value, uint32_t len, Done&& done) {
     const bool last = (h.fn_id & kSideLastPiece) != 0;
     if (h.tsk_id == 0 && last) {  // the usual case: a message in one piece
+      if (!partial_.empty()) partial_.erase(key(h));  // what a dead predecessor left half sent
       done(value, len);
       return;
     }
