@@ -2,6 +2,9 @@
 // snapshot of the rings, pool and worker records.
 #include <pybind11/stl.h>
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstring>
 
 #include "bindings.hpp"
@@ -140,6 +143,21 @@ void register_segment(py::module_& m) {
       .def_property_readonly("debug", [](Segment& s) { return s.config().debug != 0; })
       .def_property_readonly("attached", [](Segment& s) { return s.header().attached.load(); })
       .def("leave", &Segment::leave, py::arg("owner_dead") = false)
+      // A persistent pool's supervisor process becomes the segment's owner before it starts
+      // any worker: workers watch it, not the process that created the pool, and it removes
+      // the segment when it leaves.
+      .def("take_ownership",
+           [](Segment& s) {
+             SegmentHeader& h = s.header();
+             const pid_t me = getpid();
+             std::atomic_ref<int32_t>(h.owner_pid).store(static_cast<int32_t>(me), std::memory_order_relaxed);
+             std::atomic_ref<uint64_t>(h.owner_start_time)
+                 .store(Segment::process_start_time(me), std::memory_order_release);
+             s.set_unlink_on_close(true);
+           })
+      // Whether this process's leave() removes the segment (its creator's does, until a
+      // persistent pool's supervisor process takes it over).
+      .def("set_unlink_on_close", &Segment::set_unlink_on_close, py::arg("value"))
       .def("set_shutdown",
            [](Segment& s) {
              s.header().shutdown.store(1, std::memory_order_release);

@@ -86,6 +86,10 @@ class MpopApi:
     - max_worker_memory: bytes, or a string such as "512MB" (decimal) or "2GiB" (binary): a
       worker whose private resident memory exceeds it after a task is recycled.
 
+    - persistent: True runs the supervisor in a process of its own (name= is required, and
+      is the pool's address): the workers, their queued tasks and their results outlive
+      this process, even its SIGKILL; detach() lets go of the pool, shutdown() stops it.
+
     What handlers print and log reaches the owner: sys.stdout and sys.stderr text goes to
     the owner's streams, logging records to the owner's logger of the same name (with
     ``record.worker_id``), at the levels the owner's logging has at start().
@@ -121,6 +125,7 @@ class MpopApi:
         worker_state: bool = False,
         worker_exit: Callable[..., Any] | None = None,
         max_worker_memory: int | str | None = None,
+        persistent: bool = False,
     ) -> None:
         self._config = Config.build(
             workers=workers, queue_slots=queue_slots, slot_class=slot_class, worker_batch_size=worker_batch_size,
@@ -129,7 +134,7 @@ class MpopApi:
             task_timeout=task_timeout, max_tasks_per_worker=max_tasks_per_worker, cpu_affinity=cpu_affinity,
             name=name, max_performance=max_performance, pool_bytes=pool_bytes, registry_bytes=registry_bytes,
             scale_limit=scale_limit, initializer=initializer, initargs=initargs, worker_state=worker_state,
-            worker_exit=worker_exit, max_worker_memory=max_worker_memory)
+            worker_exit=worker_exit, max_worker_memory=max_worker_memory, persistent=persistent)
         hooks = pack_hooks(self._config)
         if debug and not max_performance:
             _enable_debug_logging()
@@ -353,7 +358,7 @@ class MpopApi:
         self._lifecycle.check_open()
         view = self._live_view if self._config.display else None
         loop = RunLoop(self._lifecycle, enqueue_callback, progress, timeout, view)
-        return loop.run(self._config.auto_terminate)
+        return loop.run(self._config.auto_terminate and not self._config.persistent)
 
     def _live_view(self):
         from ._status import LiveView
@@ -371,6 +376,13 @@ class MpopApi:
         self._lifecycle.shutdown(wait, cancel_pending, self.wait)
 
     close = shutdown
+
+    def detach(self) -> None:
+        """Lets go of a persistent pool without stopping it: its workers run on with the
+        tasks queued so far (this handle's futures still pending fail with ShutdownError);
+        `python -m mpop shutdown NAME` stops it later. The handle cannot be used afterwards.
+        Raises MpopError for a pool that is not persistent."""
+        self._lifecycle.detach()
 
     def __enter__(self) -> MpopApi:
         """Returns the app; raises ShutdownError if it was shut down."""

@@ -1,4 +1,5 @@
-"""``python -m mpop``: demo, bench, status NAME, cleanup."""
+"""``python -m mpop``: demo, bench, status NAME, cleanup, and shutdown NAME for persistent
+pools."""
 
 from __future__ import annotations
 
@@ -55,12 +56,29 @@ def _cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shutdown(args: argparse.Namespace) -> int:
+    from ._errors import MpopError
+    from ._persistent import stop_pool
+
+    try:
+        name = stop_pool(args.name, graceful=not args.now, timeout=args.timeout)
+    except MpopError as e:
+        print(f"mpop shutdown: {e}", file=sys.stderr)
+        return 1
+    print(f"stopped persistent pool {args.name!r} (segment {name})")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from . import _core
     from ._cleanup import segments
     from ._core import owner_alive
+    from ._persistent import find_pools, read_boot
     from ._status import format_status
 
+    pools = [] if args.name in segments() else find_pools(args.name)
+    if len(pools) == 1:
+        args.name = pools[0]
     try:
         seg = _core.Segment.attach(args.name)
     except Exception as e:
@@ -72,7 +90,8 @@ def _status(args: argparse.Namespace) -> int:
             status = {"config": {}, "queue": seg.queue_status(), "workers": seg.workers_status()}
             status["queue"]["owner_pid"] = seg.owner_pid
             text = format_status(status, config=False)
-            print(f"mpop segment {args.name} (owner pid {seg.owner_pid}, "
+            owner = "supervisor process" if read_boot(seg).get("persistent") else "owner"
+            print(f"mpop segment {args.name} ({owner} pid {seg.owner_pid}, "
                   f"{'alive' if owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
             if args.once or not owner_alive(seg):
                 return 0
@@ -104,12 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", action="store_true",
                    help="add the prototype's heavy workload x 1,800,000 (about an hour more)")
     p.set_defaults(func=_bench)
-    p = sub.add_parser("status", help="live view of a running app, attached by segment name")
+    p = sub.add_parser("status", help="live view of a running app, by segment name (or persistent pool name)")
     p.add_argument("name")
     p.add_argument("--once", action="store_true")
     p.add_argument("--interval", type=float, default=1.0)
     p.set_defaults(func=_status)
     p = sub.add_parser("cleanup", help="remove shared-memory segments whose owner is dead")
     p.set_defaults(func=_cleanup)
+    p = sub.add_parser("shutdown", help="stop the persistent pool NAME (once nothing is queued or running)")
+    p.add_argument("name")
+    p.add_argument("--now", action="store_true", help="stop at once: queued and running tasks are dropped")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for queued tasks before stopping at once (default 60)")
+    p.set_defaults(func=_shutdown)
     args = parser.parse_args(argv)
     return args.func(args)

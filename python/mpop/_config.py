@@ -61,6 +61,7 @@ class Config:
     worker_state: bool = False
     worker_exit: Any = None  # Callable | None
     max_worker_memory: int | None = None  # bytes
+    persistent: bool = False
 
     @property
     def layout(self) -> dict:
@@ -85,7 +86,8 @@ class Config:
               cpu_affinity: bool | list[int], name: str | None, max_performance: bool,
               pool_bytes: int, registry_bytes: int, scale_limit: int | None,
               initializer: Any = None, initargs: Any = (), worker_state: bool = False,
-              worker_exit: Any = None, max_worker_memory: int | str | None = None) -> Config:
+              worker_exit: Any = None, max_worker_memory: int | str | None = None,
+              persistent: bool = False) -> Config:
         """Validates every argument; raises ConfigError listing each bad one."""
         problems: list[str] = []
         bad = problems.append
@@ -108,7 +110,8 @@ class Config:
         if not is_int(worker_batch_size) or worker_batch_size < 1:
             bad(f"worker_batch_size must be an int >= 1, got {worker_batch_size!r}")
         for pname, v in (("display", display), ("auto_terminate", auto_terminate), ("debug", debug),
-                         ("max_performance", max_performance), ("worker_state", worker_state)):
+                         ("max_performance", max_performance), ("worker_state", worker_state),
+                         ("persistent", persistent)):
             if not isinstance(v, bool):
                 bad(f"{pname} must be True or False, got {v!r}")
         if (not isinstance(debug_delay, (int, float)) or isinstance(debug_delay, bool)
@@ -143,6 +146,11 @@ class Config:
         if not isinstance(initargs, (tuple, list)):
             bad(f"initargs must be a tuple, got {initargs!r}")
         memory = _check_memory(max_worker_memory, bad)
+        if persistent is True:
+            if name is None:
+                bad("persistent=True needs a name= (the pool's address)")
+            if start_method != "spawn":
+                bad(f"a persistent pool starts its workers with start_method='spawn', got {start_method!r}")
         if problems:
             raise ConfigError("invalid MpopApi configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -155,7 +163,7 @@ class Config:
             registry_bytes=registry_bytes,
             scale_limit=scale_limit or max(workers, 2 * available_cpus(), 8),
             initializer=initializer, initargs=tuple(initargs), worker_state=worker_state,
-            worker_exit=worker_exit, max_worker_memory=memory)
+            worker_exit=worker_exit, max_worker_memory=memory, persistent=persistent)
 
 
 def _check_timeout(task_timeout: Any, bad) -> float | None:

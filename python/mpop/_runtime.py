@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Callable, Iterator
 from . import _core
 from ._builtins import BOOT_FN_ID
 from ._config import Config
-from ._errors import MpopError, RegistryError, ShutdownError
+from ._errors import ConfigError, MpopError, RegistryError, ShutdownError
 from ._hooks import startup_error
 from ._output import OwnerSide, log_levels
 from ._registry import Handler, Registry
@@ -63,6 +64,13 @@ class Runtime:
         output, log records and worker_exit values go."""
         c = config
         _cleanup_dead_owners_once()
+        if c.persistent:
+            from ._persistent import find_pools
+
+            live = find_pools(c.name)
+            if live:
+                raise ConfigError(f"a persistent pool named {c.name!r} is already running (segment "
+                                  f"{live[0]}); stop it (python -m mpop shutdown {c.name}) or choose another name")
         self.segment = _core.Segment.create(
             c.name, c.layout, c.queue_slots, max(c.queue_slots, 1024), c.scale_limit,
             # a claim never takes more than the ring holds: size local queues to match
@@ -74,6 +82,7 @@ class Runtime:
         self.producer = _core.Producer(self.segment)
         self.collector = _core.Collector(self.segment)
         self.supervisor = None
+        self.pool = None  # a persistent pool's supervisor process (_persistent.PoolProcess)
         self.forkserver = None
         self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
         self.closed = False
@@ -81,7 +90,8 @@ class Runtime:
         self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
         self.boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
                      "cpu_affinity": c.cpu_affinity, "debug": c.debug, "hooks": hooks,
-                     "log_levels": log_levels()}
+                     "log_levels": log_levels(), "persistent": c.persistent,
+                     "supervisor": {"max_retries": c.max_retries, "task_timeout": c.task_timeout}}
         self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
         # The producer's count, not a closure over the runtime: nothing the router holds
         # may lead back to the runtime (see close).
@@ -142,6 +152,8 @@ class Runtime:
     @property
     def running(self) -> bool:
         """Whether the supervisor runs (the workers are started or starting)."""
+        if self.pool is not None:
+            return self.pool.alive()
         return self.supervisor is not None and self.supervisor.running
 
     def start(self, workers: int) -> None:
@@ -151,6 +163,9 @@ class Runtime:
         if levels != self.boot["log_levels"]:
             self.boot["log_levels"] = levels
             self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
+        if c.persistent:
+            self._start_pool(workers)
+            return
         argv, env = self.worker_command()
         entry = None
         if c.start_method == "fork":
@@ -179,17 +194,38 @@ class Runtime:
         self.router.start_background()
         self.fast.armed = True
 
+    def _start_pool(self, workers: int) -> None:
+        """start() of a persistent pool: its supervisor process, which owns the segment from
+        then on (and removes it when the pool stops)."""
+        from ._persistent import PoolProcess
+
+        self.failed = False
+        try:
+            self.pool = PoolProcess.launch(self.segment, workers)
+        except MpopError:
+            self.failed = True
+            raise
+        self.segment.set_unlink_on_close(False)
+        self.producer.start_feeding()
+        self.router.start_background()
+        self.fast.armed = True
+
     def worker_command(self) -> tuple[list[str], list[str]]:
         """The argv (without worker id and generation) and environment of a spawned worker."""
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._worker import main; "
-                "sys.exit(main(sys.argv[2:]))")
-        argv = [sys.executable, "-c", code, pkg_parent, self.segment.name]
-        return argv, [f"{k}={v}" for k, v in os.environ.items()]
+        from ._worker import spawn_command
+
+        return spawn_command(self.segment.name)
 
     def check_workers(self) -> None:
         """Raises MpopError (after stopping the workers) when they cannot run: e.g. every
         attempt to start one failed; WorkerInitError when an initializer raised."""
+        if self.pool is not None:
+            err = self.pool.error()
+            if err is not None:
+                self.stop_workers(graceful=False)
+                self.failed = True
+                raise err
+            return
         sup = self.supervisor
         if sup is not None and sup.last_error:
             err = sup.last_error
@@ -201,6 +237,10 @@ class Runtime:
         """Stops the supervisor and its workers (gracefully: after their local queues). A
         Ctrl-C during a graceful stop kills them, then is raised."""
         self.fast.armed = False  # calls take the Python path, which restarts workers
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.stop(graceful, timeout)
+            return
         sup, self.supervisor = self.supervisor, None
         if sup is not None:
             try:
@@ -230,10 +270,19 @@ class Runtime:
         return self.supervisor.counters() if self.supervisor is not None else {}
 
     def scale(self, n: int) -> None:
+        if self.pool is not None:
+            raise MpopError("scale() of a persistent pool is not supported yet: its supervisor process "
+                            "takes the worker count at start()")
         if self.supervisor is not None:
             self.supervisor.scale(n)
 
     def kill_worker(self, worker_id: int) -> bool:
+        if self.pool is not None:  # the supervisor process sees it die and replaces it
+            for w in self.segment.workers_status():
+                if w["id"] == worker_id and w["state"] in ("starting", "idle", "busy") and w["pid"]:
+                    os.kill(w["pid"], signal.SIGKILL)
+                    return True
+            return False
         return self.supervisor is not None and self.supervisor.kill_worker(worker_id)
 
     def kill_task(self, seq: int) -> bool:
@@ -261,8 +310,12 @@ class Runtime:
         self.router.inherited = True
 
     def close(self) -> None:
-        """Stops everything at once and releases the segment (idempotent)."""
+        """Stops everything at once and releases the segment (idempotent). A running
+        persistent pool is not stopped: this handle lets go of it (detach)."""
         if self.closed or self.inherited:
+            return
+        if self.pool is not None and self.pool.alive():
+            self.detach()
             return
         self.closed = True
         self.fast.armed = False
@@ -278,6 +331,18 @@ class Runtime:
             self.stop_workers(graceful=False, timeout=2.0)
         finally:  # even after a Ctrl-C there (the workers are gone by then)
             self._release()
+
+    def detach(self) -> None:
+        """Lets go of a running persistent pool: its workers, queued tasks and results stay;
+        this process's futures still pending fail with ShutdownError."""
+        self.closed = True
+        self.fast.armed = False
+        self.router.stop_background()
+        self.router.fail_all(lambda: ShutdownError("this handle detached from its persistent pool before "
+                                                   "this task finished"))
+        self.producer.close()
+        self.pool = None
+        self._release()
 
     def _release(self) -> None:
         if self.forkserver is not None:
@@ -308,6 +373,7 @@ class Lifecycle:
         # or interpreter exit without keeping the app alive.
         self.runtime_ref: list = [None]
         self.shut_down = False
+        self.detached = False
         self.inherited = False
         self.owner_pid = os.getpid()
         self.workers = config.workers  # the live target (scale() changes it)
@@ -321,6 +387,8 @@ class Lifecycle:
 
     def check_open(self) -> None:
         self.check_owner()
+        if self.detached:
+            raise ShutdownError("this MpopApi detached from its persistent pool; the pool runs on")
         if self.shut_down:
             raise ShutdownError("this MpopApi was shut down; create a new one")
 
@@ -362,6 +430,19 @@ class Lifecycle:
             rt.stop_workers(graceful)
             rt.producer.pause_feeding()
             rt.router.drain_rest()  # the retired workers' last output and exit values
+
+    def detach(self) -> None:
+        """MpopApi.detach (see there)."""
+        self.check_open()
+        if not self.config.persistent:
+            raise MpopError("detach() is for persistent pools (MpopApi(persistent=True, name=...))")
+        with self.lock:
+            rt = self.runtime
+            self.detached = self.shut_down = True
+            if rt is not None:
+                rt.close()  # a running pool is let go; one never started is removed
+                self.runtime = None
+                self.runtime_ref[0] = None
 
     def disown(self) -> None:
         """In a fork() child, for every app it inherited (see MpopApi)."""
@@ -419,7 +500,12 @@ class Lifecycle:
             workers = rt.segment.workers_status()
         config["segment"] = rt.segment.name if rt is not None else None
         config["running"] = self.running
-        return {"config": config, "queue": queue, "workers": workers}
+        out = {"config": config, "queue": queue, "workers": workers}
+        if self.config.persistent:
+            pool = rt.pool if rt is not None else None
+            out["supervisor"] = {"pid": pool.pid if pool is not None else None,
+                                 "alive": pool is not None and pool.alive()}
+        return out
 
 
 def _weakly(method: Callable) -> Callable[[], None]:

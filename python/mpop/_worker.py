@@ -127,6 +127,21 @@ def run(name: str, worker_id: int) -> int:
     return 0
 
 
+def package_parent() -> str:
+    """The directory this mpop package is in: what a child interpreter puts first on its
+    sys.path to import the same mpop."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def spawn_command(name: str) -> tuple[list[str], list[str]]:
+    """The argv (without worker id and generation) and environment of a spawned worker of
+    segment `name`."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._worker import main; "
+            "sys.exit(main(sys.argv[2:]))")
+    argv = [sys.executable, "-c", code, package_parent(), name]
+    return argv, [f"{k}={v}" for k, v in os.environ.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpop._worker SEGMENT WORKER_ID GENERATION`` (spawn start method)."""
     argv = sys.argv[1:] if argv is None else argv

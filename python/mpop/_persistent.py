@@ -1,0 +1,278 @@
+"""Persistent pools: the supervisor in a process of its own.
+
+A persistent pool (``MpopApi(persistent=True, name=...)``) is supervised by a process of its
+own, started by the pool's creator at start() in a session of its own (supervise). Before it
+starts any worker, that process takes the segment over (Segment.take_ownership): the workers
+watch it instead of the creator, and it removes the segment when it leaves. So the creator
+may exit, or be killed, and the workers go on with the tasks it queued.
+
+The supervisor process stops the pool on a signal: SIGTERM once no task is queued or
+running, SIGINT at once (what runs is killed). When its workers cannot start it writes why
+into the segment's handler log (SUPERVISOR_ERROR_ID) and exits, and the creator raises it as
+it would for an in-process supervisor. A pool is found by its name (the segment's name is
+``NAME_`` and 16 random hex digits) among the live segments whose boot record says it is
+persistent."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+from ._builtins import BOOT_FN_ID
+from ._errors import MpopError
+
+__all__ = ["SUPERVISOR_ERROR_ID", "PoolProcess", "find_pools", "supervise", "stop_pool", "main"]
+
+SUPERVISOR_ERROR_ID = 0x0FFE  # a handler-log record: why the supervisor process gave up
+READY_TIMEOUT_S = 60.0
+
+
+def read_boot(segment) -> dict:
+    """The segment's boot record (the last one written)."""
+    entries, _ = segment.read_registry(0)
+    boot: dict = {}
+    for fn_id, blob in entries:
+        if fn_id == BOOT_FN_ID:
+            boot = pickle.loads(blob)
+    return boot
+
+
+def supervisor_error(segment) -> str | None:
+    """What the supervisor process recorded when it gave up, if it did."""
+    entries, _ = segment.read_registry(0)
+    errors = [blob for fn_id, blob in entries if fn_id == SUPERVISOR_ERROR_ID]
+    return errors[-1].decode("utf-8", "replace") if errors else None
+
+
+def find_pools(name: str) -> list[str]:
+    """The segment names of the live persistent pools called `name` (or whose segment is
+    named `name`)."""
+    from . import _core
+    from ._cleanup import segments
+
+    found = []
+    for seg_name in segments():
+        if seg_name != name and not (seg_name.startswith(name + "_") and len(seg_name) == len(name) + 17):
+            continue
+        try:
+            seg = _core.Segment.attach(seg_name)
+        except Exception:
+            continue
+        try:
+            if _core.owner_alive(seg) and read_boot(seg).get("persistent"):
+                found.append(seg_name)
+        except Exception:
+            pass
+        finally:
+            seg.leave()
+    return found
+
+
+# The supervisor process is started through a short-lived intermediate that forks it into a
+# session of its own and exits: it is never the creator's child, so the creator has nothing
+# to reap, and it runs on however the creator ends.
+_DAEMONIZE = ("import os, sys\n"
+              "if os.fork() == 0:\n"
+              "    os.setsid()\n"
+              "    fd = os.open(os.devnull, os.O_RDWR)\n"
+              "    for i in (0, 1, 2):\n"
+              "        os.dup2(fd, i)\n"
+              "    os.execv(sys.argv[1], sys.argv[1:])\n"
+              "os._exit(0)\n")
+
+
+class PoolProcess:
+    """The creator's handle on its pool's supervisor process (pid and start time)."""
+
+    def __init__(self, pid: int, start_time: int, segment) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self.segment = segment
+
+    @classmethod
+    def launch(cls, segment, workers: int) -> PoolProcess:
+        """Starts the supervisor process of `segment`'s pool with `workers` workers, and
+        returns once it owns the segment. Raises MpopError (WorkerInitError for a failed
+        initializer) when it gives up first."""
+        from ._hooks import startup_error
+        from ._worker import package_parent
+
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._persistent import main; "
+                "sys.exit(main(sys.argv[2:]))")
+        argv = [sys.executable, "-c", code, package_parent(), segment.name, str(workers)]
+        me = segment.owner_pid
+        # Away from the creator's terminal and pipes too: a reader of the creator's output
+        # must not wait for the pool.
+        subprocess.run([sys.executable, "-c", _DAEMONIZE, *argv], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, check=True)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while segment.owner_pid == me or not segment.owner_start_time:
+            why = supervisor_error(segment)
+            if why:
+                raise startup_error(why)
+            if time.monotonic() > deadline:
+                raise MpopError(f"the supervisor process of pool {segment.name} did not start in "
+                                f"{READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.005)
+        return cls(segment.owner_pid, segment.owner_start_time, segment)
+
+    def alive(self) -> bool:
+        return running(self.pid, self.start_time)
+
+    def error(self) -> MpopError | None:
+        """Why the supervisor process is gone, or None while it runs."""
+        if self.alive():
+            return None
+        from ._hooks import startup_error
+
+        why = supervisor_error(self.segment)
+        if why:
+            return startup_error(why)
+        return MpopError(f"the supervisor process (pid {self.pid}) of pool {self.segment.name} is gone")
+
+    def stop(self, graceful: bool, timeout: float) -> None:
+        """Stops the pool: its workers, then the supervisor process (which removes the
+        segment). Graceful: once nothing is queued or running (`timeout`, then at once)."""
+        _signal_until_gone(self.pid, self.start_time, graceful, timeout)
+
+
+def running(pid: int, start_time: int) -> bool:
+    """Whether the process `pid` that started at `start_time` still runs (a zombie does
+    not: the process it is reparented to may take its time to reap it)."""
+    from ._core import Segment
+
+    if Segment.process_start_time(pid) != start_time:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _signal_until_gone(pid: int, start_time: int, graceful: bool, timeout: float) -> None:
+    """SIGTERM (graceful) or SIGINT to the supervisor process `pid` (started at
+    `start_time`), then SIGINT after `timeout`, SIGKILL 10 s later; returns once it is
+    gone."""
+    wait = _waiter(pid, start_time)
+    for sig, limit in ((signal.SIGTERM if graceful else signal.SIGINT, timeout), (signal.SIGINT, 10.0),
+                       (signal.SIGKILL, 10.0)):
+        if not running(pid, start_time):
+            return  # gone (its pid may be another process's now)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            wait(limit)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_pool(name: str, graceful: bool = True, timeout: float = 60.0) -> str:
+    """Stops the live persistent pool `name` from any process of its user (``python -m mpop
+    shutdown NAME``); returns its segment's name. Raises MpopError when there is none, or
+    more than one."""
+    from . import _core
+
+    found = find_pools(name)
+    if not found:
+        raise MpopError(f"no live persistent pool named {name!r}")
+    if len(found) > 1:
+        raise MpopError(f"several live persistent pools are named {name!r}: {', '.join(found)}; "
+                        f"give the segment's name")
+    seg = _core.Segment.attach(found[0])
+    try:
+        pid, start = seg.owner_pid, seg.owner_start_time
+    finally:
+        seg.leave()
+    _signal_until_gone(pid, start, graceful, timeout)
+    return found[0]
+
+
+def _waiter(pid: int, start_time: int):
+    """wait(limit) for the process `pid` (started at `start_time`), which is not our child:
+    it watches the process's identity in /proc."""
+    def wait(limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while running(pid, start_time):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {pid}", limit)
+            time.sleep(0.01)
+
+    return wait
+
+
+# -- the supervisor process ---------------------------------------------------------------------
+
+_stop_requested: list[bool] = []  # [graceful] once a signal came
+
+
+def _on_signal(signum: int, frame) -> None:
+    _stop_requested.append(signum == signal.SIGTERM)
+
+
+def _idle(segment) -> bool:
+    """Nothing queued, claimed or running."""
+    if segment.queue_status()["queued"]:
+        return False
+    return all(not w["local_queue"] and w["running_seq"] is None for w in segment.workers_status())
+
+
+def supervise(name: str, workers: int) -> int:
+    """The supervisor process of the persistent pool in segment `name` (see the module's
+    docstring); returns its exit status."""
+    from . import _core
+    from ._worker import spawn_command
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    segment = _core.Segment.attach(name)
+    boot = read_boot(segment)
+    if not boot.get("persistent"):
+        segment.leave()
+        print(f"mpop: {name} is not a persistent pool", file=sys.stderr)
+        return 2
+    settings = boot["supervisor"]
+    segment.take_ownership()
+    argv, env = spawn_command(name)
+    sup = _core.Supervisor(segment, workers, settings["max_retries"], float(settings["task_timeout"] or 0.0),
+                           "spawn", argv, env, None)
+    graceful = False
+    try:
+        try:
+            sup.start()
+        except RuntimeError as e:
+            segment.write_registry(SUPERVISOR_ERROR_ID, str(e).encode())
+            return 3
+        graceful = True
+        while True:
+            if _stop_requested:
+                graceful = graceful and _stop_requested[-1]
+                if not graceful or _idle(segment):
+                    break
+            err = sup.last_error
+            if err:
+                segment.write_registry(SUPERVISOR_ERROR_ID, err.encode())
+                graceful = False
+                return 3
+            time.sleep(0.05)
+        return 0
+    finally:
+        sup.stop(graceful, 10.0)
+        segment.set_shutdown()
+        segment.leave()
+
+
+def main(argv: list[str]) -> int:
+    """``SEGMENT WORKERS``: the entry PoolProcess.launch starts."""
+    if len(argv) != 2:
+        print("usage: python -m mpop._persistent SEGMENT WORKERS", file=sys.stderr)
+        return 2
+    return supervise(argv[0], int(argv[1]))
