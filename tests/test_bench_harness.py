@@ -69,3 +69,14 @@ def test_bench_cli_rejects_an_unknown_scenario():
     proc = run_python(["-m", "mpop", "bench", "--only", "nonsense"], timeout=60)
     assert proc.returncode == 2
     assert "unknown scenario(s): nonsense" in proc.stdout
+
+
+def test_bench_persistent_rows_compare_with_an_in_process_pool():
+    with leak_check():
+        proc = run_python(["-m", "mpop", "bench", "--quick", "--only", "persistent"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"persistent pool: submit\+result vs in-process\s+[0-9.e+]+\s+[0-9.e+]+\s+tasks/s\s+[0-9.]+x",
+                     out), out
+    assert re.search(r"persistent pool: map 100,000 vs in-process\s+[0-9.e+]+\s+[0-9.e+]+\s+tasks/s", out), out
+    assert "the 'stdlib' column is an in-process mpop pool in the same run" in out

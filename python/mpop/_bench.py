@@ -121,6 +121,38 @@ def bench_map(workers: int, n: int, rounds: int = 5) -> list[Row]:
     ]
 
 
+def bench_persistent(workers: int, n_submit: int, n_map: int, rounds: int) -> list[Row]:
+    """A persistent pool (its supervisor in a process of its own) against an in-process
+    one, side by side in rounds: per-task submit with every result collected, and a map of
+    a range; the best run of each."""
+    import uuid
+
+    inproc = _app(workers)
+    persistent = _app(workers, persistent=True, name=f"mpop-bench-{uuid.uuid4().hex[:8]}")
+    try:
+        def submit(app):
+            futs = [app.submit(inc, i) for i in range(n_submit)]
+            for f in futs:
+                f.result()
+
+        t = _rounds({
+            "submit persistent": lambda: submit(persistent),
+            "submit in-process": lambda: submit(inproc),
+            "map persistent": lambda: list(persistent.map(inc, range(n_map))),
+            "map in-process": lambda: list(inproc.map(inc, range(n_map))),
+        }, rounds)
+    finally:
+        persistent.shutdown()
+        inproc.shutdown()
+    note = {"note": "persistent rows: the 'stdlib' column is an in-process mpop pool in the same run"}
+    return [
+        Row("persistent pool: submit+result vs in-process", n_submit / min(t["submit persistent"]),
+            n_submit / min(t["submit in-process"]), "tasks/s", True, ">= 0.8x", note),
+        Row(f"persistent pool: map {n_map:,} vs in-process", n_map / min(t["map persistent"]),
+            n_map / min(t["map in-process"]), "tasks/s", True, ">= 0.8x", note),
+    ]
+
+
 def bench_numpy(workers: int, n: int, mb: int) -> list[Row]:
     """n tasks each taking a float64 array of `mb` MB and returning its sum: mpop passes
     it through the shared argument pool (one copy in, a read-only view in the worker), the
@@ -489,7 +521,7 @@ def _plot(path: str, workers: int, quick: bool) -> None:
     print(f"plot written to {path}")
 
 
-SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "prototype"]
+SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "persistent", "prototype"]
 
 
 def run_bench(args) -> int:
@@ -516,6 +548,9 @@ def run_bench(args) -> int:
         rows.append(bench_idle(workers, 1.0 if quick else 3.0))
     if "startup" in only:
         rows += bench_startup(workers, 2 if quick else 5)
+    if "persistent" in only:
+        rows += bench_persistent(workers, 5_000 if quick else 50_000, 100_000 if quick else 1_000_000,
+                                 3 if quick else 5)
     if "prototype" in only:
         if quick:
             rows += bench_prototype(workers, [900, 9_000], ["light"], quick=True)
