@@ -684,3 +684,54 @@ def test_hooks_that_cannot_be_pickled():
         mpop.MpopApi(workers=1, initializer=record_init, initargs=("x", lock))
     with pytest.raises(mpop.ConfigError):
         mpop.Executor(max_workers=1, initializer=init_with_lock)
+
+
+# -- failures every waiter sees, and hooks that end oddly ------------------------------------
+
+
+def test_every_waiter_sees_an_initializer_failure():
+    app = mpop.MpopApi(workers=1, initializer=bad_init, initargs=("boom",))
+    try:
+        futs = [app.submit(add, i) for i in range(3)]
+        # concurrent.futures.wait drains and checks nothing itself: the futures end anyway.
+        done, not_done = cf.wait(futs, timeout=60)
+        assert not not_done
+        for f in futs:
+            with pytest.raises(mpop.WorkerInitError, match="ValueError: init exploded: boom"):
+                f.result(timeout=60)
+    finally:
+        app.shutdown()
+
+
+def non_ascii_init():
+    raise ValueError("データ" * 600)  # far past the worker record's 4 KiB, in multi-byte characters
+
+
+def test_a_long_non_ascii_initializer_error_arrives_as_worker_init_error():
+    app = mpop.MpopApi(workers=1, initializer=non_ascii_init)
+    try:
+        with pytest.raises(mpop.WorkerInitError, match="ValueError: データ") as info:
+            app.submit(add, 1).result(timeout=60)
+        assert "データ" in str(info.value.__cause__)
+    finally:
+        app.shutdown()
+
+
+def exit_returns_an_exception():
+    return KeyError("returned, not raised")
+
+
+def exit_calls_sys_exit():
+    raise SystemExit(7)
+
+
+def test_worker_exit_returning_an_exception_or_calling_sys_exit():
+    with mpop.MpopApi(workers=1, worker_exit=exit_returns_an_exception) as app:
+        app.submit(add, 1).result(timeout=60)
+    (value,) = app.exit_results()
+    assert isinstance(value, KeyError) and value.__cause__ is None  # a value like any other
+    with mpop.MpopApi(workers=1, worker_exit=exit_calls_sys_exit) as app:
+        app.submit(add, 1).result(timeout=60)
+    (value,) = app.exit_results()
+    assert isinstance(value, SystemExit) and value.code == 7
+    assert isinstance(value.__cause__, RemoteTraceback)

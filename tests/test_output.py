@@ -489,3 +489,50 @@ def test_what_worker_exit_prints_arrives(capsys, method):
     lines = [line for line in out.splitlines() if line.startswith("worker_exit says bye from ")]
     assert len(lines) == 2, out
     assert "hello a\n" in out and "hello b\n" in out, out
+
+
+def forks_and_prints(tag):
+    pid = os.fork()
+    if pid == 0:  # the child is not the worker: its text goes to its own descriptors
+        print(f"child of {tag}", flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(f"parent {tag}", flush=True)
+    return tag
+
+
+def test_a_handler_that_forks_keeps_the_workers_output_channel_intact(capsys):
+    with MpopApi(workers=1) as app:
+        assert [app.submit(forks_and_prints, i).result(timeout=TIMEOUT) for i in range(3)] == [0, 1, 2]
+        assert app.submit(hello, "after").result(timeout=TIMEOUT) is not None
+        assert app.status()["workers"][0]["restarts"] == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("parent")] == ["parent 0", "parent 1", "parent 2"]
+    assert "child of" not in out  # not through the owner
+
+
+def reconfigures():
+    sys.stdout.reconfigure(line_buffering=True)
+    print("after reconfigure", sys.stdout.line_buffering)
+    return True
+
+
+def test_reconfigure_of_a_workers_stdout_is_accepted(capsys):
+    with MpopApi(workers=1) as app:
+        assert app.submit(reconfigures).result(timeout=TIMEOUT) is True
+    assert capsys.readouterr().out == "after reconfigure False\n"
+
+
+class BrokenStream:
+    def write(self, text):
+        raise OSError("the owner's stream is closed")
+
+    def flush(self):
+        pass
+
+
+def test_a_failing_owner_stream_never_fails_a_result(monkeypatch):
+    with MpopApi(workers=1) as app:
+        monkeypatch.setattr(sys, "stdout", BrokenStream())
+        assert app.submit(hello, "x").result(timeout=TIMEOUT) is not None
+        monkeypatch.undo()

@@ -239,3 +239,14 @@ def test_kill_task_stops_a_queued_task_of_a_persistent_pool(tmp_path, name):
         assert app.kill_task(queued) and queued.cancelled()
         assert running.result(timeout=TIMEOUT) == "first" and blocker.result(timeout=TIMEOUT) is None
     assert sorted(os.listdir(tmp_path)) == ["donefirst"]
+
+
+def test_shutdown_by_name_leaves_a_creator_that_has_not_started_its_pool_alone(name):
+    app = mpop.MpopApi(name=name, persistent=True, workers=1)
+    try:
+        app.enqueue(pow, args=(2, 3))  # the segment exists; no supervisor process took it over
+        missing = mpop_cli("shutdown", name)
+        assert missing.returncode == 1 and "no live persistent pool" in missing.stderr
+        assert app.run().values() == [8]  # still here, and now started
+    finally:
+        app.shutdown()

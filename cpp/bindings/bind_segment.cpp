@@ -95,6 +95,11 @@ py::dict worker_status(Segment& s, uint32_t i) {
                                  : py::object(py::none());
   d["local_queue"] = r.local_count.load() > r.local_next.load() ? r.local_count.load() - r.local_next.load() : 0u;
   d["generation"] = r.generation.load();
+  // Why its last process could not start, if it said (decoded leniently: it may have been
+  // cut in the middle of a character).
+  const char* err = r.start_error;
+  py::bytes raw(err, strnlen(err, sizeof r.start_error));
+  d["start_error"] = raw.attr("decode")("utf-8", "replace");
   return d;
 }
 
@@ -135,8 +140,14 @@ void register_segment(py::module_& m) {
       .def_static("process_start_time", &Segment::process_start_time)
       .def_property_readonly("name", &Segment::name)
       .def_property_readonly("size", &Segment::size)
-      .def_property_readonly("owner_pid", [](Segment& s) { return s.header().owner_pid; })
-      .def_property_readonly("owner_start_time", [](Segment& s) { return s.header().owner_start_time; })
+      .def_property_readonly(
+          "owner_pid",
+          [](Segment& s) { return std::atomic_ref<int32_t>(s.header().owner_pid).load(std::memory_order_acquire); })
+      .def_property_readonly("owner_start_time",
+                             [](Segment& s) {
+                               return std::atomic_ref<uint64_t>(s.header().owner_start_time)
+                                   .load(std::memory_order_relaxed);
+                             })
       .def_property_readonly("max_workers", [](Segment& s) { return s.config().max_workers; })
       .def_property_readonly("queue_slots", [](Segment& s) { return s.config().queue_slots; })
       .def_property_readonly("task_stride", [](Segment& s) { return s.header().task_stride; })
@@ -150,11 +161,20 @@ void register_segment(py::module_& m) {
            [](Segment& s) {
              SegmentHeader& h = s.header();
              const pid_t me = getpid();
-             std::atomic_ref<int32_t>(h.owner_pid).store(static_cast<int32_t>(me), std::memory_order_relaxed);
-             std::atomic_ref<uint64_t>(h.owner_start_time)
-                 .store(Segment::process_start_time(me), std::memory_order_release);
+             const uint64_t start = Segment::process_start_time(me);
+             // Start time, then pid, then the flag: a reader that sees the flag (acquire)
+             // sees both, and one that reads the pair meanwhile sees the creator's start
+             // time with at most the new pid, which looks dead, never alive and wrong.
+             std::atomic_ref<uint64_t>(h.owner_start_time).store(start, std::memory_order_relaxed);
+             std::atomic_ref<int32_t>(h.owner_pid).store(static_cast<int32_t>(me), std::memory_order_release);
+             std::atomic_ref<uint32_t>(h.supervised).store(1, std::memory_order_release);
              s.set_unlink_on_close(true);
            })
+      .def_property_readonly("supervised",
+                             [](Segment& s) {
+                               return std::atomic_ref<uint32_t>(s.header().supervised).load(
+                                          std::memory_order_acquire) != 0;
+                             })
       // Whether this process's leave() removes the segment (its creator's does, until a
       // persistent pool's supervisor process takes it over).
       .def("set_unlink_on_close", &Segment::set_unlink_on_close, py::arg("value"))

@@ -160,7 +160,12 @@ void register_supervisor(py::module_& m) {
       .def("kill_worker", [](PySupervisor& s, uint32_t id) { return s.native().kill_worker(id); })
       .def("kill_task", [](PySupervisor& s, uint64_t seq) { return s.native().kill_task(seq); })
       .def_property_readonly("running", [](PySupervisor& s) { return s.native().running(); })
-      .def_property_readonly("last_error", [](PySupervisor& s) { return s.native().last_error(); })
+      .def_property_readonly("last_error",
+                             [](PySupervisor& s) {
+                               // A worker's start error may have been cut in the middle of a character.
+                               std::string e = s.native().last_error();
+                               return py::bytes(e).attr("decode")("utf-8", "replace");
+                             })
       .def("counters", [](PySupervisor& s) {
         const auto& c = s.native().counters();
         py::dict d;

@@ -73,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
     from . import _core
     from ._cleanup import segments
     from ._core import owner_alive
-    from ._persistent import find_pools, read_boot
+    from ._persistent import find_pools
     from ._status import format_status
 
     pools = [] if args.name in segments() else find_pools(args.name)
@@ -90,7 +90,7 @@ def _status(args: argparse.Namespace) -> int:
             status = {"config": {}, "queue": seg.queue_status(), "workers": seg.workers_status()}
             status["queue"]["owner_pid"] = seg.owner_pid
             text = format_status(status, config=False)
-            owner = "supervisor process" if read_boot(seg).get("persistent") else "owner"
+            owner = "supervisor process" if seg.supervised else "owner"
             print(f"mpop segment {args.name} ({owner} pid {seg.owner_pid}, "
                   f"{'alive' if owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
             if args.once or not owner_alive(seg):

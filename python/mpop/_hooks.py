@@ -17,7 +17,7 @@ from ._builtins import set_worker_state, with_state
 from ._config import Config
 from ._errors import ConfigError, MpopError, RemoteTraceback, WorkerInitError
 
-__all__ = ["pack", "WorkerLife", "startup_error", "INIT_FAILED", "RETIRING"]
+__all__ = ["pack", "WorkerLife", "startup_error", "clip", "INIT_FAILED", "RETIRING"]
 
 INIT_FAILED = "mpop: the initializer raised"  # first line of such a worker's start error
 
@@ -66,22 +66,32 @@ class WorkerLife:
             if init is not None:
                 with_state(init)(*self.hooks.get("initargs", ()))
         except BaseException as e:
-            # From the hook's own frames on (not this one), and its end when it is long.
-            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))[-3000:]
-            summary = traceback.format_exception_only(type(e), e)[-1].strip()[:300]
-            return f"{INIT_FAILED}\n{summary}\n{tb}"
+            # From the hook's own frames on (not this one), and its end when it is long; in
+            # bytes, so that the worker record's 4 KiB hold it whole.
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+            summary = traceback.format_exception_only(type(e), e)[-1].strip()
+            return f"{INIT_FAILED}\n{clip(summary, 300, tail=False)}\n{clip(tb, 3000)}"
         return None
 
     def end(self) -> Any:
-        """When the worker retires: what worker_exit returns (or the exception it raised);
-        NO_EXIT without a worker_exit."""
+        """When the worker retires: (True, what worker_exit returned) or (False, the
+        exception it raised); NO_EXIT without a worker_exit."""
         fn = self.hooks.get("worker_exit")
         if fn is None:
             return self.NO_EXIT
         try:
-            return fn(self.state) if self.hooks.get("worker_state") else fn()
-        except Exception as e:
-            return e
+            return True, (fn(self.state) if self.hooks.get("worker_state") else fn())
+        except BaseException as e:  # SystemExit too: the worker still leaves in order
+            return False, e
+
+
+def clip(text: str, limit: int, tail: bool = True) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (its end, or its start), whole
+    characters only."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return text
+    return (data[-limit:] if tail else data[:limit]).decode("utf-8", "ignore")
 
 
 def startup_error(err: str) -> MpopError:

@@ -87,6 +87,14 @@ class Outbox:
         self.flush()
         self.closed = True
 
+    def after_fork_in_child(self) -> None:
+        """A handler forked: the child is not the worker, and must never publish into the
+        worker's ring. It writes to its own descriptors (what its parent had waiting stays
+        the parent's to send)."""
+        self.lock = threading.RLock()  # another thread may have held it at the fork
+        self.items, self.size = [], 0
+        self.closed = True
+
     def _spill(self) -> None:
         with self.lock:
             items, self.items, self.size = self.items, [], 0
@@ -157,6 +165,14 @@ class WorkerStream(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    @property
+    def line_buffering(self) -> bool:
+        return False
+
+    def reconfigure(self, **options: Any) -> None:
+        """Accepted for compatibility (``sys.stdout.reconfigure(line_buffering=True)``):
+        the text is always UTF-8, and sent as the module's docstring says."""
+
     def fileno(self) -> int:
         # The process's own descriptor (faulthandler, subprocess): what is written there
         # goes where the worker's inherited stream goes, not through the owner.
@@ -207,6 +223,7 @@ def install(side, worker_id: int, levels: dict | None) -> Outbox:
     """In a worker, at its start: its output and logging go to the owner from now on.
     `levels`: the owner's logging levels (log_levels())."""
     outbox = Outbox(side)
+    os.register_at_fork(after_in_child=outbox.after_fork_in_child)
     sys.stdout = WorkerStream(outbox, ROUTE_STDOUT, sys.__stdout__)
     sys.stderr = WorkerStream(outbox, ROUTE_STDERR, sys.__stderr__)
     # Every record ends at the root's shipper: the owner's handlers handle it (a forked
@@ -234,12 +251,12 @@ def log_levels() -> dict:
     return {"root": logging.getLogger().level, "loggers": loggers, "disable": manager.disable}
 
 
-def pack_exit(value: Any) -> bytes:
-    """What worker_exit returned (or the exception it raised, with its traceback), as the
-    owner's exit results get it."""
+def pack_exit(returned: bool, value: Any) -> bytes:
+    """What worker_exit returned (`returned`) or the exception it raised (with its
+    traceback), as the owner's exit results get it."""
     from ._pickling import dumps, pack_error
 
-    if isinstance(value, BaseException):
+    if not returned:
         return b"E" + pack_error(value)
     try:
         return b"V" + dumps(value)
@@ -254,6 +271,20 @@ class OwnerSide:
         self.exit_results = exit_results
 
     def deliver(self, route: int, worker_id: int, data: bytes) -> None:
+        """Hands one message on. A failure here (the owner's sys.stdout closed, a log
+        record that cannot be rebuilt) is reported, never raised into whatever call
+        happened to drain the results."""
+        try:
+            self._deliver(route, worker_id, data)
+        except Exception:
+            import traceback
+
+            stream = sys.__stderr__
+            if stream is not None:
+                stream.write(f"mpop: could not hand on a message of worker {worker_id}:\n"
+                             + traceback.format_exc())
+
+    def _deliver(self, route: int, worker_id: int, data: bytes) -> None:
         if route == ROUTE_STDOUT:
             _write(sys.stdout, data)
         elif route == ROUTE_STDERR:

@@ -7,11 +7,11 @@ watch it instead of the creator, and it removes the segment when it leaves. So t
 may exit, or be killed, and the workers go on with the tasks it queued.
 
 The supervisor process stops the pool on a signal: SIGTERM once no task is queued or
-running, SIGINT at once (what runs is killed). When its workers cannot start it writes why
-into the segment's handler log (SUPERVISOR_ERROR_ID) and exits, and the creator raises it as
-it would for an in-process supervisor. A pool is found by its name (the segment's name is
-``NAME_`` and 16 random hex digits) among the live segments whose boot record says it is
-persistent."""
+running, SIGINT at once (what runs is killed). When its workers cannot start it exits; the
+creator finds why in the worker records (a start error, an initializer's traceback) and
+raises it as it would for an in-process supervisor. A pool is found by its name (the
+segment's name is ``NAME_`` and 16 random hex digits) among the live segments that a
+supervisor process took over."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ import time
 from ._builtins import BOOT_FN_ID
 from ._errors import MpopError
 
-__all__ = ["SUPERVISOR_ERROR_ID", "PoolProcess", "find_pools", "supervise", "stop_pool", "main"]
+__all__ = ["PoolProcess", "find_pools", "supervise", "stop_pool", "main"]
 
-SUPERVISOR_ERROR_ID = 0x0FFE  # a handler-log record: why the supervisor process gave up
 READY_TIMEOUT_S = 60.0
 
 
@@ -42,10 +41,12 @@ def read_boot(segment) -> dict:
 
 
 def supervisor_error(segment) -> str | None:
-    """What the supervisor process recorded when it gave up, if it did."""
-    entries, _ = segment.read_registry(0)
-    errors = [blob for fn_id, blob in entries if fn_id == SUPERVISOR_ERROR_ID]
-    return errors[-1].decode("utf-8", "replace") if errors else None
+    """Why the pool's workers could not start, as the supervisor reports it, when a
+    worker recorded why."""
+    for w in segment.workers_status():
+        if w["start_error"]:
+            return f"mpop: worker {w['id']} failed to start:\n{w['start_error']}"
+    return None
 
 
 def find_pools(name: str) -> list[str]:
@@ -62,8 +63,8 @@ def find_pools(name: str) -> list[str]:
             seg = _core.Segment.attach(seg_name)
         except Exception:
             continue
-        try:
-            if _core.owner_alive(seg) and read_boot(seg).get("persistent"):
+        try:  # taken over by its supervisor process (not a creator still starting it)
+            if seg.supervised and _core.owner_alive(seg):
                 found.append(seg_name)
         except Exception:
             pass
@@ -75,13 +76,16 @@ def find_pools(name: str) -> list[str]:
 # The supervisor process is started through a short-lived intermediate that forks it into a
 # session of its own and exits: it is never the creator's child, so the creator has nothing
 # to reap, and it runs on however the creator ends.
+# It prints the supervisor's pid.
 _DAEMONIZE = ("import os, sys\n"
-              "if os.fork() == 0:\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
               "    os.setsid()\n"
               "    fd = os.open(os.devnull, os.O_RDWR)\n"
               "    for i in (0, 1, 2):\n"
               "        os.dup2(fd, i)\n"
               "    os.execv(sys.argv[1], sys.argv[1:])\n"
+              "print(pid, flush=True)\n"
               "os._exit(0)\n")
 
 
@@ -104,21 +108,30 @@ class PoolProcess:
         code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._persistent import main; "
                 "sys.exit(main(sys.argv[2:]))")
         argv = [sys.executable, "-c", code, package_parent(), segment.name, str(workers)]
-        me = segment.owner_pid
         # Away from the creator's terminal and pipes too: a reader of the creator's output
         # must not wait for the pool.
-        subprocess.run([sys.executable, "-c", _DAEMONIZE, *argv], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, check=True)
+        try:
+            out = subprocess.run([sys.executable, "-c", _DAEMONIZE, *argv], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
+                                 check=True).stdout
+            pid = int(out)
+        except (OSError, ValueError, subprocess.CalledProcessError) as e:
+            raise MpopError(f"could not start the supervisor process of pool {segment.name}: {e}") from e
+        from ._core import Segment
+
+        start = Segment.process_start_time(pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while segment.owner_pid == me or not segment.owner_start_time:
-            why = supervisor_error(segment)
-            if why:
-                raise startup_error(why)
+        while not (segment.supervised and segment.owner_pid == pid):
+            if not running(pid, start):
+                why = supervisor_error(segment)
+                raise startup_error(why) if why else MpopError(
+                    f"the supervisor process of pool {segment.name} (pid {pid}) exited before it started")
             if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
                 raise MpopError(f"the supervisor process of pool {segment.name} did not start in "
                                 f"{READY_TIMEOUT_S:.0f} s")
             time.sleep(0.005)
-        return cls(segment.owner_pid, segment.owner_start_time, segment)
+        return cls(pid, segment.owner_start_time, segment)
 
     def alive(self) -> bool:
         return running(self.pid, self.start_time)
@@ -248,18 +261,15 @@ def supervise(name: str, workers: int) -> int:
     try:
         try:
             sup.start()
-        except RuntimeError as e:
-            segment.write_registry(SUPERVISOR_ERROR_ID, str(e).encode())
-            return 3
+        except RuntimeError:
+            return 3  # why is in the worker records
         graceful = True
         while True:
             if _stop_requested:
                 graceful = graceful and _stop_requested[-1]
                 if not graceful or _idle(segment):
                     break
-            err = sup.last_error
-            if err:
-                segment.write_registry(SUPERVISOR_ERROR_ID, err.encode())
+            if sup.last_error:  # the workers cannot start: why is in their records
                 graceful = False
                 return 3
             time.sleep(0.05)

@@ -80,6 +80,7 @@ class ResultRouter:
         # learn that the workers cannot run (Runtime.check_workers): both set by the runtime.
         self.side = None
         self.check: Callable[[], None] | None = None
+        self._next_check = 0.0  # when the background thread next calls check
         self._names = names
         self._max_retries = max_retries
         self._task_timeout = task_timeout
@@ -297,6 +298,8 @@ class ResultRouter:
                 self._stop.wait(0.01)
 
     _STEP_ASIDE_POLL_S = 0.05  # see _background_step
+    _CHECK_EVERY_S = 0.25  # how often it checks the workers while futures wait
+    _IDLE_WAKE_S = 1.0  # the longest it sleeps with nothing in flight
 
     def _background_step(self) -> None:
         """One turn of the background thread: drains what no caller drains."""
@@ -325,6 +328,15 @@ class ResultRouter:
             if self._helpers:
                 return
             pending = len(self.futures)
+            if pending and self.check is not None and time.monotonic() >= self._next_check:
+                # Futures nobody waits on in a blocking call learn of workers that cannot
+                # run (an initializer that raised) here: check_workers fails them.
+                self._next_check = time.monotonic() + self._CHECK_EVERY_S
+                try:
+                    self.check()
+                except MpopError:
+                    pass
+                pending = len(self.futures)
             if pending:
                 # Futures nobody waits on in a blocking call (callbacks, wait(),
                 # as_completed): a lone one's result at once; with many in flight, in runs
@@ -341,12 +353,14 @@ class ResultRouter:
                 # task ring waits for one batch, not for a poll.
                 self.pump(0.005, outstanding)
                 return
-            # Nothing in flight: sleep in the native wait, without a timeout, until a result
-            # comes in (so an idle app costs no CPU and a push needs no wake-up call of its
-            # own). Callers and stop_background() interrupt it.
+            # Nothing in flight: sleep in the native wait until a result comes in (so an
+            # idle app costs next to no CPU and a push needs no wake-up call of its own).
+            # Callers and stop_background() interrupt it. It wakes once a second all the
+            # same: a future submitted meanwhile whose workers cannot start sends nothing
+            # that would wake it, and is failed by the check above.
             self._idle = True
             try:
-                self.pump(None, epoch=epoch)
+                self.pump(self._IDLE_WAKE_S, epoch=epoch)
             finally:
                 self._idle = False
         finally:

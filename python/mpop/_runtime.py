@@ -87,6 +87,7 @@ class Runtime:
         self.written: set[int] = set()  # fn_ids whose handlers are in this segment's registry
         self.closed = False
         self.failed = False  # the workers could not start (check_workers raised)
+        self.error: MpopError | None = None  # what check_workers raises until the next start
         self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
         self.boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
                      "cpu_affinity": c.cpu_affinity, "debug": c.debug, "hooks": hooks,
@@ -178,7 +179,7 @@ class Runtime:
 
                 self.forkserver = ForkServer(self.segment.name, argv[:-1])
             entry = self.forkserver.spawn
-        self.failed = False
+        self.failed, self.error = False, None
         sup = _core.Supervisor(self.segment, workers, c.max_retries, float(c.task_timeout or 0.0),
                                c.start_method, argv, env, entry)
         try:
@@ -199,7 +200,7 @@ class Runtime:
         then on (and removes it when the pool stops)."""
         from ._persistent import PoolProcess
 
-        self.failed = False
+        self.failed, self.error = False, None
         try:
             self.pool = PoolProcess.launch(self.segment, workers)
         except MpopError:
@@ -218,20 +219,30 @@ class Runtime:
 
     def check_workers(self) -> None:
         """Raises MpopError (after stopping the workers) when they cannot run: e.g. every
-        attempt to start one failed; WorkerInitError when an initializer raised."""
-        if self.pool is not None:
-            err = self.pool.error()
-            if err is not None:
-                self.stop_workers(graceful=False)
-                self.failed = True
-                raise err
+        attempt to start one failed; WorkerInitError when an initializer raised. Every
+        check raises it until the workers are started again, and the futures waiting then
+        fail with it (a wait() or as_completed() that never checks would wait for ever)."""
+        if self.error is not None:
+            raise self.error
+        failure = self._failure()
+        if failure is None:
             return
+        self.stop_workers(graceful=False)
+        self.failed = True
+        self.error = failure()
+        self.router.fail_all(failure)
+        raise self.error
+
+    def _failure(self) -> Callable[[], MpopError] | None:
+        """What makes the error of workers that cannot run (each call a new exception),
+        or None while they can."""
+        if self.pool is not None:
+            return None if self.pool.alive() else self.pool.error
         sup = self.supervisor
         if sup is not None and sup.last_error:
-            err = sup.last_error
-            self.stop_workers(graceful=False)
-            self.failed = True
-            raise startup_error(err)
+            text = sup.last_error
+            return lambda: startup_error(text)
+        return None
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
         """Stops the supervisor and its workers (gracefully: after their local queues). A
@@ -334,7 +345,10 @@ class Runtime:
 
     def detach(self) -> None:
         """Lets go of a running persistent pool: its workers, queued tasks and results stay;
-        this process's futures still pending fail with ShutdownError."""
+        this process's futures still pending fail with ShutdownError. Tasks still in this
+        process's backlog (the ring was full) are handed to the ring first."""
+        while self.producer.backlog and self.pool.alive():
+            time.sleep(0.005)
         self.closed = True
         self.fast.armed = False
         self.router.stop_background()

@@ -87,7 +87,7 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
 def run(name: str, worker_id: int) -> int:
     """A worker's life in slot `worker_id` of segment `name`: returns its exit code."""
     from . import _core
-    from ._hooks import RETIRING, WorkerLife
+    from ._hooks import RETIRING, WorkerLife, clip
     from ._output import install, pack_exit
     from ._results import TaskResult
 
@@ -105,7 +105,7 @@ def run(name: str, worker_id: int) -> int:
         life = WorkerLife(resolver.boot.get("hooks"))
         why = life.begin()
     except BaseException:
-        why = traceback.format_exc()[-3500:]
+        why = clip(traceback.format_exc(), 3500)
     if why is not None:
         if outbox is not None:
             outbox.close()  # what the initializer printed before it failed
@@ -118,7 +118,7 @@ def run(name: str, worker_id: int) -> int:
         value = life.end()
         outbox.flush()
         if value is not WorkerLife.NO_EXIT:
-            side.send(_core.ROUTE_EXIT, pack_exit(value))
+            side.send(_core.ROUTE_EXIT, pack_exit(*value))
     if reason != "owner died":
         outbox.close()
     else:

@@ -47,7 +47,7 @@ struct alignas(kCacheLine) SegmentHeader {
   uint64_t registry_off, ring_off, workers_off, results_off, pool_off, total_bytes;
   uint32_t worker_stride, entry_stride;
   int32_t owner_pid;
-  uint32_t reserved0;
+  uint32_t supervised;  // 1: a persistent pool's supervisor process owns it (take_ownership)
   uint64_t owner_start_time;  // /proc start time: a pid-reuse-proof identity of the owner
   char name[128];
 
