@@ -237,7 +237,8 @@ def test_kill_task_stops_a_queued_task_of_a_persistent_pool(tmp_path, name):
         blocker = app.submit(time.sleep, 0.5)
         queued = app.submit(write_marker, "never", str(tmp_path))
         assert app.kill_task(queued) and queued.cancelled()
-        assert running.result(timeout=TIMEOUT) == "first" and blocker.result(timeout=TIMEOUT) is None
+        assert running.result(timeout=TIMEOUT) == "first"
+        assert blocker.result(timeout=TIMEOUT) is None
     assert sorted(os.listdir(tmp_path)) == ["donefirst"]
 
 
