@@ -16,7 +16,8 @@ import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, Callable
 
-from ._core import FIRST_MAP_ROUTE, FIRST_SIDE_ROUTE, RESULT_STATUS, ROUTE_FUTURE, ROUTE_PLAIN, ResultRecord
+from ._core import (FIRST_MAP_ROUTE, FIRST_SIDE_ROUTE, RESULT_STATUS, ROUTE_EXIT, ROUTE_FUTURE, ROUTE_PLAIN,
+                    ResultRecord)
 from ._errors import MpopError, RemoteTraceback, ShutdownError, TaskTimeoutError, WorkerCrashedError
 from ._futures import future_class
 from ._results import TaskResult
@@ -81,6 +82,12 @@ class ResultRouter:
         self.side = None
         self.check: Callable[[], None] | None = None
         self._next_check = 0.0  # when the background thread next calls check
+        # Worker output the background thread drained, held back a moment for a caller's
+        # thread to write: under Jupyter, text goes to the cell of the thread that writes
+        # it, and the background thread belongs to the cell that started the app.
+        # (due, route, worker_id, data), in order; touched under the drain lock only.
+        self._deferred: collections.deque = collections.deque()
+        self._bg_ident = 0
         self._names = names
         self._max_retries = max_retries
         self._task_timeout = task_timeout
@@ -153,6 +160,8 @@ class ResultRouter:
         finally:
             self._pump_want = 0
         if not n and not batch:
+            if self._deferred:
+                self._flush_deferred(everything=threading.get_ident() != self._bg_ident)
             return 0
         # These results left the ring: the rest are delivered even if the delivery of one
         # raises (a Ctrl-C in this thread, say); the first exception is raised after.
@@ -171,6 +180,8 @@ class ResultRouter:
                     interrupted = interrupted or e
         finally:
             self._pump_depth -= 1
+        if self._deferred:
+            self._flush_deferred(everything=threading.get_ident() != self._bg_ident)
         # Only the outermost pump says what is complete: a done callback may pump again
         # (the drain lock is reentrant) while the outer batch is still being delivered.
         if not self._pump_depth:
@@ -180,6 +191,15 @@ class ResultRouter:
         if interrupted is not None:
             raise interrupted
         return n or len(batch)
+
+    def _flush_deferred(self, everything: bool) -> None:
+        """Writes the held-back output: all of it, or what waited its moment (under the
+        drain lock)."""
+        now = time.monotonic()
+        while self._deferred and (everything or self._deferred[0][0] <= now):
+            _, route, worker_id, data = self._deferred.popleft()
+            if self.side is not None:
+                self.side.deliver(route, worker_id, data)
 
     def drain_rest(self) -> None:
         """Delivers whatever is in the result ring now (after the workers stopped: their
@@ -290,6 +310,7 @@ class ResultRouter:
         self._thread.start()
 
     def _run_background(self) -> None:
+        self._bg_ident = threading.get_ident()
         while not self._stop.is_set():
             try:
                 self._background_step()
@@ -300,6 +321,7 @@ class ResultRouter:
     _STEP_ASIDE_POLL_S = 0.05  # see _background_step
     _CHECK_EVERY_S = 0.25  # how often it checks the workers while futures wait
     _IDLE_WAKE_S = 1.0  # the longest it sleeps with nothing in flight
+    _DEFER_S = 0.2  # how long drained output waits for a caller's thread (see _deferred)
 
     def _background_step(self) -> None:
         """One turn of the background thread: drains what no caller drains."""
@@ -359,8 +381,11 @@ class ResultRouter:
             # same: a future submitted meanwhile whose workers cannot start sends nothing
             # that would wake it, and is failed by the check above.
             self._idle = True
+            wake = self._IDLE_WAKE_S
+            if self._deferred:  # held-back output is due soon
+                wake = min(wake, max(0.0, self._deferred[0][0] - time.monotonic()))
             try:
-                self.pump(self._IDLE_WAKE_S, epoch=epoch)
+                self.pump(wake, epoch=epoch)
             finally:
                 self._idle = False
         finally:
@@ -405,6 +430,7 @@ class ResultRouter:
         ShutdownError at its next drain."""
         self._lock_drain()
         try:
+            self._flush_deferred(everything=True)
             self._finished_at_release = self._collector.completed
             self._collector.unbind_settle()
             self._collector = self._native_settle = None
@@ -446,7 +472,12 @@ class ResultRouter:
     def _deliver(self, rec: ResultRecord) -> None:
         """Hands on one record the collector did not settle itself."""
         if rec.route >= FIRST_SIDE_ROUTE:
-            if self.side is not None:
+            if self.side is None:
+                return
+            if rec.route != ROUTE_EXIT and threading.get_ident() == self._bg_ident:
+                self._deferred.append((time.monotonic() + self._DEFER_S, rec.route, rec.worker_id, rec.value))
+            else:
+                self._flush_deferred(everything=True)  # what came before goes out first
                 self.side.deliver(rec.route, rec.worker_id, rec.value)
             return
         if self.keep_timings and rec.run_time_s is not None:
