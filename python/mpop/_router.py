@@ -632,3 +632,4 @@ class ResultRouter:
             self._drain_lock.release()
         with self.cond:
             self.cond.notify_all()
+
