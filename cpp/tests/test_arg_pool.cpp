@@ -493,8 +493,10 @@ TEST(ArgPool, ConcurrentStreamsStayInTheLowEndOfThePool) {
   EXPECT_EQ(misses.load(), 0u);
   EXPECT_EQ(f.pool.used_bytes(), 0u);
   // 4 threads x 5 blocks x at most 2 words held at once: 40 words, and room for
-  // fragmentation and for words that are only probed.
-  EXPECT_LE(reach.end.load() - base, 64 * kWord);
+  // fragmentation and for words that are only probed, by threads preempted in the middle
+  // of a probe too (4 threads on 2 cores reached 89 words once). Blocks that crept upwards
+  // for good would reach the end of the pool (256 words).
+  EXPECT_LE(reach.end.load() - base, 128 * kWord);
   RecordProperty("reach_words", std::to_string((reach.end.load() - base + kWord - 1) / kWord));
 }
 
