@@ -30,7 +30,7 @@ from ._map import MapIterator, MapRun
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
 from ._run import RunLoop, progress_bar, results_as_they_come, wait_all
-from ._runtime import Lifecycle, finalize
+from ._runtime import Lifecycle, _weakly, finalize
 from ._slots import TaskSlot196_cargs
 from ._submit import Submitter
 
@@ -454,18 +454,6 @@ class MpopApi:
 
 
 Mpop = MpopApi
-
-
-def _weakly(method: Callable) -> Callable:
-    """`method` called through a weak reference to its object (a no-op once it is gone)."""
-    ref = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        m = ref()
-        if m is not None:
-            m(*args)
-
-    return call
 
 
 def _enable_debug_logging() -> None:

@@ -522,14 +522,14 @@ class Lifecycle:
         return out
 
 
-def _weakly(method: Callable) -> Callable[[], None]:
-    """`method` called through a weak reference (a no-op once its object is gone)."""
+def _weakly(method: Callable) -> Callable[..., None]:
+    """`method` called through a weak reference to its object (a no-op once it is gone)."""
     ref = weakref.WeakMethod(method)
 
-    def call() -> None:
+    def call(*args: object) -> None:
         m = ref()
         if m is not None:
-            m()
+            m(*args)
 
     return call
 
