@@ -284,6 +284,7 @@ class _NoResults:
 
     pending = 0
     completed = 0
+    first_incomplete = 1
 
     def drain(self, max, timeout=None, want=1, spin=False, epoch=None):
         return []

@@ -19,6 +19,9 @@ constexpr int64_t kResultSpinNs = MPOP_RESULT_SPIN_NS;
 class PyCollector {
  public:
   explicit PyCollector(SegmentPtr seg) : seg_(std::move(seg)), col_(*seg_) {}
+  // Over client `client`'s live or plain mailbox (Collector's mailbox constructor).
+  PyCollector(SegmentPtr seg, uint32_t client, bool plain, bool track, uint64_t first_seq)
+      : seg_(std::move(seg)), col_(*seg_, mailbox(*seg_, client, plain), first_seq, track) {}
 
   // [ResultRecord] (make_result_record). For status kError the value is the bytes of the
   // pickled error, or the exception raised while decoding the value.
@@ -138,13 +141,19 @@ class PyCollector {
   // Wakes a drain() that is waiting, from any thread.
   void interrupt() {
     interrupts_.fetch_add(1);
-    seg_->results().wake_consumers();
+    col_.ring().wake_consumers();
   }
 
   Collector& native() { return col_; }
   Segment& segment() { return *seg_; }
 
  private:
+  static TaskRing mailbox(Segment& seg, uint32_t client, bool plain) {
+    if (client >= seg.client_count())
+      throw py::value_error("mpop: client " + std::to_string(client) + " is out of range (the pool has " +
+                            std::to_string(seg.client_count()) + " client records)");
+    return plain ? seg.plain_mailbox(client) : seg.live_mailbox(client);
+  }
 
   static constexpr int kResultFields = 10;
 
@@ -162,13 +171,13 @@ class PyCollector {
     // Also stop when somebody waits for room in the pool and results are in: draining them
     // frees their blocks (see PoolControl::starving).
     auto stop = [&] {
-      return interrupts_.load() != epoch || (seg_->pool().starving() != 0 && seg_->results().has_published());
+      return interrupts_.load() != epoch || (seg_->pool().starving() != 0 && col_.ring().has_published());
     };
     // At most half the ring: the workers keep room to publish while this thread drains.
-    want = std::clamp<uint32_t>(want, 1, seg_->results().capacity() / 2);
-    if (deadline != 0 && seg_->results().published_run(want) < want) {
+    want = std::clamp<uint32_t>(want, 1, col_.ring().capacity() / 2);
+    if (deadline != 0 && col_.ring().published_run(want) < want) {
       py::gil_scoped_release nogil;
-      seg_->results().wait_published_n(want, deadline, stop, spin ? 64 : 0, spin ? kResultSpinNs : 0);
+      col_.ring().wait_published_n(want, deadline, stop, spin ? 64 : 0, spin ? kResultSpinNs : 0);
     }
   }
 
@@ -271,6 +280,9 @@ void register_collector(py::module_& m) {
                              };
                            }))
       .def(py::init<SegmentPtr>())
+      .def(py::init<SegmentPtr, uint32_t, bool, bool, uint64_t>(), py::arg("segment"), py::arg("client"),
+           py::arg("plain") = false, py::arg("track") = true, py::arg("first_seq") = 1)
+      .def_property_readonly("has_published", [](PyCollector& c) { return c.native().ring().has_published(); })
       .def("drain", &PyCollector::drain, py::arg("max") = 4096, py::arg("timeout") = py::none(),
            py::arg("want") = 1, py::arg("spin") = false, py::arg("epoch") = py::none())
       .def("bind_settle", &PyCollector::bind_settle)

@@ -3,7 +3,10 @@
 // the call has to wait for room.
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "bindings.hpp"
 #include "mpop/producer.hpp"
@@ -14,6 +17,7 @@ namespace mpop::bindings {
 class PyProducer {
  public:
   explicit PyProducer(SegmentPtr seg) : seg_(std::move(seg)), prod_(*seg_) {}
+  PyProducer(SegmentPtr seg, uint32_t client) : seg_(std::move(seg)), prod_(*seg_, client) {}
 
   // Returns the task's seq; 0 when there was no room (non-blocking, or the timeout
   // passed); raises RuntimeError once closed and ValueError for an oversized argument.
@@ -34,22 +38,55 @@ class PyProducer {
 
   // Removes every task not yet claimed by a worker (backlog and ring); returns
   // [(seq, tsk_id, fn_id, route)] so the caller can cancel their futures.
-  py::list cancel_queued() {
+  // `only_own`: a persistent pool's client takes only its own tasks out of the ring (seqs
+  // from its first); the others' go back in. Its own are not returned but posted as
+  // cancelled into the result ring, so that they reach it through the pool's forwarder like
+  // every other result (and the forwarder knows they ended).
+  py::list cancel_queued(bool only_own) {
     const SlotLayout& L = seg_->config().slot;
     py::list out;
     auto note = [&](const TaskHeader& h, const uint8_t* slot) {
-      out.append(py::make_tuple(h.seq, read_uint(slot + L.tsk_id_off, L.tsk_id_size),
-                                read_uint(slot + L.fn_id_off, L.fn_id_size), h.route));
+      const uint32_t tsk = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
+      const uint32_t fn = read_uint(slot + L.fn_id_off, L.fn_id_size);
+      if (!only_own) {
+        out.append(py::make_tuple(h.seq, tsk, fn, h.route));
+        return;
+      }
+      ResultHeader r;
+      r.seq = h.seq;
+      r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;  // the forwarder frees it
+      r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
+      r.tsk_id = tsk;
+      r.fn_id = fn;
+      r.status = ResultStatus::kCancelled;
+      r.attempts = h.attempts;
+      r.enqueue_ns = h.enqueue_ns;
+      r.route = h.route;
+      r.end_ns = monotonic_ns();
+      while (seg_->results().try_push(1, [&](uint32_t, void* dst) { std::memcpy(dst, &r, sizeof r); }) == 0)
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      out.append(py::make_tuple(h.seq, tsk, fn, h.route));
     };
     prod_.drop_backlog(note);
+    const uint64_t first = prod_.first_seq(), last = prod_.last_seq();
+    const uint32_t body_bytes = seg_->tasks().body_bytes();
+    std::vector<uint8_t> others;
     for (;;) {
       uint32_t k = seg_->tasks().claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
         TaskHeader h;
         std::memcpy(&h, body, sizeof h);
+        if (only_own && (h.seq < first || h.seq > last)) {
+          others.insert(others.end(), body, body + body_bytes);
+          return;
+        }
         note(h, body + sizeof h);
-        if (h.encoding == ArgEncoding::kPooled) seg_->pool().free(h.pool_ref, h.stream_len);
+        if (h.encoding == ArgEncoding::kPooled && !only_own) seg_->pool().free(h.pool_ref, h.stream_len);
       });
       if (k == 0) break;
+    }
+    for (size_t at = 0; at < others.size(); at += body_bytes) {  // there is room: they just left
+      while (seg_->tasks().try_push(1, [&](uint32_t, void* dst) { std::memcpy(dst, others.data() + at, body_bytes); }) == 0)
+        std::this_thread::yield();
     }
     return out;
   }
@@ -211,6 +248,7 @@ uint64_t enqueue_positional(PyProducer& p, uint32_t fn_id, uint32_t tsk_id, cons
 void register_producer(py::module_& m) {
   py::class_<PyProducer>(m, "Producer")
       .def(py::init<SegmentPtr>(), py::keep_alive<1, 2>())
+      .def(py::init<SegmentPtr, uint32_t>(), py::keep_alive<1, 2>(), py::arg("segment"), py::arg("client"))
       .def("enqueue",
            [](PyProducer& p, uint32_t fn_id, uint32_t tsk_id, const py::tuple& args, const py::object& kwargs,
               const py::object& c_args, bool slot_mode, bool blocking, const py::object& timeout, uint32_t route,
@@ -228,7 +266,9 @@ void register_producer(py::module_& m) {
       .def_property_readonly("closed", [](PyProducer& p) { return p.native().closed(); })
       .def_property_readonly("backlog", [](PyProducer& p) { return p.native().backlog_size(); })
       .def_property_readonly("submitted", [](PyProducer& p) { return p.native().submitted(); })
-      .def("cancel_queued", &PyProducer::cancel_queued);
+      .def_property_readonly("last_seq", [](PyProducer& p) { return p.native().last_seq(); })
+      .def_property_readonly("first_seq", [](PyProducer& p) { return p.native().first_seq(); })
+      .def("cancel_queued", &PyProducer::cancel_queued, py::arg("only_own") = false);
 }
 
 }  // namespace mpop::bindings

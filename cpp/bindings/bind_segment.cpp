@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <thread>
 
 #include "bindings.hpp"
 
@@ -42,22 +43,34 @@ const char* state_name(uint32_t s) {
   return "?";
 }
 
-// Registry log entries: [u32 fn_id | u32 len | len bytes], appended by the owner only.
+// Registry log entries: [u32 fn_id | u32 len | len bytes], appended by the owner, or by
+// any client of a persistent pool: a writer reserves its bytes (registry_reserved), writes
+// them, then waits for the writers before it to publish theirs (registry_len), so readers
+// see whole entries in order.
 void write_registry(Segment& s, uint32_t fn_id, const py::bytes& blob) {
   std::string_view b = blob;
   SegmentHeader& h = s.header();
-  uint64_t at = h.registry_len.load(std::memory_order_relaxed);
-  uint64_t need = 8 + b.size();
-  if (at + need > h.config.registry_bytes)
-    throw py::value_error("mpop: the handler registry area is full (" +
-                          std::to_string(h.config.registry_bytes) +
-                          " bytes); pass a larger registry_bytes to MpopApi");
+  const uint64_t need = 8 + b.size();
+  uint64_t at = h.registry_reserved.load(std::memory_order_relaxed);
+  do {
+    if (at + need > h.config.registry_bytes)
+      throw py::value_error("mpop: the handler registry area is full (" +
+                            std::to_string(h.config.registry_bytes) +
+                            " bytes); pass a larger registry_bytes to MpopApi");
+  } while (!h.registry_reserved.compare_exchange_weak(at, at + need, std::memory_order_acq_rel));
   uint8_t* p = s.registry() + at;
   uint32_t len = static_cast<uint32_t>(b.size());
   std::memcpy(p, &fn_id, 4);
   std::memcpy(p + 4, &len, 4);
   std::memcpy(p + 8, b.data(), b.size());
-  h.registry_len.store(at + need, std::memory_order_release);
+  const int64_t deadline = monotonic_ns() + 10'000'000'000;
+  uint64_t expected = at;
+  while (!h.registry_len.compare_exchange_weak(expected, at + need, std::memory_order_release)) {
+    expected = at;
+    if (monotonic_ns() > deadline)
+      throw std::runtime_error("mpop: another client of the pool died while it wrote to the handler registry");
+    std::this_thread::yield();
+  }
 }
 
 py::tuple read_registry(Segment& s, uint64_t from) {
@@ -72,6 +85,33 @@ py::tuple read_registry(Segment& s, uint64_t from) {
     at += 8 + len;
   }
   return py::make_tuple(out, at);
+}
+
+ClientRecord& client_at(Segment& s, uint32_t i) {
+  if (i >= s.client_count())
+    throw py::index_error("mpop: client " + std::to_string(i) + " is out of range (" +
+                          std::to_string(s.client_count()) + " client records)");
+  return s.client(i);
+}
+
+py::dict client_info(Segment& s, uint32_t i) {
+  ClientRecord& r = client_at(s, i);
+  py::dict d;
+  d["index"] = i;
+  const uint32_t lease = r.lease.load();
+  d["lease"] = lease;
+  d["state"] = static_cast<uint32_t>(lease_state(lease));
+  d["pid"] = r.pid.load();
+  d["start_time"] = r.start_time.load();
+  d["adopter"] = static_cast<int64_t>(r.adopter.load()) - 1;  // -1: none
+  d["generation"] = lease >> 2;
+  d["last_seq"] = r.next_seq.load() - 1;
+  d["complete_below"] = r.complete_below.load();
+  d["forwarded"] = r.forwarded.load();
+  d["live_pending"] = s.live_mailbox(i).size();
+  d["plain_pending"] = s.plain_mailbox(i).size();
+  d["seq_base"] = client_seq_base(i);
+  return d;
 }
 
 py::dict worker_status(Segment& s, uint32_t i) {
@@ -114,7 +154,8 @@ void register_segment(py::module_& m) {
           [](const std::string& prefix, const py::dict& slot, uint32_t queue_slots,
              uint32_t result_slots, uint32_t max_workers, uint32_t batch_size, uint64_t pool_bytes,
              uint64_t registry_bytes, bool debug, double debug_delay, bool max_performance,
-             uint64_t max_tasks_per_worker, uint64_t max_worker_memory) {
+             uint64_t max_tasks_per_worker, uint64_t max_worker_memory, uint32_t max_clients,
+             uint32_t client_slots) {
             SegmentConfig c;
             c.slot = layout_from(slot);
             c.queue_slots = queue_slots;
@@ -128,13 +169,15 @@ void register_segment(py::module_& m) {
             c.max_performance = max_performance;
             c.max_tasks_per_worker = max_tasks_per_worker;
             c.max_worker_memory = max_worker_memory;
+            c.max_clients = max_clients;
+            c.client_slots = client_slots;
             return SegmentPtr(Segment::create(prefix, c));
           },
           py::arg("prefix"), py::arg("slot"), py::arg("queue_slots"), py::arg("result_slots"),
           py::arg("max_workers"), py::arg("batch_size"), py::arg("pool_bytes"),
           py::arg("registry_bytes"), py::arg("debug") = false, py::arg("debug_delay") = 0.0,
           py::arg("max_performance") = false, py::arg("max_tasks_per_worker") = 0,
-          py::arg("max_worker_memory") = 0)
+          py::arg("max_worker_memory") = 0, py::arg("max_clients") = 0, py::arg("client_slots") = 0)
       .def_static("attach", [](const std::string& name) { return SegmentPtr(Segment::attach(name)); })
       .def_static("remove", &Segment::remove)
       .def_static("process_start_time", &Segment::process_start_time)
@@ -157,6 +200,36 @@ void register_segment(py::module_& m) {
       // A persistent pool's supervisor process becomes the segment's owner before it starts
       // any worker: workers watch it, not the process that created the pool, and it removes
       // the segment when it leaves.
+      // -- a persistent pool's client records (segment.hpp, ClientRecord) --
+      .def_property_readonly("client_count", &Segment::client_count)
+      .def("client_info", &client_info, py::arg("index"))
+      .def("client_lease", [](Segment& s, uint32_t i) { return client_at(s, i).lease.load(); }, py::arg("index"))
+      .def("claim_client",  // takes record `index`, free under lease `expect`, for this process
+           [](Segment& s, uint32_t i, uint32_t expect) {
+             ClientRecord& r = client_at(s, i);
+             if (lease_state(expect) != ClientState::kFree) return false;
+             const uint32_t gen = (expect >> 2) + 1;
+             if (!r.lease.compare_exchange_strong(expect, make_lease(gen, ClientState::kClaiming))) return false;
+             r.adopter.store(0);
+             r.start_time.store(Segment::process_start_time(getpid()));
+             r.pid.store(static_cast<int32_t>(getpid()));
+             r.lease.store(make_lease(gen, ClientState::kAttached));
+             return true;
+           }, py::arg("index"), py::arg("expect"))
+      .def("release_client",  // record `index`, held under lease `expect`, becomes gone or free
+           [](Segment& s, uint32_t i, uint32_t expect, bool gone) {
+             ClientRecord& r = client_at(s, i);
+             const bool done = r.lease.compare_exchange_strong(
+                 expect, make_lease(expect >> 2, gone ? ClientState::kGone : ClientState::kFree));
+             s.results().wake_consumers();  // the forwarder re-reads who reads what
+             return done;
+           }, py::arg("index"), py::arg("expect"), py::arg("gone"))
+      .def("adopt_client",  // client `by` takes over gone client `index` (whose adopter was `expect`)
+           [](Segment& s, uint32_t i, uint32_t by, uint32_t expect) {
+             ClientRecord& r = client_at(s, i);
+             if (lease_state(r.lease.load()) != ClientState::kGone) return false;
+             return r.adopter.compare_exchange_strong(expect, by + 1);
+           }, py::arg("index"), py::arg("by"), py::arg("expect"))
       .def("take_ownership",
            [](Segment& s) {
              SegmentHeader& h = s.header();

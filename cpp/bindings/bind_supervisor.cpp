@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings.hpp"
+#include "mpop/forwarder.hpp"
 #include "mpop/supervisor.hpp"
 
 namespace mpop::bindings {
@@ -122,6 +123,27 @@ void register_supervisor(py::module_& m) {
   // The fork server (mpop._worker) arms the same parent-death signal for itself and the
   // workers it forks.
   m.def("die_with_parent", [](int parent) { return die_with_parent(static_cast<pid_t>(parent)); });
+  // A persistent pool's result path, run by its supervisor process (forwarder.hpp).
+  struct PyForwarder {
+    SegmentPtr seg;
+    Forwarder fw;
+    explicit PyForwarder(SegmentPtr s) : seg(std::move(s)), fw(*seg) {}
+  };
+  py::class_<PyForwarder>(m, "Forwarder")
+      .def(py::init([](SegmentPtr seg) {
+             if (seg->client_count() == 0)
+               throw py::value_error("mpop: this segment has no client records (not a persistent pool's)");
+             return std::make_unique<PyForwarder>(std::move(seg));
+           }),
+           py::arg("segment"))
+      .def("start", [](PyForwarder& f) { f.fw.start(); })
+      .def("stop",
+           [](PyForwarder& f) {
+             py::gil_scoped_release nogil;
+             f.fw.stop();
+           })
+      .def_property_readonly("forwarded", [](PyForwarder& f) { return f.fw.forwarded(); })
+      .def_property_readonly("dropped", [](PyForwarder& f) { return f.fw.dropped(); });
   py::class_<PySupervisor>(m, "Supervisor")
       .def(py::init<SegmentPtr, uint32_t, uint32_t, double, const std::string&,
                     std::vector<std::string>, std::vector<std::string>, py::object>(),

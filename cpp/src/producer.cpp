@@ -7,7 +7,16 @@
 namespace mpop {
 
 Producer::Producer(Segment& seg)
-    : seg_(seg), ring_(seg.tasks()), pool_(seg.pool()), slot_size_(seg.config().slot.size) {}
+    : seg_(seg), ring_(seg.tasks()), pool_(seg.pool()), slot_size_(seg.config().slot.size),
+      consumer_ring_(seg.results()) {}
+
+Producer::Producer(Segment& seg, uint32_t client) : Producer(seg) {
+  if (client >= seg.client_count())
+    throw std::invalid_argument("mpop: client " + std::to_string(client) + " is out of range");
+  next_seq_ = &seg.client(client).next_seq;
+  first_seq_ = next_seq_->load(std::memory_order_acquire);
+  consumer_ring_ = seg.live_mailbox(client);
+}
 
 Producer::~Producer() {
   if (process_.inherited()) {
@@ -30,7 +39,7 @@ PushOutcome Producer::submit(TaskDraft& draft, bool blocking, int64_t deadline_n
   if (!direct_.load(std::memory_order_acquire)) {
     std::unique_lock<std::mutex> lock(backlog_mutex_);
     if (!started_) {
-      draft.header.seq = next_seq_.fetch_add(1, std::memory_order_relaxed);
+      draft.header.seq = next_seq_->fetch_add(1, std::memory_order_relaxed);
       append_backlog(draft);
       return PushOutcome::kBacklog;
     }
@@ -53,7 +62,7 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
   auto stop = [this] { return cancelled(); };
   if (d.header.encoding == ArgEncoding::kPooled) {
     const uint64_t cap = pool_.producer_cap_bytes();
-    auto nudge = [this] { seg_.results().wake_consumers(); };
+    auto nudge = [this] { consumer_ring_.wake_consumers(); };
     uint64_t off = blocking ? pool_.alloc(d.stream_len, deadline_ns, stop, cap, ArgPool::kArgTag, nudge)
                             : pool_.try_alloc(d.stream_len, cap);
     if (!off) return cancelled() ? PushOutcome::kClosed : PushOutcome::kFull;
@@ -63,7 +72,7 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
   // The seq is taken only once the cell is ours, so a failed attempt leaves no gap.
   auto fill = [&](uint32_t, void* body) {
     auto* b = static_cast<uint8_t*>(body);
-    d.header.seq = next_seq_.fetch_add(1, std::memory_order_relaxed);
+    d.header.seq = next_seq_->fetch_add(1, std::memory_order_relaxed);
     std::memcpy(b, &d.header, sizeof d.header);
     std::memcpy(b + sizeof d.header, d.slot, slot_size_);
   };
@@ -170,7 +179,7 @@ void Producer::feed_loop() {
         uint32_t key = pool_.control().freed.prepare_wait();
         if (!cancelled()) {
           pool_.control().starving.fetch_add(1, std::memory_order_seq_cst);
-          seg_.results().wake_consumers();  // see PoolControl::starving
+          consumer_ring_.wake_consumers();  // see PoolControl::starving
           pool_.control().freed.commit_wait(key, 20'000'000);
           pool_.control().starving.fetch_sub(1, std::memory_order_relaxed);
         } else {

@@ -31,8 +31,8 @@ std::string random_hex64() {
 }
 
 struct Geometry {
-  uint64_t registry_off, ring_off, workers_off, results_off, pool_off, total;
-  uint32_t task_stride, worker_stride, entry_stride;
+  uint64_t registry_off, ring_off, workers_off, results_off, pool_off, clients_off, total;
+  uint32_t task_stride, worker_stride, entry_stride, client_stride;
 };
 
 Geometry geometry(const SegmentConfig& c) {
@@ -51,6 +51,10 @@ Geometry geometry(const SegmentConfig& c) {
   off = round_up(off + TaskRing::bytes_needed(c.result_slots, kResultStride), 4096);
   g.pool_off = off;
   off = round_up(off + ArgPool::bytes_needed(c.pool_bytes), 4096);
+  g.clients_off = off;
+  g.client_stride = c.max_clients == 0 ? 0 : static_cast<uint32_t>(round_up(
+      round_up(sizeof(ClientRecord), kCacheLine) + 2 * TaskRing::bytes_needed(c.client_slots, kResultStride), 4096));
+  off += uint64_t{c.max_clients} * g.client_stride;
   g.total = off;
   return g;
 }
@@ -83,6 +87,9 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
     throw std::invalid_argument("max_workers and batch_size must be >= 1");
   if (cfg.max_workers > ArgPool::kMaxWorkers)
     throw std::invalid_argument("max_workers must be <= " + std::to_string(ArgPool::kMaxWorkers));
+  if (cfg.max_clients && (!is_power_of_two(cfg.client_slots) || cfg.client_slots < 2))
+    throw std::invalid_argument("client_slots must be a power of 2 >= 2");
+  if (cfg.max_clients > 4096) throw std::invalid_argument("max_clients must be <= 4096");
   Geometry g = geometry(cfg);
 
   std::unique_ptr<Segment> seg(new Segment());
@@ -124,6 +131,8 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
   h->workers_off = g.workers_off;
   h->results_off = g.results_off;
   h->pool_off = g.pool_off;
+  h->clients_off = g.clients_off;
+  h->client_stride = g.client_stride;
   h->total_bytes = g.total;
   h->worker_stride = g.worker_stride;
   h->entry_stride = g.entry_stride;
@@ -136,6 +145,13 @@ std::unique_ptr<Segment> Segment::create(const std::string& prefix, const Segmen
   TaskRing::create(seg->base_ + g.ring_off, cfg.queue_slots, g.task_stride);
   TaskRing::create(seg->base_ + g.results_off, cfg.result_slots, kResultStride);
   ArgPool::create(seg->base_ + g.pool_off, cfg.pool_bytes);
+  for (uint32_t i = 0; i < cfg.max_clients; ++i) {
+    auto* rec = new (seg->base_ + g.clients_off + uint64_t{i} * g.client_stride) ClientRecord();
+    rec->next_seq.store(client_seq_base(i) + 1, std::memory_order_relaxed);
+    rec->complete_below.store(client_seq_base(i) + 1, std::memory_order_relaxed);
+    TaskRing::create(seg->mailbox_mem(i, 0), cfg.client_slots, kResultStride);
+    TaskRing::create(seg->mailbox_mem(i, 1), cfg.client_slots, kResultStride);
+  }
   for (uint32_t i = 0; i < cfg.max_workers; ++i) {
     auto* rec = new (seg->base_ + g.workers_off + uint64_t{i} * g.worker_stride) WorkerRecord();
     rec->id = i;
@@ -168,7 +184,7 @@ std::unique_ptr<Segment> Segment::attach(const std::string& name) {
                          std::to_string(kLayoutVersion));
   Geometry g = geometry(h->config);
   if (g.task_stride != h->task_stride || g.total != h->total_bytes || g.total > seg->size_ ||
-      g.worker_stride != h->worker_stride)
+      g.worker_stride != h->worker_stride || g.client_stride != h->client_stride)
     throw LayoutMismatch("mpop: segment '" + name + "' has slot stride " +
                          std::to_string(h->task_stride) + " but its configuration implies " +
                          std::to_string(g.task_stride) + ": refusing a mismatched layout");

@@ -29,6 +29,7 @@ from ._errors import (
     WorkerInitError,
 )
 from ._executor import Executor
+from ._persistent import attach
 from ._results import RunResult, TaskResult
 from ._slots import Slot, TaskSlot128, TaskSlot128_cargs, TaskSlot196, TaskSlot196_cargs
 
@@ -39,6 +40,7 @@ __all__ = [
     "MpopApi",
     "Mpop",
     "Executor",
+    "attach",
     "TaskResult",
     "RunResult",
     "ProcTaskFnID",

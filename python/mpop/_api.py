@@ -14,8 +14,10 @@ import importlib
 import itertools
 import logging
 import os
+import contextlib
 import pickle
 import sys
+import threading
 import time
 import types
 import weakref
@@ -41,6 +43,19 @@ log = logging.getLogger("mpop")
 # Every live app's lifecycle in this process, so that a fork() child can disown the apps
 # it inherits.
 _LIFECYCLES: weakref.WeakSet = weakref.WeakSet()
+
+# The segment of a running persistent pool that the MpopApi made in this thread attaches to
+# instead of creating one (mpop.attach makes its handle inside `attaching`).
+_attach_to = threading.local()
+
+
+@contextlib.contextmanager
+def attaching(segment: str) -> Iterator[None]:
+    _attach_to.segment = segment
+    try:
+        yield
+    finally:
+        _attach_to.segment = None
 
 
 def _after_fork_in_child() -> None:
@@ -142,7 +157,8 @@ class MpopApi:
         # freed (and its finalizer stops its workers) at once, not at the next collection.
         self._registry = Registry(slot_class, on_register=_weakly(self._on_register), worker_state=worker_state)
         labels = itertools.count(1)  # tsk_id labels, shared by the native fast path
-        self._lifecycle = Lifecycle(self._config, self._registry, labels, hooks)
+        self._lifecycle = Lifecycle(self._config, self._registry, labels, hooks,
+                                    attach_to=getattr(_attach_to, "segment", None))
         self._submitter = Submitter(self._config, self._registry, self._lifecycle, labels)
         self._finalizer = weakref.finalize(self, finalize, self._lifecycle.runtime_ref)
         _LIFECYCLES.add(self._lifecycle)

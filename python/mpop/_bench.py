@@ -10,6 +10,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -150,7 +151,63 @@ def bench_persistent(workers: int, n_submit: int, n_map: int, rounds: int) -> li
             n_submit / min(t["submit in-process"]), "tasks/s", True, ">= 0.8x", note),
         Row(f"persistent pool: map {n_map:,} vs in-process", n_map / min(t["map persistent"]),
             n_map / min(t["map in-process"]), "tasks/s", True, ">= 0.8x", note),
-    ]
+    ] + bench_clients(workers, 4, n_submit, rounds)
+
+
+def bench_clients(workers: int, k: int, n: int, rounds: int) -> list[Row]:
+    """A persistent pool fed by `k` client processes at once (each attaches, submits `n`
+    tasks and collects their results) against one client doing the same alone: the total
+    tasks/s from the start signal to the last client done, best of `rounds` alternating."""
+    import subprocess
+    import uuid
+
+    from ._worker import package_parent
+
+    name = f"mpop-bench-{uuid.uuid4().hex[:8]}"
+    pool = _app(workers, persistent=True, name=name)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._bench import client_main; "
+            "client_main(sys.argv[2], int(sys.argv[3]))")
+
+    def run(clients: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", code, package_parent(), name, str(n)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+        try:
+            for p in procs:
+                if p.stdout.readline().strip() != "ready":
+                    raise RuntimeError("a bench client could not attach")
+            t = time.perf_counter()
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            for p in procs:
+                if p.stdout.readline().strip() != "done":
+                    raise RuntimeError("a bench client failed")
+            return time.perf_counter() - t
+        finally:
+            for p in procs:
+                p.wait(timeout=60)
+
+    try:
+        t = _rounds({"one": lambda: run(1), "many": lambda: run(k)}, rounds, self_timed=("one", "many"))
+    finally:
+        pool.shutdown()
+    note = {"note": f"the 'stdlib' column is one client alone; {k} client processes share the pool"}
+    return [Row(f"persistent pool: {k} clients x {n:,} submit+result vs 1 client", k * n / min(t["many"]),
+                n / min(t["one"]), "tasks/s", True, ">= 0.8x", note)]
+
+
+def client_main(name: str, n: int) -> None:
+    """One client of bench_clients: attach, say ready, wait for go, submit `n` tasks and
+    collect every result, say done."""
+    import mpop
+
+    app = mpop.attach(name, timeout=30)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    futs = [app.submit(inc, i) for i in range(n)]
+    assert [f.result() for f in futs] == [inc(i) for i in range(n)]
+    print("done", flush=True)
+    app.detach()
 
 
 def bench_numpy(workers: int, n: int, mb: int) -> list[Row]:

@@ -69,6 +69,26 @@ def _shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ._api import MpopApi
+    from ._errors import MpopError
+
+    if os.getcwd() not in sys.path:  # a handler module beside the caller, for the workers too
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = MpopApi(name=args.name, persistent=True, workers=args.workers, handler_module=args.handler_module)
+        app.start()
+        status = app.status()
+        segment = app.segment_name
+        app.detach()
+    except MpopError as e:
+        print(f"mpop serve: {e}", file=sys.stderr)
+        return 1
+    print(f"serving persistent pool {args.name!r} (segment {segment}, supervisor pid "
+          f"{status['supervisor']['pid']}, {len(status['workers'])} workers)")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from . import _core
     from ._cleanup import segments
@@ -91,6 +111,8 @@ def _status(args: argparse.Namespace) -> int:
             status["queue"]["owner_pid"] = seg.owner_pid
             text = format_status(status, config=False)
             owner = "supervisor process" if seg.supervised else "owner"
+            if seg.client_count:
+                text += "\n" + _clients_table(seg)
             print(f"mpop segment {args.name} ({owner} pid {seg.owner_pid}, "
                   f"{'alive' if owner_alive(seg) else 'dead'})\n{text}\n", flush=True)
             if args.once or not owner_alive(seg):
@@ -100,6 +122,19 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     finally:
         seg.leave()
+
+
+def _clients_table(seg) -> str:
+    """A persistent pool's clients, one line each."""
+    from ._clients import describe
+
+    lines = ["clients:", f"  {'#':>3} {'state':<9} {'pid':>8} {'alive':<6} {'adopted by':>10} {'submitted':>10} "
+             f"{'waiting':>8}"]
+    for c in describe(seg):
+        adopted = "" if c["adopted_by"] is None else str(c["adopted_by"])
+        lines.append(f"  {c['index']:>3} {c['state']:<9} {c['pid'] or '':>8} {str(c['alive']):<6} {adopted:>10} "
+                     f"{c['submitted']:>10} {c['results_waiting']:>8}")
+    return "\n".join(lines)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -130,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_status)
     p = sub.add_parser("cleanup", help="remove shared-memory segments whose owner is dead")
     p.set_defaults(func=_cleanup)
+    p = sub.add_parser("serve", help="start the persistent pool NAME and return once it is ready")
+    p.add_argument("name")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the usable CPUs)")
+    p.add_argument("--handler-module", default=None, metavar="MODULE",
+                   help="a module whose HANDLERS dict the pool's clients call by fn_id or name")
+    p.set_defaults(func=_serve)
     p = sub.add_parser("shutdown", help="stop the persistent pool NAME (once nothing is queued or running)")
     p.add_argument("name")
     p.add_argument("--now", action="store_true", help="stop at once: queued and running tasks are dropped")

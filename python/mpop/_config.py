@@ -68,6 +68,18 @@ class Config:
         """The slot class's field layout, as the native queue sees it."""
         return slot_layout(self.slot_class)
 
+    def client_settings(self) -> dict:
+        """What mpop.attach needs to make a handle on this (persistent) pool: the MpopApi
+        arguments that shape the segment and the client's side, the slot class by module
+        and qualified name."""
+        return {"name": self.name, "workers": self.workers, "queue_slots": self.queue_slots,
+                "slot_class": (self.slot_class.__module__, self.slot_class.__qualname__),
+                "worker_batch_size": self.worker_batch_size, "handler_module": self.handler_module,
+                "max_retries": self.max_retries, "task_timeout": self.task_timeout,
+                "max_tasks_per_worker": self.max_tasks_per_worker, "worker_state": self.worker_state,
+                "pool_bytes": self.pool_bytes, "registry_bytes": self.registry_bytes,
+                "scale_limit": self.scale_limit, "max_worker_memory": self.max_worker_memory}
+
     def as_dict(self) -> dict:
         """The settings as plain values (the slot class by name), as status() shows them."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -22,10 +22,11 @@ import subprocess
 import sys
 import time
 
+from . import _clients
 from ._builtins import BOOT_FN_ID
 from ._errors import MpopError
 
-__all__ = ["PoolProcess", "find_pools", "supervise", "stop_pool", "main"]
+__all__ = ["PoolProcess", "find_pools", "attach", "supervise", "stop_pool", "main"]
 
 READY_TIMEOUT_S = 60.0
 
@@ -71,6 +72,51 @@ def find_pools(name: str) -> list[str]:
         finally:
             seg.leave()
     return found
+
+
+def attach(name: str, timeout: float | None = None):
+    """mpop.attach: a handle (an MpopApi) on the live persistent pool `name`, from any
+    process of its user. Waits up to `timeout` seconds (None: not at all) for the pool to
+    appear; raises MpopError when there is none, or several of that name."""
+    from . import _core
+    from ._api import MpopApi, attaching
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"attach() needs a pool name, got {name!r}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = find_pools(name)
+        if found or deadline is None or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if not found:
+        waited = f" (waited {timeout} s)" if timeout else ""
+        raise MpopError(f"no live persistent pool named {name!r}{waited}")
+    if len(found) > 1:
+        raise MpopError(f"several live persistent pools are named {name!r}: {', '.join(found)}; give the "
+                        f"segment's name")
+    seg = _core.Segment.attach(found[0])
+    try:
+        boot = read_boot(seg)
+    finally:
+        seg.leave()
+    settings = dict(boot.get("client") or {})
+    if not settings:
+        raise MpopError(f"{found[0]} is not a persistent pool's segment")
+    module, qualname = settings.pop("slot_class")
+    try:
+        import importlib
+
+        slot_class = importlib.import_module(module)
+        for part in qualname.split("."):
+            slot_class = getattr(slot_class, part)
+    except Exception as e:
+        raise MpopError(f"pool {name!r} uses the slot class {module}.{qualname}, which cannot be imported "
+                        f"here: {e!r}") from e
+    with attaching(found[0]):
+        app = MpopApi(persistent=True, slot_class=slot_class, **settings)
+    app.start()  # a handle that fails here holds nothing: it is freed with its exception
+    return app
 
 
 # The supervisor process is started through a short-lived intermediate that forks it into a
@@ -132,6 +178,15 @@ class PoolProcess:
                                 f"{READY_TIMEOUT_S:.0f} s")
             time.sleep(0.005)
         return cls(pid, segment.owner_start_time, segment)
+
+    @classmethod
+    def of(cls, segment) -> PoolProcess:
+        """The supervisor process that owns `segment` now (for an attached handle); raises
+        MpopError when it is gone."""
+        pid, start = segment.owner_pid, segment.owner_start_time
+        if not (segment.supervised and running(pid, start)):
+            raise MpopError(f"the supervisor process of pool {segment.name} is gone")
+        return cls(pid, start, segment)
 
     def alive(self) -> bool:
         return running(self.pid, self.start_time)
@@ -257,6 +312,8 @@ def supervise(name: str, workers: int) -> int:
     argv, env = spawn_command(name)
     sup = _core.Supervisor(segment, workers, settings["max_retries"], float(settings["task_timeout"] or 0.0),
                            "spawn", argv, env, None)
+    forwarder = _core.Forwarder(segment)  # the results, to the clients' mailboxes
+    forwarder.start()
     graceful = False
     try:
         try:
@@ -264,6 +321,7 @@ def supervise(name: str, workers: int) -> int:
         except RuntimeError:
             return 3  # why is in the worker records
         graceful = True
+        next_reap = 0.0
         while True:
             if _stop_requested:
                 graceful = graceful and _stop_requested[-1]
@@ -272,10 +330,15 @@ def supervise(name: str, workers: int) -> int:
             if sup.last_error:  # the workers cannot start: why is in their records
                 graceful = False
                 return 3
+            now = time.monotonic()
+            if now >= next_reap:  # clients that died: their results wait for the next one
+                _clients.reap(segment)
+                next_reap = now + 1.0
             time.sleep(0.05)
         return 0
     finally:
         sup.stop(graceful, 10.0)
+        forwarder.stop()
         segment.set_shutdown()
         segment.leave()
 

@@ -304,6 +304,13 @@ class Registry:
             self.on_register(h, replaces)
         return h
 
+    def reserve_auto_ids(self, first: int, taken) -> None:
+        """Automatic fn_ids from `first` on, above any of `taken` (ids in use elsewhere: a
+        persistent pool's clients each take ids from a range of their own)."""
+        with self._lock:
+            above = [i for i in taken if first <= i < first + (1 << 20)]
+            self._next_auto = max([first, *(i + 1 for i in above)])
+
     def register(self, fn: Callable, fn_id: int | None = None, name: str | None = None) -> int:
         if not callable(fn):
             raise RegistryError(f"a handler must be callable, got {fn!r}")

@@ -99,8 +99,13 @@ class ResultRouter:
         # Every task with a seq below this has its final result (or was cancelled): what a
         # caller waits on to know that the tasks it enqueued are done, whatever other
         # threads submit meanwhile. Updated by the draining thread after each batch.
-        self.complete_below = 1
+        self.complete_below = collector.first_incomplete
         self.plain: collections.deque[TaskResult] = collections.deque()
+        # A persistent pool's client: collectors over the mailboxes whose results stay in
+        # shared memory until results() or run() takes them (its plain mailbox, and both
+        # mailboxes of each client it adopted), as (collector, adopted client or None).
+        self._plain_sources: list[tuple[Any, int | None, Callable[[], bool] | None]] = []
+        self._plain_lock = threading.Lock()
         self.futures: dict[int, Future] = {}
         self.early: dict[int, tuple] = {}  # future results that beat their registration
         self.maps: dict[int, MapState] = {}
@@ -284,8 +289,59 @@ class ResultRouter:
         if self._thread is None:
             self.start_background()
 
+    # -- a persistent pool's client: results kept in shared memory until handed out -------
+
+    def add_plain_source(self, collector, adopted: int | None = None,
+                         held: Callable[[], bool] | None = None) -> None:
+        """Adds a mailbox whose records go to results() when taken (see pull_plain); of the
+        client `adopted` (while `held()`), or this handle's own plain mailbox."""
+        with self._plain_lock:
+            self._plain_sources.append((collector, adopted, held))
+
+    def drop_plain_sources(self, adopted: int) -> None:
+        """Forgets the mailboxes of adopted client `adopted` (all handed out)."""
+        with self._plain_lock:
+            self._plain_sources = [s for s in self._plain_sources if s[1] != adopted]
+
+    def plain_pending(self) -> bool:
+        """Whether a mailbox of pull_plain's holds a record."""
+        return any(c.has_published for c, _, _ in self._plain_sources)
+
+    def pull_plain(self, limit: int) -> int:
+        """Moves up to `limit` results from the mailboxes into `plain` (as TaskResults,
+        whatever their route: an adopted client's futures and map chunks have nobody else to
+        go to); side messages go where they always do. Returns how many results."""
+        if not self._plain_sources:
+            return 0
+        n = 0
+        with self._plain_lock:
+            for collector, _, held in self._plain_sources:
+                if held is not None and not collector.has_published:
+                    continue
+                if held is not None and not held():  # another client has the record now
+                    continue
+                while n < limit:
+                    batch = collector.drain(limit - n, 0)
+                    if not batch:
+                        break
+                    for rec in batch:
+                        if rec.route >= FIRST_SIDE_ROUTE:
+                            if self.side is not None:
+                                self.side.deliver(rec.route, rec.worker_id, rec.value)
+                        else:
+                            if self.keep_timings and rec.run_time_s is not None:
+                                self.timings.append((rec.queue_wait_s or 0.0, rec.run_time_s))
+                            self._deliver_plain(rec)
+                            n += 1
+                if n >= limit:
+                    break
+        return n
+
     def take_plain(self) -> list[TaskResult]:
-        """Takes every result of an enqueue()d task delivered so far."""
+        """Takes every result of an enqueue()d task delivered so far (and, for a persistent
+        pool's client, every one waiting in its mailboxes)."""
+        while self.pull_plain(4096):
+            pass
         if self._drain_lock.acquire(blocking=False):
             try:  # nobody appends meanwhile: take them in one step
                 out = list(self.plain)

@@ -39,11 +39,11 @@ def wait_all(lifecycle: Lifecycle, timeout: float | None) -> bool:
     rt = _started(lifecycle)
     if rt is None:
         return True
-    target = rt.producer.submitted
+    target, count = rt.producer.last_seq, rt.producer.submitted
     r = rt.router
     deadline = None if timeout is None else time.monotonic() + timeout
     return r.help_until(lambda: r.complete_below > target, deadline, rt.check_workers,
-                        want=lambda: target - r.finished)
+                        want=lambda: count - r.finished)
 
 
 def results_as_they_come(lifecycle: Lifecycle, timeout: float | None) -> Iterator[TaskResult]:
@@ -56,10 +56,15 @@ def results_as_they_come(lifecycle: Lifecycle, timeout: float | None) -> Iterato
     while True:
         while r.plain:
             yield r.plain.popleft()
-        target = rt.producer.submitted
-        if r.complete_below > target and not r.plain:
+        # A persistent pool's client keeps its results in shared memory until they are
+        # handed out: one at a time from there.
+        if r.pull_plain(1):
+            continue
+        target = rt.producer.last_seq
+        if r.complete_below > target and not r.plain and not r.plain_pending() and rt.adopted_settled():
             return
-        if not r.help_until(lambda: bool(r.plain) or r.complete_below > target, deadline, rt.check_workers):
+        if not r.help_until(lambda: bool(r.plain) or r.plain_pending() or r.complete_below > target, deadline,
+                            rt.check_workers):
             raise TimeoutError("results() timed out")
 
 
@@ -111,17 +116,17 @@ class RunLoop:
             self.bar.refresh()
         if self.view is not None:
             self.view.update()
-        target = rt.producer.submitted
+        target, count = rt.producer.last_seq, rt.producer.submitted
         if not self.active and r.complete_below > target:
             return True
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise TimeoutError(f"run() timed out after {self.timeout}s with "
-                               f"{target - r.finished} task(s) unfinished")
+                               f"{count - r.finished} task(s) unfinished")
         # Between callback calls, poll for results: briefly while the callback keeps adding
         # work, up to 10 ms when it added none (no busy spinning).
         wait = (0.0 if added else 0.01) if self.active else 0.1
         r.help_until(lambda: r.complete_below > target, time.monotonic() + wait, None,
-                     want=lambda: target - r.finished)
+                     want=lambda: count - r.finished)
         return False
 
     def _call_back(self, rt: Runtime) -> int:
@@ -138,6 +143,6 @@ class RunLoop:
         """Ctrl-C: cancel what has not started, kill the workers, collect the cancellations."""
         rt.cancel_pending()
         self.lifecycle.stop_workers(graceful=False)
-        end = rt.producer.submitted
+        end = rt.producer.last_seq
         r = rt.router
         r.help_until(lambda: r.complete_below > end, time.monotonic() + 5.0, None)

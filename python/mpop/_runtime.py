@@ -20,13 +20,13 @@ import time
 import weakref
 from typing import Callable, Iterator
 
-from . import _core
+from . import _clients, _core
 from ._builtins import BOOT_FN_ID
 from ._config import Config
 from ._errors import ConfigError, MpopError, RegistryError, ShutdownError
 from ._hooks import startup_error
 from ._output import OwnerSide, log_levels
-from ._registry import Handler, Registry
+from ._registry import FIRST_AUTO_ID, Handler, Registry
 from ._router import ResultRouter
 from ._stats import timing_percentiles
 
@@ -59,28 +59,54 @@ class Runtime:
     the app: an app nobody holds is freed at once, and its finalizer closes this."""
 
     def __init__(self, config: Config, registry: Registry, labels: Iterator[int],
-                 hooks: bytes | None = None, side: OwnerSide | None = None) -> None:
+                 hooks: bytes | None = None, side: OwnerSide | None = None, attach_to: str | None = None) -> None:
         """`hooks`: the app's worker hooks (_hooks.pack); `side`: where the workers'
-        output, log records and worker_exit values go."""
+        output, log records and worker_exit values go; `attach_to`: the segment of a
+        running persistent pool to attach to (mpop.attach) instead of creating one."""
         c = config
         _cleanup_dead_owners_once()
-        if c.persistent:
-            from ._persistent import find_pools
+        self.attached = attach_to is not None
+        if self.attached:
+            self.segment = _core.Segment.attach(attach_to)
+        else:
+            if c.persistent:
+                from ._persistent import find_pools
 
-            live = find_pools(c.name)
-            if live:
-                raise ConfigError(f"a persistent pool named {c.name!r} is already running (segment "
-                                  f"{live[0]}); stop it (python -m mpop shutdown {c.name}) or choose another name")
-        self.segment = _core.Segment.create(
-            c.name, c.layout, c.queue_slots, max(c.queue_slots, 1024), c.scale_limit,
-            # a claim never takes more than the ring holds: size local queues to match
-            min(c.worker_batch_size, c.queue_slots), c.pool_bytes, c.registry_bytes, debug=c.debug,
-            debug_delay=c.debug_delay, max_performance=c.max_performance,
-            max_tasks_per_worker=c.max_tasks_per_worker or 0, max_worker_memory=c.max_worker_memory or 0)
+                live = find_pools(c.name)
+                if live:
+                    raise ConfigError(f"a persistent pool named {c.name!r} is already running (segment "
+                                      f"{live[0]}); stop it (python -m mpop shutdown {c.name}) or choose another "
+                                      f"name")
+            self.segment = _core.Segment.create(
+                c.name, c.layout, c.queue_slots, max(c.queue_slots, 1024), c.scale_limit,
+                # a claim never takes more than the ring holds: size local queues to match
+                min(c.worker_batch_size, c.queue_slots), c.pool_bytes, c.registry_bytes, debug=c.debug,
+                debug_delay=c.debug_delay, max_performance=c.max_performance,
+                max_tasks_per_worker=c.max_tasks_per_worker or 0, max_worker_memory=c.max_worker_memory or 0,
+                max_clients=_clients.MAX_CLIENTS if c.persistent else 0,
+                client_slots=_clients.CLIENT_SLOTS if c.persistent else 0)
         self.config = config
         self.registry = registry
-        self.producer = _core.Producer(self.segment)
-        self.collector = _core.Collector(self.segment)
+        # A persistent pool's handle is one of its clients: its own seqs, its results
+        # through its mailboxes (see _clients).
+        self.client: int | None = None
+        self.lease = 0  # the client record's lease while this handle holds it
+        self.adopted: dict[int, int] = {}  # adopted client record -> its lease
+        self.plain_source = plain_source = None
+        if c.persistent:
+            try:
+                self.client = _clients.claim(self.segment)
+                self.lease = self.segment.client_lease(self.client)
+            except BaseException:
+                self.segment.leave()
+                raise
+            self.producer = _core.Producer(self.segment, self.client)
+            self.collector = _core.Collector(self.segment, self.client, plain=False, track=True,
+                                             first_seq=self.producer.first_seq)
+            self.plain_source = plain_source = _core.Collector(self.segment, self.client, plain=True, track=False)
+        else:
+            self.producer = _core.Producer(self.segment)
+            self.collector = _core.Collector(self.segment)
         self.supervisor = None
         self.pool = None  # a persistent pool's supervisor process (_persistent.PoolProcess)
         self.forkserver = None
@@ -89,11 +115,17 @@ class Runtime:
         self.failed = False  # the workers could not start (check_workers raised)
         self.error: MpopError | None = None  # what check_workers raises until the next start
         self.inherited = False  # a fork() child's copy of its parent's runtime (see abandon)
-        self.boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
-                     "cpu_affinity": c.cpu_affinity, "debug": c.debug, "hooks": hooks,
-                     "log_levels": log_levels(), "persistent": c.persistent,
-                     "supervisor": {"max_retries": c.max_retries, "task_timeout": c.task_timeout}}
-        self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
+        if self.attached:
+            from ._persistent import read_boot
+
+            self.boot = read_boot(self.segment)
+        else:
+            self.boot = {"sys_path": [p for p in sys.path if p], "handler_module": c.handler_module,
+                         "cpu_affinity": c.cpu_affinity, "debug": c.debug, "hooks": hooks,
+                         "log_levels": log_levels(), "persistent": c.persistent,
+                         "supervisor": {"max_retries": c.max_retries, "task_timeout": c.task_timeout},
+                         "client": c.client_settings() if c.persistent else None}
+            self.segment.write_registry(BOOT_FN_ID, pickle.dumps(self.boot, protocol=5))
         # The producer's count, not a closure over the runtime: nothing the router holds
         # may lead back to the runtime (see close).
         self.router = ResultRouter(
@@ -103,6 +135,15 @@ class Runtime:
         r = self.router
         r.side = side
         r.check = _weakly(self.check_workers)
+        if plain_source is not None:
+            r.add_plain_source(plain_source)
+        if self.attached:
+            # What the pool's log already holds needs no second record; this client's own
+            # handlers get ids from a range of its own.
+            logged, _ = self.segment.read_registry(0)
+            self.logged = {fn_id: blob for fn_id, blob in logged}
+            registry.reserve_auto_ids(FIRST_AUTO_ID + (self.client << 20), self.logged)
+            self.adopt()
         self.fast = _core.fast_path(self.producer, labels, MAX_TSK_ID)  # armed while workers run
         self.fast.bind(r.futures, r.early, r.register_future, r.future_cls, self.check_workers)
         try:
@@ -123,6 +164,11 @@ class Runtime:
             blob = h.spec()
         except Exception as e:
             raise RegistryError(f"handler {h.name!r} cannot be sent to workers: {e!r}") from e
+        if self.attached and self.logged.get(h.fn_id) == blob:  # the pool has it already
+            self.written.add(h.fn_id)
+            if arm:
+                self.arm_fast_path(h)
+            return
         try:
             self.segment.write_registry(h.fn_id, blob)
         except ValueError as e:
@@ -197,12 +243,16 @@ class Runtime:
 
     def _start_pool(self, workers: int) -> None:
         """start() of a persistent pool: its supervisor process, which owns the segment from
-        then on (and removes it when the pool stops)."""
+        then on (and removes it when the pool stops); for an attached handle, the one that
+        runs."""
         from ._persistent import PoolProcess
 
         self.failed, self.error = False, None
         try:
-            self.pool = PoolProcess.launch(self.segment, workers)
+            if self.attached:
+                self.pool = PoolProcess.of(self.segment)
+            else:
+                self.pool = PoolProcess.launch(self.segment, workers)
         except MpopError:
             self.failed = True
             raise
@@ -302,14 +352,60 @@ class Runtime:
         sup = self.supervisor
         return sup is not None and sup.kill_task(seq)
 
-    def cancel_pending(self) -> int:
+    def cancel_pending(self, everyone: bool = False) -> int:
         """Cancels every task no worker has started: those in the backlog and the ring, and
-        (through the cancel horizon) those in workers' local queues. Returns how many."""
-        self.segment.cancel_below(self.producer.submitted + 1)
-        cancelled = self.producer.cancel_queued()
-        for seq, tsk_id, fn_id, route in cancelled:
-            self.router.deliver_cancellation(seq, tsk_id, fn_id, route)
+        (through the cancel horizon) those in workers' local queues. Returns how many.
+        A persistent pool's client cancels only its own tasks still in the ring, unless
+        `everyone` (the pool is being stopped): then the horizon takes every client's."""
+        if self.client is None:
+            self.segment.cancel_below(self.producer.last_seq + 1)
+        elif everyone:
+            self.segment.cancel_below(2**64 - 1)
+        cancelled = self.producer.cancel_queued(only_own=self.client is not None)
+        if self.client is None:  # a client's come back through its mailbox
+            for seq, tsk_id, fn_id, route in cancelled:
+                self.router.deliver_cancellation(seq, tsk_id, fn_id, route)
         return len(cancelled)
+
+    def collector_plain_pending(self) -> bool:
+        """Whether this handle's own plain mailbox holds a result."""
+        return self.plain_source is not None and self.plain_source.has_published
+
+    def adopt(self) -> None:
+        """Takes over the results of the pool's clients that are gone (see _clients): they
+        come out of this handle's results()."""
+        for i, lease in _clients.adopt(self.segment, self.client):
+            self.adopted[i] = lease
+            # Only while the record stays gone under that lease (nobody freed and took it)
+            held = functools.partial(_lease_is, self.segment, i, lease)
+            self.router.add_plain_source(_core.Collector(self.segment, i, plain=True, track=False), i, held)
+            self.router.add_plain_source(_core.Collector(self.segment, i, plain=False, track=False), i, held)
+
+    def adopted_settled(self) -> bool:
+        """Whether every adopted client's results were handed out; frees their records."""
+        for i, lease in list(self.adopted.items()):
+            info = self.segment.client_info(i)
+            if info["lease"] != lease or _clients.settled(info):
+                self.router.drop_plain_sources(i)
+                del self.adopted[i]
+                self.segment.release_client(i, lease, False)
+        return not self.adopted
+
+    def release_client(self) -> None:
+        """This handle lets go of its client record: gone while results of its tasks are
+        still due or waiting (the next client to attach gets them), free otherwise."""
+        if self.client is None:
+            return
+        # Settled as this handle knows it: every task's result (or its acknowledgement) came
+        # through its live mailbox, and none waits in its plain one. (The forwarder records
+        # what it forwarded only after the handover.)
+        r = self.router
+        settled = r.complete_below > self.producer.last_seq and not self.collector_plain_pending()
+        i, self.client = self.client, None
+        try:
+            self.segment.release_client(i, self.lease, not settled)
+        except Exception as e:  # the segment may be gone with the pool
+            log.debug("could not release client record %s: %r", i, e)
 
     # -- the end ----------------------------------------------------------------------------
 
@@ -333,6 +429,7 @@ class Runtime:
         # First the result thread: at interpreter exit a daemon thread still inside native
         # code would be killed while retaking the GIL, which aborts the process.
         self.router.stop_background()
+        self.release_client()
         # No future stays pending (it would also keep the router alive: a future's class
         # refers to it).
         self.router.fail_all(lambda: ShutdownError("the app was shut down before this task finished"))
@@ -356,6 +453,7 @@ class Runtime:
                                                    "this task finished"))
         self.producer.close()
         self.pool = None
+        self.release_client()
         self._release()
 
     def _release(self) -> None:
@@ -375,7 +473,8 @@ class Lifecycle:
     the app was shut down or inherited through fork(), and raises accordingly."""
 
     def __init__(self, config: Config, registry: Registry, labels: Iterator[int],
-                 hooks: bytes | None = None) -> None:
+                 hooks: bytes | None = None, attach_to: str | None = None) -> None:
+        """`attach_to`: the segment of a running persistent pool to attach to (mpop.attach)."""
         self.config = config
         self.registry = registry
         self.labels = labels
@@ -393,6 +492,7 @@ class Lifecycle:
         self.workers = config.workers  # the live target (scale() changes it)
         self.started_at: float | None = None
         self.lock = threading.RLock()
+        self.attach_to = attach_to
 
     def check_owner(self) -> None:
         if self.inherited:
@@ -414,7 +514,7 @@ class Lifecycle:
         with self.lock:
             if self.runtime is None:
                 self.check_open()
-                rt = Runtime(self.config, self.registry, self.labels, self.hooks, self.side)
+                rt = Runtime(self.config, self.registry, self.labels, self.hooks, self.side, self.attach_to)
                 self.runtime_ref[0] = rt
                 self.runtime = rt  # published last: with the router and handlers in place
             return self.runtime
@@ -519,7 +619,13 @@ class Lifecycle:
             pool = rt.pool if rt is not None else None
             out["supervisor"] = {"pid": pool.pid if pool is not None else None,
                                  "alive": pool is not None and pool.alive()}
+            out["clients"] = _clients.describe(rt.segment) if rt is not None else []
+            out["client"] = rt.client if rt is not None else None
         return out
+
+
+def _lease_is(segment, index: int, lease: int) -> bool:
+    return segment.client_lease(index) == lease
 
 
 def _weakly(method: Callable) -> Callable[..., None]:

@@ -20,7 +20,7 @@ namespace mpop {
 // steady state allocates nothing. Used by the one draining thread only.
 class CompletionWindow {
  public:
-  CompletionWindow() : words_(64, 0) {}
+  explicit CompletionWindow(uint64_t base = 1) : base_(base), words_(64, 0) {}
 
   // Marks `seq` complete; returns false if it already was.
   bool mark(uint64_t seq) {
@@ -65,7 +65,7 @@ class CompletionWindow {
     head_ = 0;
   }
 
-  uint64_t base_ = 1;  // seqs start at 1
+  uint64_t base_;  // the first seq (seqs start at 1, or above a client's seq base)
   size_t head_ = 0;    // index of the word holding seq `base_`
   std::vector<uint64_t> words_;  // power-of-2 size
 };
@@ -73,6 +73,12 @@ class CompletionWindow {
 class Collector {
  public:
   explicit Collector(Segment& seg) : seg_(seg), ring_(seg.results()), pool_(seg.pool()) {}
+  // A client's collector over one of its mailboxes (Segment::live_mailbox/plain_mailbox),
+  // whose seqs start above `seq_base`. The forwarder already dropped duplicates; a
+  // collector that does not `track` completion (a plain mailbox's, an adopted client's)
+  // delivers every record and counts none. `first_seq`: the first seq its handle issues.
+  Collector(Segment& seg, TaskRing ring, uint64_t first_seq, bool track)
+      : seg_(seg), ring_(ring), pool_(seg.pool()), track_(track), window_(first_seq) {}
 
   // Waits until the deadline (monotonic ns; < 0 = forever, 0 = don't wait) for a result,
   // then hands every first result of a task, up to `max`, to sink(const ResultHeader&,
@@ -107,7 +113,14 @@ class Collector {
           ++side_pieces;
           continue;
         }
-        if (h.status != ResultStatus::kVoid && window_.mark(h.seq)) {
+        if (h.status == ResultStatus::kAck) {  // its result waits in the plain mailbox
+          if (track_ && window_.mark(h.seq)) {
+            count_completed();
+            ++delivered;  // counted (the caller learns that tasks completed), not handed on
+          }
+          continue;
+        }
+        if (h.status != ResultStatus::kVoid && (!track_ || window_.mark(h.seq))) {
           const uint8_t* value = rec + sizeof h;
           uint32_t len = h.inline_len;
           if (h.value_encoding == ValueEncoding::kPooled) {
@@ -130,6 +143,8 @@ class Collector {
     }
     return delivered;
   }
+
+  TaskRing& ring() { return ring_; }
 
   // Whether `seq` has had its final result. Only from the draining thread.
   bool is_complete(uint64_t seq) const { return window_.contains(seq); }
@@ -154,6 +169,7 @@ class Collector {
   // Only the draining thread writes it (no read-modify-write needed); any thread reads.
   void count_completed() { completed_.store(completed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
 
+  bool track_ = true;
   std::vector<uint8_t> buffer_;
   CompletionWindow window_;
   SideAssembler side_;

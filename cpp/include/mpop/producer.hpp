@@ -44,6 +44,9 @@ enum class PushOutcome { kRing, kBacklog, kFull, kClosed, kTooLarge };
 class Producer {
  public:
   explicit Producer(Segment& seg);
+  // A persistent pool's client `client`: its seqs come from the client record's counter,
+  // and the pool's allocators it starves are nudged through its live mailbox.
+  Producer(Segment& seg, uint32_t client);
   ~Producer();
   Producer(const Producer&) = delete;
   Producer& operator=(const Producer&) = delete;
@@ -64,7 +67,10 @@ class Producer {
   bool closed() const { return closed_.load(std::memory_order_acquire); }
 
   uint64_t backlog_size() const { return backlog_count_.load(std::memory_order_acquire); }
-  uint64_t submitted() const { return next_seq_.load(std::memory_order_relaxed) - 1; }
+  // Tasks this producer gave a seq, and the last seq it gave (first_seq() - 1: none yet).
+  uint64_t submitted() const { return last_seq() + 1 - first_seq_; }
+  uint64_t last_seq() const { return next_seq_->load(std::memory_order_relaxed) - 1; }
+  uint64_t first_seq() const { return first_seq_; }
   // Removes every task still in the backlog, calling sink(const TaskHeader&) for each.
   template <class Sink>
   uint64_t drop_backlog(Sink&& sink);
@@ -85,7 +91,10 @@ class Producer {
   TaskRing ring_;
   ArgPool pool_;
   uint32_t slot_size_;
-  std::atomic<uint64_t> next_seq_{1};
+  std::atomic<uint64_t> own_seq_{1};
+  std::atomic<uint64_t>* next_seq_ = &own_seq_;  // own_seq_, or a client record's
+  uint64_t first_seq_ = 1;
+  TaskRing consumer_ring_;  // the ring whose consumer frees results' pool blocks
   std::atomic<bool> closed_{false};
 
   // Backlog: entries [u32 slot_used | u32 stream_len | TaskHeader | slot bytes | stream].

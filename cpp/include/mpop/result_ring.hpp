@@ -15,6 +15,7 @@ enum class ResultStatus : uint8_t {
   kTimeout = 3,    // it ran past task_timeout: TaskTimeoutError
   kCancelled = 4,  // shutdown(cancel_pending=True) removed it before it ran
   kVoid = 5,       // filler for a publication a dead worker reserved but never wrote
+  kAck = 6,        // in a client's live mailbox: the task's result went to its plain mailbox
 };
 
 enum class ValueEncoding : uint8_t {

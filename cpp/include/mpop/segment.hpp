@@ -1,6 +1,7 @@
 // Segment: the one shared-memory segment of an app (created 0600 with a random name by the
 // owner, attached by workers) and its header, which fixes the layout of everything in it:
-// [header | registry log | task ring | worker records | result ring | argument pool].
+// [header | registry log | task ring | worker records | result ring | argument pool |
+//  client records with their mailboxes (persistent pools only)].
 #pragma once
 
 #include <atomic>
@@ -19,7 +20,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 5;
+constexpr uint32_t kLayoutVersion = 6;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {
@@ -37,6 +38,47 @@ struct SegmentConfig {
   uint64_t max_tasks_per_worker = 0;  // 0 = unlimited
   // A worker whose resident memory exceeds this after a task is recycled (0 = no cap).
   uint64_t max_worker_memory = 0;
+  // Client processes that may be attached at once (a persistent pool's; 0 = the creator
+  // drains the result ring itself), and the cells of each client's two mailboxes.
+  uint32_t max_clients = 0;
+  uint32_t client_slots = 0;
+};
+
+// One attached client of a persistent pool (its handle in some process) and, after it, its
+// two mailboxes: rings of result records (kResultStride) that the supervisor process
+// fills from the result ring (Forwarder). `live` gets the results of submitted tasks and
+// map chunks, side messages, and an acknowledgement (kAck) for each result put in `plain`,
+// which holds the results of enqueue()d tasks until results() or run() hands them out.
+// A client's task seqs are its own: kClientSeqBits bits above base(index).
+enum class ClientState : uint32_t {
+  kFree = 0,      // nobody's
+  kAttached = 1,  // a live handle uses it (pid, start_time)
+  kGone = 2,      // its handle detached or its process died: the next attach adopts it
+  kClaiming = 3,  // being taken: pid and start_time not yet written
+};
+// ClientRecord::lease: the state in its low 2 bits, above them a count of the handles that
+// took the record, so that one compare-and-swap on it acts on the record as it was read
+// (a reaper that found a dead handle never frees the record a new handle took meanwhile).
+inline ClientState lease_state(uint32_t lease) { return static_cast<ClientState>(lease & 3); }
+inline uint32_t make_lease(uint32_t generation, ClientState s) { return generation << 2 | static_cast<uint32_t>(s); }
+
+constexpr uint32_t kClientSeqBits = 40;
+inline uint64_t client_seq_base(uint32_t index) { return uint64_t{index + 1} << kClientSeqBits; }
+// The client a task seq belongs to, or -1 for a seq of the creator's own (in-process) space.
+inline int64_t client_of_seq(uint64_t seq) { return static_cast<int64_t>(seq >> kClientSeqBits) - 1; }
+
+struct alignas(kCacheLine) ClientRecord {
+  std::atomic<uint32_t> lease{0};  // state and generation (see make_lease)
+  std::atomic<int32_t> pid{0};
+  std::atomic<uint64_t> start_time{0};  // /proc start time of pid
+  // The client (index + 1) that took over this gone one's results, 0 = none.
+  std::atomic<uint32_t> adopter{0};
+  // The producer's seq counter: the last seq issued is next_seq - 1. It carries on across
+  // the handles that take the record in turn, so that no seq is ever issued twice.
+  alignas(kCacheLine) std::atomic<uint64_t> next_seq{0};
+  // Written by the forwarder: every seq below this has its result in a mailbox.
+  alignas(kCacheLine) std::atomic<uint64_t> complete_below{0};
+  std::atomic<uint64_t> forwarded{0};  // results put in this client's mailboxes
 };
 
 struct alignas(kCacheLine) SegmentHeader {
@@ -44,8 +86,8 @@ struct alignas(kCacheLine) SegmentHeader {
   uint32_t layout_version;
   uint32_t task_stride;
   SegmentConfig config;
-  uint64_t registry_off, ring_off, workers_off, results_off, pool_off, total_bytes;
-  uint32_t worker_stride, entry_stride;
+  uint64_t registry_off, ring_off, workers_off, results_off, pool_off, clients_off, total_bytes;
+  uint32_t worker_stride, entry_stride, client_stride, reserved1;
   int32_t owner_pid;
   uint32_t supervised;  // 1: a persistent pool's supervisor process owns it (take_ownership)
   uint64_t owner_start_time;  // /proc start time: a pid-reuse-proof identity of the owner
@@ -56,6 +98,7 @@ struct alignas(kCacheLine) SegmentHeader {
   std::atomic<uint32_t> owner_released{0};  // the owner's attachment was dropped (by it, or
                                             // by a worker that found the owner dead)
   std::atomic<uint64_t> registry_len{0};                    // bytes of registry log written
+  std::atomic<uint64_t> registry_reserved{0};  // bytes claimed by writers (>= registry_len)
   // Bumped after a handler was registered again under its fn_id (a later record in the
   // log replaces an earlier one): workers then drop the handlers they loaded.
   std::atomic<uint64_t> registry_epoch{0};
@@ -100,6 +143,13 @@ class Segment {
   TaskRing& results() { return results_; }
   ArgPool& pool() { return pool_; }
   const WorkerTable& workers() const { return workers_; }
+  uint32_t client_count() const { return header_->config.max_clients; }
+  ClientRecord& client(uint32_t i) const {
+    return *reinterpret_cast<ClientRecord*>(base_ + header_->clients_off + uint64_t{i} * header_->client_stride);
+  }
+  // Client i's mailboxes (see ClientRecord).
+  TaskRing live_mailbox(uint32_t i) const { return TaskRing::attach(mailbox_mem(i, 0)); }
+  TaskRing plain_mailbox(uint32_t i) const { return TaskRing::attach(mailbox_mem(i, 1)); }
   uint8_t* registry() const { return base_ + header_->registry_off; }
 
   // Marks the segment for removal by the last process out (see leave()).
@@ -124,6 +174,10 @@ class Segment {
  private:
   Segment() = default;
   void bind_views();
+  uint8_t* mailbox_mem(uint32_t i, uint32_t which) const {
+    return reinterpret_cast<uint8_t*>(&client(i)) + round_up(sizeof(ClientRecord), kCacheLine) +
+           which * TaskRing::bytes_needed(header_->config.client_slots, kResultStride);
+  }
 
   std::string name_;
   uint8_t* base_ = nullptr;

@@ -1,7 +1,8 @@
 // SideChannel: what a worker sends its owner besides the results of tasks: the text its
 // handlers write to sys.stdout and sys.stderr, its logging records, and what worker_exit
 // returns. A message goes into the result ring as records of a side route (slot_layout.hpp)
-// with seq 0, each carrying up to kResultInlineBytes of it inline; the collector puts the
+// whose seq is the task the worker runs or last ran (0: none; a persistent pool's forwarder
+// sends the message to that task's client), each carrying up to kResultInlineBytes of it inline; the collector puts the
 // pieces of a message together again (SideAssembler) and counts none of them as a task's
 // result.
 #pragma once
@@ -40,12 +41,16 @@ class SideChannel {
     // The last task's pooled result block, recorded in result_ref, was handed to the
     // collector when it was published: a death in this window must not free it again.
     rec_.result_ref.store(0, std::memory_order_relaxed);
+    const uint64_t running = rec_.running_seq.load(std::memory_order_relaxed);
+    const uint64_t task = rec_.running_since_ns.load(std::memory_order_relaxed) && running
+                              ? running : rec_.result_seq.load(std::memory_order_relaxed);
     uint32_t index = 0;
     size_t done = 0;
     do {
       const size_t n = std::min<size_t>(len - done, kResultInlineBytes);
       ResultHeader r;
       r.route = route;
+      r.seq = task;
       r.worker_id = static_cast<uint16_t>(id_);
       r.tsk_id = index;
       r.fn_id = done + n == len ? kSideLastPiece : 0;

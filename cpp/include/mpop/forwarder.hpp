@@ -1,0 +1,175 @@
+// Forwarder: a persistent pool's result path. Its supervisor process is the one consumer
+// of the result ring; the forwarder copies each task's first result into the mailboxes of
+// the client that submitted it (the client is in the seq: client_of_seq), so that several
+// client processes share one pool and each receives only its own results. It keeps
+// exactly the first result of every task (a task may run twice after a crash) in a
+// completion window per client, and records what it forwarded in the client's record.
+// A full mailbox makes it wait, and so the workers behind it: nothing is dropped.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "mpop/collector.hpp"
+#include "mpop/segment.hpp"
+
+namespace mpop {
+
+class Forwarder {
+ public:
+  explicit Forwarder(Segment& seg) : seg_(seg), ring_(seg.results()), pool_(seg.pool()) {
+    windows_.reserve(seg.client_count());
+    for (uint32_t i = 0; i < seg.client_count(); ++i)
+      windows_.emplace_back(seg.client(i).complete_below.load(std::memory_order_acquire));
+  }
+  ~Forwarder() { stop(); }
+  Forwarder(const Forwarder&) = delete;
+  Forwarder& operator=(const Forwarder&) = delete;
+
+  void start() {
+    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+  }
+  // Stops the thread, then moves what is left (a mailbox still full is not waited for).
+  void stop() {
+    stop_.store(true, std::memory_order_release);
+    ring_.wake_consumers();
+    if (thread_.joinable()) {
+      thread_.join();
+      while (pump(0) != 0) {
+      }
+    }
+  }
+  // Moves what is published now, waiting up to `deadline_ns` (monotonic) for the first
+  // record; returns how many records it took from the result ring. One thread at a time.
+  size_t pump(int64_t deadline_ns) {
+    auto stopping = [this] { return stop_.load(std::memory_order_acquire); };
+    if (deadline_ns != 0 && !ring_.has_published()) ring_.wait_published_n(1, deadline_ns, stopping);
+    size_t taken = 0;
+    buffer_.resize(size_t{kBatch} * kResultStride);
+    for (;;) {
+      uint32_t k = ring_.claim_range(kBatch, nullptr, [&](uint32_t i, const uint8_t* body) {
+        std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, kResultStride - 8);
+      });
+      if (k == 0) return taken;
+      for (uint32_t i = 0; i < k; ++i) route(buffer_.data() + size_t{i} * kResultStride);
+      taken += k;
+      if (k < kBatch || stopping()) return taken;
+    }
+  }
+  uint64_t forwarded() const { return forwarded_.load(std::memory_order_relaxed); }
+  uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+ private:
+  static constexpr uint32_t kBatch = 256;
+  static constexpr int64_t kWaitNs = 100'000'000;
+
+  void loop() {
+    while (!stop_.load(std::memory_order_acquire)) pump(monotonic_ns() + kWaitNs);
+  }
+
+  // Whether client c's mailboxes are read: by it, or by the client that adopted it.
+  bool read(uint32_t c) const {
+    const ClientRecord& r = seg_.client(c);
+    const ClientState st = lease_state(r.lease.load(std::memory_order_acquire));
+    if (st == ClientState::kAttached) return true;
+    const uint32_t a = r.adopter.load(std::memory_order_acquire);
+    return st == ClientState::kGone && a != 0 && a - 1 < seg_.client_count() && attached(a - 1);
+  }
+
+  bool attached(uint32_t c) const {
+    return lease_state(seg_.client(c).lease.load(std::memory_order_acquire)) == ClientState::kAttached;
+  }
+
+  void free_value(const ResultHeader& h) {
+    if (h.value_encoding == ValueEncoding::kPooled && h.value_ref) pool_.free(h.value_ref, h.value_len);
+  }
+
+  void route(const uint8_t* rec) {
+    ResultHeader h;
+    std::memcpy(&h, rec, sizeof h);
+    const uint32_t n = seg_.client_count();
+    if (h.status == ResultStatus::kVoid) {
+      free_value(h);
+      return;
+    }
+    if (h.route >= kFirstSideRoute) {  // a piece of a side message: to its task's client
+      int64_t c = client_of_seq(h.seq);
+      if (h.seq == 0 || c < 0 || c >= n || !read(static_cast<uint32_t>(c))) {
+        c = -1;
+        for (uint32_t i = 0; i < n && c < 0; ++i)
+          if (attached(i)) c = i;
+      }
+      if (c < 0 || !push(seg_.live_mailbox(static_cast<uint32_t>(c)), rec)) dropped_.fetch_add(1);
+      return;
+    }
+    const int64_t c = client_of_seq(h.seq);
+    if (c < 0 || c >= n) {  // not a client's seq: nobody to give it to
+      free_value(h);
+      if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
+      dropped_.fetch_add(1);
+      return;
+    }
+    ClientRecord& cr = seg_.client(static_cast<uint32_t>(c));
+    if (!windows_[c].mark(h.seq)) {  // a second result of a task that ran again
+      free_value(h);
+      return;
+    }
+    // The copy the client gets: its task's argument block is freed here, its value block
+    // (if pooled) by the client once decoded.
+    alignas(8) uint8_t out[kResultStride - 8];
+    std::memcpy(out, rec, sizeof out);
+    ResultHeader o = h;
+    o.arg_ref = 0;
+    o.arg_len = 0;
+    std::memcpy(out, &o, sizeof o);
+    bool ok;
+    if (h.route == kRoutePlain) {
+      ok = push(seg_.plain_mailbox(static_cast<uint32_t>(c)), out);
+      ResultHeader ack = o;
+      ack.status = ResultStatus::kAck;
+      ack.value_encoding = ValueEncoding::kInline;
+      ack.value_ref = 0;
+      ack.value_len = 0;
+      ack.inline_len = 0;
+      alignas(8) uint8_t a[kResultStride - 8] = {};
+      std::memcpy(a, &ack, sizeof ack);
+      ok = ok && push(seg_.live_mailbox(static_cast<uint32_t>(c)), a);
+    } else {
+      ok = push(seg_.live_mailbox(static_cast<uint32_t>(c)), out);
+    }
+    if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
+    if (!ok) {  // stopped while the mailbox stayed full
+      dropped_.fetch_add(1);
+      return;
+    }
+    cr.complete_below.store(windows_[c].first_incomplete(), std::memory_order_release);
+    cr.forwarded.fetch_add(1, std::memory_order_relaxed);
+    forwarded_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // Pushes one record into a mailbox, waiting for room; false if stopped meanwhile.
+  bool push(TaskRing mb, const uint8_t* rec) {
+    auto fill = [&](uint32_t, void* dst) { std::memcpy(dst, rec, kResultStride - 8); };
+    while (mb.try_push(1, fill) == 0) {
+      if (stop_.load(std::memory_order_acquire)) return false;
+      wait_until(mb.control().not_full, [&] { return mb.has_room() || stop_.load(std::memory_order_acquire); },
+                 monotonic_ns() + kWaitNs);
+    }
+    return true;
+  }
+
+  Segment& seg_;
+  TaskRing ring_;
+  ArgPool pool_;
+  std::vector<CompletionWindow> windows_;
+  std::vector<uint8_t> buffer_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> forwarded_{0};
+  std::atomic<uint64_t> dropped_{0};
+  std::thread thread_;
+};
+
+}  // namespace mpop
