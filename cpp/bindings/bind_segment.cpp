@@ -119,6 +119,7 @@ py::dict worker_status(Segment& s, uint32_t i) {
   py::dict d;
   d["id"] = i;
   d["pid"] = r.pid.load();
+  d["start_time"] = r.start_time.load();
   d["state"] = state_name(r.state.load());
   d["completed"] = r.completed.load();
   d["failed"] = r.failed.load();
@@ -155,7 +156,7 @@ void register_segment(py::module_& m) {
              uint32_t result_slots, uint32_t max_workers, uint32_t batch_size, uint64_t pool_bytes,
              uint64_t registry_bytes, bool debug, double debug_delay, bool max_performance,
              uint64_t max_tasks_per_worker, uint64_t max_worker_memory, uint32_t max_clients,
-             uint32_t client_slots) {
+             uint32_t client_slots, double orphan_timeout) {
             SegmentConfig c;
             c.slot = layout_from(slot);
             c.queue_slots = queue_slots;
@@ -171,13 +172,15 @@ void register_segment(py::module_& m) {
             c.max_worker_memory = max_worker_memory;
             c.max_clients = max_clients;
             c.client_slots = client_slots;
+            c.orphan_timeout_ns = static_cast<int64_t>(orphan_timeout * 1e9);
             return SegmentPtr(Segment::create(prefix, c));
           },
           py::arg("prefix"), py::arg("slot"), py::arg("queue_slots"), py::arg("result_slots"),
           py::arg("max_workers"), py::arg("batch_size"), py::arg("pool_bytes"),
           py::arg("registry_bytes"), py::arg("debug") = false, py::arg("debug_delay") = 0.0,
           py::arg("max_performance") = false, py::arg("max_tasks_per_worker") = 0,
-          py::arg("max_worker_memory") = 0, py::arg("max_clients") = 0, py::arg("client_slots") = 0)
+          py::arg("max_worker_memory") = 0, py::arg("max_clients") = 0, py::arg("client_slots") = 0,
+          py::arg("orphan_timeout") = 0.0)
       .def_static("attach", [](const std::string& name) { return SegmentPtr(Segment::attach(name)); })
       .def_static("remove", &Segment::remove)
       .def_static("process_start_time", &Segment::process_start_time)
@@ -243,6 +246,23 @@ void register_segment(py::module_& m) {
              std::atomic_ref<uint32_t>(h.supervised).store(1, std::memory_order_release);
              s.set_unlink_on_close(true);
            })
+      // A new supervisor process of a persistent pool whose supervisor `dead_pid` died: takes
+      // the segment over unless another one did first (false).
+      .def("take_over",
+           [](Segment& s, int32_t dead_pid) {
+             SegmentHeader& h = s.header();
+             const pid_t me = getpid();
+             if (!std::atomic_ref<int32_t>(h.owner_pid).compare_exchange_strong(dead_pid, static_cast<int32_t>(me),
+                                                                               std::memory_order_acq_rel))
+               return false;
+             // Until the start time is ours too, the pair names no live process: readers
+             // see a dead owner for that moment, never a wrong live one.
+             std::atomic_ref<uint64_t>(h.owner_start_time).store(Segment::process_start_time(me),
+                                                                 std::memory_order_release);
+             s.set_unlink_on_close(true);
+             return true;
+           }, py::arg("dead_pid"))
+      .def_property_readonly("orphan_timeout", [](Segment& s) { return s.config().orphan_timeout_ns / 1e9; })
       .def_property_readonly("supervised",
                              [](Segment& s) {
                                return std::atomic_ref<uint32_t>(s.header().supervised).load(

@@ -24,9 +24,10 @@ bool die_with_parent(pid_t parent) {
 }
 
 // fork + exec with the parent-death signal set in between (only async-signal-safe calls
-// after fork). The argv gets the worker id and generation appended.
+// after fork), unless the workers must outlive this process (a persistent pool's). The argv
+// gets the worker id and generation appended.
 pid_t spawn_exec(const std::vector<std::string>& argv_base, const std::vector<std::string>& env,
-                 uint32_t id, uint32_t gen) {
+                 uint32_t id, uint32_t gen, bool tie_to_parent) {
   std::vector<std::string> argv = argv_base;
   argv.push_back(std::to_string(id));
   argv.push_back(std::to_string(gen));
@@ -38,7 +39,7 @@ pid_t spawn_exec(const std::vector<std::string>& argv_base, const std::vector<st
   pid_t parent = getpid();
   pid_t pid = fork();
   if (pid == 0) {
-    if (!die_with_parent(parent)) _exit(1);
+    if (tie_to_parent && !die_with_parent(parent)) _exit(1);
     sigset_t all;
     sigemptyset(&all);
     sigprocmask(SIG_SETMASK, &all, nullptr);
@@ -75,15 +76,17 @@ class PySupervisor {
  public:
   PySupervisor(SegmentPtr seg, uint32_t workers, uint32_t max_retries,
                double task_timeout, const std::string& method, std::vector<std::string> argv,
-               std::vector<std::string> env, py::object entry)
+               std::vector<std::string> env, py::object entry, bool persistent)
       : seg_(std::move(seg)), entry_(std::move(entry)) {
     SupervisorOptions o;
+    o.adopt = persistent;
     o.workers = workers;
     o.max_retries = max_retries;
     o.task_timeout_ns = static_cast<int64_t>(task_timeout * 1e9);
+    if (persistent && method != "spawn") throw py::value_error("a persistent pool's workers are spawned");
     if (method == "spawn") {
-      o.spawn = [argv = std::move(argv), env = std::move(env)](uint32_t id, uint32_t gen) {
-        return spawn_exec(argv, env, id, gen);
+      o.spawn = [argv = std::move(argv), env = std::move(env), persistent](uint32_t id, uint32_t gen) {
+        return spawn_exec(argv, env, id, gen, !persistent);
       };
     } else if (method == "fork") {
       o.spawn = [this](uint32_t id, uint32_t gen) { return spawn_fork(entry_, id, gen); };
@@ -146,10 +149,10 @@ void register_supervisor(py::module_& m) {
       .def_property_readonly("dropped", [](PyForwarder& f) { return f.fw.dropped(); });
   py::class_<PySupervisor>(m, "Supervisor")
       .def(py::init<SegmentPtr, uint32_t, uint32_t, double, const std::string&,
-                    std::vector<std::string>, std::vector<std::string>, py::object>(),
+                    std::vector<std::string>, std::vector<std::string>, py::object, bool>(),
            py::arg("segment"), py::arg("workers"), py::arg("max_retries"),
            py::arg("task_timeout"), py::arg("start_method"), py::arg("argv"), py::arg("env"),
-           py::arg("entry") = py::none())
+           py::arg("entry") = py::none(), py::arg("persistent") = false)
       .def("start",
            [](PySupervisor& s) {
              py::gil_scoped_release nogil;
@@ -198,6 +201,7 @@ void register_supervisor(py::module_& m) {
         d["recovered_from_ring"] = c.recovered_from_ring.load();
         d["spawn_failures"] = c.spawn_failures.load();
         d["pool_reclaimed_bytes"] = c.pool_reclaimed_bytes.load();
+        d["adopted"] = c.adopted.load();
         return d;
       });
 }

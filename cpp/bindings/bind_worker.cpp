@@ -274,9 +274,18 @@ void register_worker(py::module_& m) {
     sigaction(SIGTERM, &sa, nullptr);
   });
 
+  // Whether the process the header names as owner runs now (an orphaned persistent pool's
+  // workers wait for a new one; this says whether there is one).
   m.def("owner_alive", [](SegmentPtr seg) {
-    OwnerWatch w(seg->header());
-    return w.alive();
+    SegmentHeader& h = seg->header();
+    const int32_t pid = std::atomic_ref<int32_t>(h.owner_pid).load(std::memory_order_acquire);
+    const uint64_t start = std::atomic_ref<uint64_t>(h.owner_start_time).load(std::memory_order_acquire);
+    const int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    if (fd < 0) return false;
+    pollfd p{fd, POLLIN, 0};
+    const bool exited = poll(&p, 1, 0) > 0;
+    close(fd);
+    return !exited && Segment::process_start_time(pid) == start;
   });
   m.def("leave_segment", [](SegmentPtr seg, bool owner_dead) { return seg->leave(owner_dead); });
 }

@@ -190,7 +190,9 @@ void Supervisor::spawn(uint32_t id) {
   }
   c.pid = pid;
   c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
-  c.start_time = c.pidfd < 0 ? Segment::process_start_time(pid) : 0;
+  const uint64_t start = Segment::process_start_time(pid);
+  c.start_time = c.pidfd < 0 ? start : 0;
+  rec.start_time.store(start, std::memory_order_relaxed);
   rec.pid.store(static_cast<int32_t>(pid), std::memory_order_relaxed);
 }
 
@@ -521,8 +523,60 @@ void Supervisor::flush_requeue() {
                          results_pending_.begin() + static_cast<std::ptrdiff_t>(done));
 }
 
+void Supervisor::start_workers() {
+  const uint32_t n = target_.load();
+  if (!opts_.adopt) {
+    for (uint32_t i = 0; i < n; ++i) spawn(i);
+    return;
+  }
+  // The live ones first: the recovery of a dead one looks at the others' claim windows.
+  std::vector<uint32_t> dead;
+  for (uint32_t i = 0; i < n; ++i)
+    if (!adopt(i)) dead.push_back(i);
+  for (uint32_t i : dead) {
+    Child& c = children_[i];
+    WorkerRecord& rec = seg_.workers().record(i);
+    c.gen = rec.generation.load();
+    const auto st = static_cast<WorkerState>(rec.state.load());
+    if (st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
+        st == WorkerState::kExiting) {
+      // It died while no supervisor watched: recovered and replaced as a crash is (or as a
+      // clean exit, if it was leaving).
+      c.active = true;
+      c.pid = 0;
+      on_exit(i, st != WorkerState::kExiting, -1);
+    } else {
+      spawn(i);
+    }
+  }
+}
+
+bool Supervisor::adopt(uint32_t id) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
+  const auto st = static_cast<WorkerState>(rec.state.load());
+  const pid_t pid = rec.pid.load();
+  if (pid <= 0 || !(st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
+                    st == WorkerState::kExiting))
+    return false;
+  const int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) return false;
+  if (Segment::process_start_time(pid) != rec.start_time.load()) {  // gone, its pid reused
+    close(fd);
+    return false;
+  }
+  c.pid = pid;
+  c.pidfd = fd;
+  c.start_time = 0;
+  c.gen = rec.generation.load();
+  c.active = true;
+  c.stopping = false;
+  counters_.adopted.fetch_add(1);
+  return true;
+}
+
 void Supervisor::loop() {
-  for (uint32_t i = 0; i < target_.load(); ++i) spawn(i);
+  start_workers();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     started_ = true;

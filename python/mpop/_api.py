@@ -104,6 +104,9 @@ class MpopApi:
     - persistent: True runs the supervisor in a process of its own (name= is required, and
       is the pool's address): the workers, their queued tasks and their results outlive
       this process, even its SIGKILL; detach() lets go of the pool, shutdown() stops it.
+    - orphan_timeout: seconds a persistent pool's workers wait, after its supervisor process
+      died, for a new one to adopt them (mpop.attach or python -m mpop supervise starts it);
+      then they exit and the last one out removes the pool.
 
     What handlers print and log reaches the owner: sys.stdout and sys.stderr text goes to
     the owner's streams, logging records to the owner's logger of the same name (with
@@ -141,6 +144,7 @@ class MpopApi:
         worker_exit: Callable[..., Any] | None = None,
         max_worker_memory: int | str | None = None,
         persistent: bool = False,
+        orphan_timeout: float = 60.0,
     ) -> None:
         self._config = Config.build(
             workers=workers, queue_slots=queue_slots, slot_class=slot_class, worker_batch_size=worker_batch_size,
@@ -149,7 +153,8 @@ class MpopApi:
             task_timeout=task_timeout, max_tasks_per_worker=max_tasks_per_worker, cpu_affinity=cpu_affinity,
             name=name, max_performance=max_performance, pool_bytes=pool_bytes, registry_bytes=registry_bytes,
             scale_limit=scale_limit, initializer=initializer, initargs=initargs, worker_state=worker_state,
-            worker_exit=worker_exit, max_worker_memory=max_worker_memory, persistent=persistent)
+            worker_exit=worker_exit, max_worker_memory=max_worker_memory, persistent=persistent,
+            orphan_timeout=orphan_timeout)
         hooks = pack_hooks(self._config)
         if debug and not max_performance:
             _enable_debug_logging()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-__all__ = ["segments", "remove_dead_segments"]
+__all__ = ["segments", "remove_dead_segments", "live_workers"]
 
 SHM_DIR = "/dev/shm"
 
@@ -49,6 +49,14 @@ def _mapped_by_any_process(name: str) -> bool:
     return False
 
 
+def live_workers(seg) -> list[int]:
+    """Pids of the segment's workers still running (the very processes its records name)."""
+    from ._persistent import running
+
+    return [w["pid"] for w in seg.workers_status()
+            if w["pid"] and w["state"] in ("starting", "idle", "busy", "exiting") and running(w["pid"], w["start_time"])]
+
+
 def remove_dead_segments(report: Callable[[str], None] = lambda line: None) -> list[str]:
     """Removes every mpop segment whose owner is dead; returns their names. Any workers
     still attached are told to leave."""
@@ -73,6 +81,11 @@ def remove_dead_segments(report: Callable[[str], None] = lambda line: None) -> l
             continue
         if _core.owner_alive(seg):
             report(f"kept    {name}: owner pid {seg.owner_pid} is alive")
+            seg.leave()
+            continue
+        if seg.supervised and live_workers(seg):
+            report(f"kept    {name}: a persistent pool whose workers wait for a new supervisor "
+                   f"(python -m mpop supervise)")
             seg.leave()
             continue
         seg.set_shutdown()  # any worker left behind leaves now

@@ -89,6 +89,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supervise(args: argparse.Namespace) -> int:
+    from ._errors import MpopError
+    from ._persistent import find_pools, recover
+
+    try:
+        segment = recover(args.name)
+    except MpopError as e:
+        print(f"mpop supervise: {e}", file=sys.stderr)
+        return 1
+    if segment is None:
+        live = find_pools(args.name)
+        if live:
+            print(f"persistent pool {args.name!r} (segment {live[0]}) has a live supervisor already")
+            return 0
+        print(f"mpop supervise: no persistent pool named {args.name!r} whose workers wait for a supervisor",
+              file=sys.stderr)
+        return 1
+    print(f"a new supervisor process took over persistent pool {args.name!r} (segment {segment})")
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from . import _core
     from ._cleanup import segments
@@ -171,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handler-module", default=None, metavar="MODULE",
                    help="a module whose HANDLERS dict the pool's clients call by fn_id or name")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("supervise", help="start a new supervisor for the persistent pool NAME whose supervisor "
+                                         "died (it adopts the running workers)")
+    p.add_argument("name")
+    p.set_defaults(func=_supervise)
     p = sub.add_parser("shutdown", help="stop the persistent pool NAME (once nothing is queued or running)")
     p.add_argument("name")
     p.add_argument("--now", action="store_true", help="stop at once: queued and running tasks are dropped")

@@ -62,6 +62,7 @@ class Config:
     worker_exit: Any = None  # Callable | None
     max_worker_memory: int | None = None  # bytes
     persistent: bool = False
+    orphan_timeout: float = 60.0
 
     @property
     def layout(self) -> dict:
@@ -78,7 +79,8 @@ class Config:
                 "max_retries": self.max_retries, "task_timeout": self.task_timeout,
                 "max_tasks_per_worker": self.max_tasks_per_worker, "worker_state": self.worker_state,
                 "pool_bytes": self.pool_bytes, "registry_bytes": self.registry_bytes,
-                "scale_limit": self.scale_limit, "max_worker_memory": self.max_worker_memory}
+                "scale_limit": self.scale_limit, "max_worker_memory": self.max_worker_memory,
+                "orphan_timeout": self.orphan_timeout}
 
     def as_dict(self) -> dict:
         """The settings as plain values (the slot class by name), as status() shows them."""
@@ -99,7 +101,7 @@ class Config:
               pool_bytes: int, registry_bytes: int, scale_limit: int | None,
               initializer: Any = None, initargs: Any = (), worker_state: bool = False,
               worker_exit: Any = None, max_worker_memory: int | str | None = None,
-              persistent: bool = False) -> Config:
+              persistent: bool = False, orphan_timeout: float = 60.0) -> Config:
         """Validates every argument; raises ConfigError listing each bad one."""
         problems: list[str] = []
         bad = problems.append
@@ -163,6 +165,9 @@ class Config:
                 bad("persistent=True needs a name= (the pool's address)")
             if start_method != "spawn":
                 bad(f"a persistent pool starts its workers with start_method='spawn', got {start_method!r}")
+        if (not isinstance(orphan_timeout, (int, float)) or isinstance(orphan_timeout, bool)
+                or not math.isfinite(orphan_timeout) or orphan_timeout <= 0):
+            bad(f"orphan_timeout must be a number of seconds > 0, got {orphan_timeout!r}")
         if problems:
             raise ConfigError("invalid MpopApi configuration:\n  - " + "\n  - ".join(problems))
         return cls(
@@ -175,7 +180,8 @@ class Config:
             registry_bytes=registry_bytes,
             scale_limit=scale_limit or max(workers, 2 * available_cpus(), 8),
             initializer=initializer, initargs=tuple(initargs), worker_state=worker_state,
-            worker_exit=worker_exit, max_worker_memory=memory, persistent=persistent)
+            worker_exit=worker_exit, max_worker_memory=memory, persistent=persistent,
+            orphan_timeout=float(orphan_timeout))
 
 
 def _check_timeout(task_timeout: Any, bad) -> float | None:

@@ -26,7 +26,7 @@ from . import _clients
 from ._builtins import BOOT_FN_ID
 from ._errors import MpopError
 
-__all__ = ["PoolProcess", "find_pools", "attach", "supervise", "stop_pool", "main"]
+__all__ = ["PoolProcess", "find_pools", "recover", "attach", "supervise", "stop_pool", "main"]
 
 READY_TIMEOUT_S = 60.0
 
@@ -50,9 +50,10 @@ def supervisor_error(segment) -> str | None:
     return None
 
 
-def find_pools(name: str) -> list[str]:
+def find_pools(name: str, orphaned: bool = False) -> list[str]:
     """The segment names of the live persistent pools called `name` (or whose segment is
-    named `name`)."""
+    named `name`); with `orphaned`, of those whose supervisor process died (and that no
+    stop, cleanup or last worker out removed): their workers, if any, wait for a new one."""
     from . import _core
     from ._cleanup import segments
 
@@ -65,13 +66,36 @@ def find_pools(name: str) -> list[str]:
         except Exception:
             continue
         try:  # taken over by its supervisor process (not a creator still starting it)
-            if seg.supervised and _core.owner_alive(seg):
+            # (running(), as PoolProcess.alive sees it: a supervisor killed with SIGKILL is
+            # gone from its first zombie moment, before its other threads have exited)
+            if seg.supervised and not seg.shutdown and running(seg.owner_pid, seg.owner_start_time) != orphaned:
                 found.append(seg_name)
         except Exception:
             pass
         finally:
             seg.leave()
     return found
+
+
+def recover(name: str) -> str | None:
+    """Starts a new supervisor process for the persistent pool `name` whose supervisor died
+    (it adopts the workers that still run and recovers the others); returns the segment's
+    name, or None when there is no such pool. Raises MpopError when the new supervisor
+    cannot start."""
+    from . import _core
+
+    for seg_name in find_pools(name, orphaned=True):
+        seg = _core.Segment.attach(seg_name)
+        try:
+            boot = read_boot(seg)
+            PoolProcess.launch(seg, (boot.get("client") or {}).get("workers") or 1, adopt=True)
+        except MpopError:
+            if not running(seg.owner_pid, seg.owner_start_time):  # (else another came first: fine)
+                raise
+        finally:
+            seg.leave()
+        return seg_name
+    return None
 
 
 def attach(name: str, timeout: float | None = None):
@@ -86,6 +110,8 @@ def attach(name: str, timeout: float | None = None):
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         found = find_pools(name)
+        if not found and recover(name):  # its supervisor died: a new one adopts the workers
+            found = find_pools(name)
         if found or deadline is None or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -144,16 +170,17 @@ class PoolProcess:
         self.segment = segment
 
     @classmethod
-    def launch(cls, segment, workers: int) -> PoolProcess:
+    def launch(cls, segment, workers: int, adopt: bool = False) -> PoolProcess:
         """Starts the supervisor process of `segment`'s pool with `workers` workers, and
-        returns once it owns the segment. Raises MpopError (WorkerInitError for a failed
-        initializer) when it gives up first."""
+        returns once it owns the segment (`adopt`: in place of one that died, adopting its
+        workers). Raises MpopError (WorkerInitError for a failed initializer) when it gives
+        up first."""
         from ._hooks import startup_error
         from ._worker import package_parent
 
         code = ("import sys; sys.path.insert(0, sys.argv[1]); from mpop._persistent import main; "
                 "sys.exit(main(sys.argv[2:]))")
-        argv = [sys.executable, "-c", code, package_parent(), segment.name, str(workers)]
+        argv = [sys.executable, "-c", code, package_parent(), segment.name, str(workers)] + (["adopt"] if adopt else [])
         # Away from the creator's terminal and pipes too: a reader of the creator's output
         # must not wait for the pool.
         try:
@@ -167,7 +194,7 @@ class PoolProcess:
 
         start = Segment.process_start_time(pid)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not (segment.supervised and segment.owner_pid == pid):
+        while not (segment.supervised and segment.owner_pid == pid and segment.owner_start_time == start):
             if not running(pid, start):
                 why = supervisor_error(segment)
                 raise startup_error(why) if why else MpopError(
@@ -293,9 +320,10 @@ def _idle(segment) -> bool:
     return all(not w["local_queue"] and w["running_seq"] is None for w in segment.workers_status())
 
 
-def supervise(name: str, workers: int) -> int:
+def supervise(name: str, workers: int, adopt: bool = False) -> int:
     """The supervisor process of the persistent pool in segment `name` (see the module's
-    docstring); returns its exit status."""
+    docstring); `adopt`: in place of one that died (a second one that comes at the same
+    time finds the pool taken and exits). Returns its exit status."""
     from . import _core
     from ._worker import spawn_command
 
@@ -308,10 +336,16 @@ def supervise(name: str, workers: int) -> int:
         print(f"mpop: {name} is not a persistent pool", file=sys.stderr)
         return 2
     settings = boot["supervisor"]
-    segment.take_ownership()
+    if adopt:
+        dead = segment.owner_pid
+        if running(dead, segment.owner_start_time) or not segment.take_over(dead):
+            segment.leave()
+            return 0  # another supervisor has it
+    else:
+        segment.take_ownership()
     argv, env = spawn_command(name)
     sup = _core.Supervisor(segment, workers, settings["max_retries"], float(settings["task_timeout"] or 0.0),
-                           "spawn", argv, env, None)
+                           "spawn", argv, env, None, persistent=True)
     forwarder = _core.Forwarder(segment)  # the results, to the clients' mailboxes
     forwarder.start()
     graceful = False
@@ -344,8 +378,8 @@ def supervise(name: str, workers: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``SEGMENT WORKERS``: the entry PoolProcess.launch starts."""
-    if len(argv) != 2:
-        print("usage: python -m mpop._persistent SEGMENT WORKERS", file=sys.stderr)
+    """``SEGMENT WORKERS [adopt]``: the entry PoolProcess.launch starts."""
+    if len(argv) not in (2, 3) or argv[2:] not in ([], ["adopt"]):
+        print("usage: python -m mpop._persistent SEGMENT WORKERS [adopt]", file=sys.stderr)
         return 2
-    return supervise(argv[0], int(argv[1]))
+    return supervise(argv[0], int(argv[1]), adopt=argv[2:] == ["adopt"])

@@ -305,7 +305,7 @@ class ResultRouter:
 
     def plain_pending(self) -> bool:
         """Whether a mailbox of pull_plain's holds a record."""
-        return any(c.has_published for c, _, _ in self._plain_sources)
+        return any(c.has_published and (held is None or held()) for c, _, held in self._plain_sources)
 
     def pull_plain(self, limit: int) -> int:
         """Moves up to `limit` results from the mailboxes into `plain` (as TaskResults,

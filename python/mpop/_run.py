@@ -63,8 +63,9 @@ def results_as_they_come(lifecycle: Lifecycle, timeout: float | None) -> Iterato
         target = rt.producer.last_seq
         if r.complete_below > target and not r.plain and not r.plain_pending() and rt.adopted_settled():
             return
-        if not r.help_until(lambda: bool(r.plain) or r.plain_pending() or r.complete_below > target, deadline,
-                            rt.check_workers):
+        # (the results of adopted clients, still to come, are waited for too)
+        if not r.help_until(lambda: bool(r.plain) or r.plain_pending() or
+                            (r.complete_below > target and rt.adopted_settled()), deadline, rt.check_workers):
             raise TimeoutError("results() timed out")
 
 

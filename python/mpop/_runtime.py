@@ -84,7 +84,8 @@ class Runtime:
                 debug_delay=c.debug_delay, max_performance=c.max_performance,
                 max_tasks_per_worker=c.max_tasks_per_worker or 0, max_worker_memory=c.max_worker_memory or 0,
                 max_clients=_clients.MAX_CLIENTS if c.persistent else 0,
-                client_slots=_clients.CLIENT_SLOTS if c.persistent else 0)
+                client_slots=_clients.CLIENT_SLOTS if c.persistent else 0,
+                orphan_timeout=c.orphan_timeout if c.persistent else 0.0)
         self.config = config
         self.registry = registry
         # A persistent pool's handle is one of its clients: its own seqs, its results
@@ -250,7 +251,13 @@ class Runtime:
         self.failed, self.error = False, None
         try:
             if self.attached:
-                self.pool = PoolProcess.of(self.segment)
+                try:
+                    self.pool = PoolProcess.of(self.segment)
+                except MpopError:  # it died since attach looked: a new one adopts the workers
+                    from ._persistent import recover
+
+                    recover(self.segment.name)
+                    self.pool = PoolProcess.of(self.segment)
             else:
                 self.pool = PoolProcess.launch(self.segment, workers)
         except MpopError:
@@ -287,12 +294,31 @@ class Runtime:
         """What makes the error of workers that cannot run (each call a new exception),
         or None while they can."""
         if self.pool is not None:
-            return None if self.pool.alive() else self.pool.error
+            if self.pool.alive():
+                return None
+            return None if self._recover_pool() else self.pool.error
         sup = self.supervisor
         if sup is not None and sup.last_error:
             text = sup.last_error
             return lambda: startup_error(text)
         return None
+
+    def _recover_pool(self) -> bool:
+        """A persistent pool's supervisor process died while this handle was attached: a
+        new one adopts the workers that run (they wait orphan_timeout for it). True once
+        one runs."""
+        from ._persistent import PoolProcess, recover
+
+        if self.pool.error() is not None and self.segment.workers_status() and \
+                any(w["start_error"] for w in self.segment.workers_status()):
+            return False  # the workers cannot start: nothing to adopt
+        try:
+            recover(self.segment.name)
+            self.pool = PoolProcess.of(self.segment)
+        except MpopError as e:
+            log.debug("could not start a new supervisor for %s: %r", self.segment.name, e)
+            return False
+        return True
 
     def stop_workers(self, graceful: bool, timeout: float = 10.0) -> None:
         """Stops the supervisor and its workers (gracefully: after their local queues). A

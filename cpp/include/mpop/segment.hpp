@@ -42,6 +42,9 @@ struct SegmentConfig {
   // drains the result ring itself), and the cells of each client's two mailboxes.
   uint32_t max_clients = 0;
   uint32_t client_slots = 0;
+  // A persistent pool's workers outlive its supervisor process this long, waiting for a new
+  // one to adopt them (0: they leave as soon as the owner dies).
+  int64_t orphan_timeout_ns = 0;
 };
 
 // One attached client of a persistent pool (its handle in some process) and, after it, its

@@ -29,6 +29,10 @@ struct SupervisorOptions {
   // supervisor thread. Set by the bindings per start method.
   std::function<pid_t(uint32_t id, uint32_t gen)> spawn;
   bool children_are_ours = true;  // false when another process (a forkserver) reaps them
+  // A new supervisor of a persistent pool: the workers its records name that still run
+  // (same pid and start time) are adopted, those that died meanwhile are recovered and
+  // replaced, instead of starting every worker afresh.
+  bool adopt = false;
 };
 
 struct SupervisorCounters {
@@ -39,6 +43,7 @@ struct SupervisorCounters {
   std::atomic<uint64_t> recovered_from_ring{0};
   std::atomic<uint64_t> spawn_failures{0};
   std::atomic<uint64_t> pool_reclaimed_bytes{0};  // pool blocks a dead worker held untracked
+  std::atomic<uint64_t> adopted{0};  // live workers a new supervisor took over
 };
 
 class Supervisor {
@@ -120,6 +125,9 @@ class Supervisor {
   void finish_after_stop();
 
   void spawn(uint32_t id);
+  // adopt: takes over the live worker of record `id` (true), or leaves it to on_exit.
+  bool adopt(uint32_t id);
+  void start_workers();
   // exit: the wait status, or -1 when unknown (not our child).
   void on_exit(uint32_t id, bool crashed, int exit);
   // on_exit's cases: a worker that died before it took work, and one that crashed (or was

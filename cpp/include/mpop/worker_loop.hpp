@@ -31,13 +31,16 @@
 
 namespace mpop {
 
-// Whether the owner process is still alive, immune to pid reuse: a pidfd opened once and
-// checked against the start time recorded in the segment header.
+// Whether the owner process is still alive, immune to pid reuse: a pidfd checked against
+// the start time recorded in the segment header. A persistent pool's workers (an
+// orphan_timeout in the header) count an owner that died as alive for that long: a new
+// supervisor process that takes the segment over meanwhile (a new owner pid and start
+// time in the header) is watched from then on.
 class OwnerWatch {
  public:
-  explicit OwnerWatch(const SegmentHeader& h) {
-    fd_ = static_cast<int>(syscall(SYS_pidfd_open, h.owner_pid, 0));
-    if (fd_ < 0 || Segment::process_start_time(h.owner_pid) != h.owner_start_time) dead_ = true;
+  explicit OwnerWatch(const SegmentHeader& h) : h_(h) {
+    if (!watch_current()) dead_ = h_.config.orphan_timeout_ns == 0;
+    if (fd_ < 0 && !dead_) orphan_since_ = monotonic_ns();
   }
   ~OwnerWatch() {
     if (fd_ >= 0) close(fd_);
@@ -47,14 +50,50 @@ class OwnerWatch {
 
   bool alive() {
     if (dead_) return false;
-    pollfd p{fd_, POLLIN, 0};
-    if (poll(&p, 1, 0) > 0) dead_ = true;  // a pidfd turns readable when its process exits
+    if (fd_ >= 0) {
+      pollfd p{fd_, POLLIN, 0};
+      if (poll(&p, 1, 0) <= 0) return true;  // a pidfd turns readable when its process exits
+      close(fd_);
+      fd_ = -1;
+      if (h_.config.orphan_timeout_ns == 0) {
+        dead_ = true;
+        return false;
+      }
+      orphan_since_ = monotonic_ns();
+    }
+    if (watch_current()) return true;  // a new supervisor took over
+    if (monotonic_ns() - orphan_since_ > h_.config.orphan_timeout_ns) dead_ = true;
     return !dead_;
   }
+  // Whether the owner died and none took its place yet (a persistent pool's orphan).
+  bool orphaned() const { return !dead_ && fd_ < 0; }
 
  private:
+  // Opens a pidfd on the owner the header names now, if that is a live process other
+  // than the one watched before.
+  bool watch_current() {
+    auto& h = const_cast<SegmentHeader&>(h_);
+    const int32_t pid = std::atomic_ref<int32_t>(h.owner_pid).load(std::memory_order_acquire);
+    const uint64_t start = std::atomic_ref<uint64_t>(h.owner_start_time).load(std::memory_order_acquire);
+    if (pid == watched_pid_ && start == watched_start_) return false;
+    const int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+    if (fd < 0) return false;
+    if (Segment::process_start_time(pid) != start) {
+      close(fd);
+      return false;
+    }
+    fd_ = fd;
+    watched_pid_ = pid;
+    watched_start_ = start;
+    return true;
+  }
+
+  const SegmentHeader& h_;
   int fd_ = -1;
   bool dead_ = false;
+  int64_t orphan_since_ = 0;
+  int32_t watched_pid_ = 0;
+  uint64_t watched_start_ = 0;
 };
 
 // A process's own resident memory: its RSS less the pages it shares with other processes

@@ -37,6 +37,9 @@ struct alignas(kCacheLine) WorkerRecord {
   std::atomic<uint32_t> restarts{0};  // replacements after a crash, a kill or a timeout
   std::atomic<uint32_t> recycled{0};  // replacements by max_tasks_per_worker or max_worker_memory
   uint32_t id = 0;
+  // /proc start time of pid: with it, a new supervisor of a persistent pool knows the
+  // process it finds is still the worker (not a reuse of its pid).
+  std::atomic<uint64_t> start_time{0};
 
   ClaimState claim;  // the claim window on the task ring
 

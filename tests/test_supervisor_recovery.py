@@ -1,0 +1,159 @@
+"""Supervisor recovery of persistent pools: when the supervisor process dies (SIGKILL), the
+workers run on; a new supervisor (started by a handle that notices, by mpop.attach, or by
+`python -m mpop supervise NAME`) adopts the live ones by pid and start time, recovers those
+that died meanwhile, and every task ends with exactly one result. With no supervisor back
+within orphan_timeout, the workers exit and the last one out removes the segment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+import uuid
+
+import pytest
+
+import mpop
+from _helpers import REPO, leak_check, pid_alive, run_python, wait_until
+
+TIMEOUT = 60.0
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks():
+    with leak_check():
+        yield
+
+
+@pytest.fixture
+def name():
+    n = f"mpop-rtest-{uuid.uuid4().hex[:8]}"
+    yield n
+    from mpop._persistent import find_pools, stop_pool
+
+    if find_pools(n):
+        stop_pool(n, graceful=False, timeout=5)
+
+
+def nap(i, delay=0.01):
+    time.sleep(delay)
+    return i
+
+
+def worker_pids(app) -> list[int]:
+    return [w["pid"] for w in app.status()["workers"]]
+
+
+def kill_supervisor(app) -> int:
+    pid = app.status()["supervisor"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    return pid
+
+
+def test_orphan_timeout_must_be_a_positive_number():
+    for bad in (0, -1, float("nan"), "60", True):
+        with pytest.raises(mpop.ConfigError, match="orphan_timeout must be a number of seconds > 0"):
+            mpop.MpopApi(name="x", persistent=True, orphan_timeout=bad)
+
+
+def test_workers_outlive_their_supervisor_and_a_new_one_adopts_them(name):
+    app = mpop.MpopApi(name=name, persistent=True, workers=2)
+    app.start()
+    try:
+        assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+        pids = worker_pids(app)
+        for i in range(300):
+            app.enqueue(nap, args=(i,), tsk_id=i)
+        futures = [app.submit(nap, 1000 + i) for i in range(50)]
+        old = kill_supervisor(app)
+        time.sleep(0.3)
+        assert all(pid_alive(p) for p in pids)  # they ran on meanwhile
+        # This handle notices and starts a new supervisor, which adopts the same processes.
+        assert [f.result(timeout=TIMEOUT) for f in futures] == [1000 + i for i in range(50)]
+        got = sorted(r.tsk_id for r in app.results(timeout=TIMEOUT))
+        assert got == list(range(300))
+        st = app.status()
+        assert st["supervisor"]["alive"] and st["supervisor"]["pid"] != old
+        assert worker_pids(app) == pids
+        assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
+    finally:
+        app.shutdown()
+
+
+def test_a_worker_that_dies_while_no_supervisor_watches_is_recovered(name):
+    app = mpop.MpopApi(name=name, persistent=True, workers=2)
+    app.start()
+    try:
+        assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+        futures = [app.submit(nap, i, 0.05) for i in range(40)]
+        assert wait_until(lambda: any(w["running_seq"] for w in app.status()["workers"]), 10)
+        kill_supervisor(app)
+        busy = next(w for w in app.status()["workers"] if w["running_seq"])
+        os.kill(busy["pid"], signal.SIGKILL)  # with a task running and more in its local queue
+        assert wait_until(lambda: not pid_alive(busy["pid"]), 10)
+        out = run_python(["-m", "mpop", "supervise", name])
+        assert out.returncode == 0, out.stderr
+        assert "a new supervisor process took over" in out.stdout
+        assert [f.result(timeout=TIMEOUT) for f in futures] == list(range(40))
+        replaced = next(w for w in app.status()["workers"] if w["id"] == busy["id"])
+        assert replaced["pid"] != busy["pid"] and replaced["generation"] == busy["generation"] + 1
+    finally:
+        app.shutdown()
+
+
+def test_attach_starts_a_new_supervisor_for_a_pool_whose_supervisor_and_creator_died(tmp_path, name):
+    script = tmp_path / "creator.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        import mpop
+        from test_supervisor_recovery import nap
+        app = mpop.MpopApi(name={name!r}, persistent=True, workers=2)
+        app.start()
+        for i in range(200):
+            app.enqueue(nap, args=(i,), tsk_id=i)
+        os.kill(app.status()["supervisor"]["pid"], signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    proc = run_python([str(script)])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    b = mpop.attach(name, timeout=10)
+    try:
+        got = [r.tsk_id for r in b.results(timeout=TIMEOUT)]
+        assert sorted(got) == list(range(200))
+    finally:
+        b.shutdown()
+
+
+def test_supervise_says_so_when_the_supervisor_is_alive_and_fails_for_an_unknown_pool(name):
+    app = mpop.MpopApi(name=name, persistent=True, workers=1)
+    app.start()
+    try:
+        out = run_python(["-m", "mpop", "supervise", name])
+        assert out.returncode == 0 and "has a live supervisor already" in out.stdout
+    finally:
+        app.shutdown()
+    out = run_python(["-m", "mpop", "supervise", name])
+    assert out.returncode == 1 and f"no persistent pool named {name!r}" in out.stderr
+
+
+def test_with_no_supervisor_back_in_time_the_workers_leave_and_remove_the_pool(name):
+    app = mpop.MpopApi(name=name, persistent=True, workers=2, orphan_timeout=1.0)
+    app.start()
+    assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+    segment, pids = app.segment_name, worker_pids(app)
+    supervisor = app.status()["supervisor"]["pid"]
+    app.detach()
+    os.kill(supervisor, signal.SIGKILL)
+    time.sleep(0.3)
+    assert all(pid_alive(p) for p in pids)
+    # cleanup leaves a pool whose workers wait for a new supervisor alone
+    out = run_python(["-m", "mpop", "cleanup"])
+    assert out.returncode == 0, out.stderr
+    assert os.path.exists(f"/dev/shm/{segment}")
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
+    assert wait_until(lambda: not os.path.exists(f"/dev/shm/{segment}"), 10)
+    with pytest.raises(mpop.MpopError, match="no live persistent pool"):
+        mpop.attach(name)
