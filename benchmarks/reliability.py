@@ -128,7 +128,45 @@ SCENARIOS = {
         print(json.dumps({"pids": pids_of(KIND, pool), "segment": seg}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """,
+    # mpop: a persistent pool, whose results (of enqueue()d tasks: none is in the killed
+    # process's hands) a process attaching later collects.
+    "client SIGKILL with 20 tasks queued": """
+        name = "mpop-rel-" + os.urandom(4).hex() if KIND == "mpop" else None
+        pool = mpop.MpopApi(name=name, persistent=True, workers=2) if name else make(KIND)
+        if name:
+            pool.start()
+            for i in range(20):
+                pool.enqueue(sleepy, args=(i,), tsk_id=i)
+        else:
+            hs = [submit(KIND, pool, sleepy, i) for i in range(20)]
+        time.sleep(0.3)
+        print(json.dumps({"pids": pids_of(KIND, pool), "pool": name}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """,
+    "supervisor SIGKILL mid-run": """
+        if KIND != "mpop":
+            report({"na": True})
+            os._exit(0)
+        pool = mpop.MpopApi(name="mpop-rel-" + os.urandom(4).hex(), persistent=True, workers=2)
+        hs = [submit(KIND, pool, sleepy, i) for i in range(20)]
+        time.sleep(0.5)
+        os.kill(pool.status()["supervisor"]["pid"], signal.SIGKILL)
+        res = [outcome(KIND, h, 20) for h in hs]
+        after = outcome(KIND, submit(KIND, pool, sleepy, 99), 8)
+        pool.shutdown()
+        report({"results": res, "after": after})
+        os._exit(0)
+    """,
 }
+
+COLLECT = textwrap.dedent("""
+    import json, sys, mpop
+    app = mpop.attach(sys.argv[1], timeout=10)
+    got = list(app.results(timeout=30))
+    ok = sorted(r.value for r in got if r.success)
+    app.shutdown()
+    print(json.dumps({"got": len(got), "ok": ok}), flush=True)
+""")
 
 
 def alive(pid: int) -> bool:
@@ -170,6 +208,26 @@ def run_one(kind: str, scenario: str) -> str:
     if not lines:
         return f"crashed the caller: {stderr.strip().splitlines()[-1:]}"
     data = json.loads(lines[-1])
+    if data.get("na"):
+        return "no supervisor apart from the owner: its death is the owner's (above)"
+    if scenario == "client SIGKILL with 20 tasks queued":
+        if not data["pool"]:
+            time.sleep(2.0)
+            left = [p for p in data["pids"] if alive(p)]
+            for p in left:
+                os.kill(p, 9)
+            return (f"no other process can reach the pool: 20 results lost"
+                    + (f"; {len(left)} orphaned workers killed by this script" if left else ""))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(MPOP_DIR), env.get("PYTHONPATH")]))
+        t1 = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", COLLECT, data["pool"]], capture_output=True, text=True,
+                              env=env, timeout=LIMIT)
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        exact = got["ok"] == list(range(20))
+        return (f"the next process to attach got {got['got']} of 20 results"
+                + (", each once" if exact and got["got"] == 20 else " (NOT each once)")
+                + f" [{time.monotonic() - t1:.1f} s]")
     if scenario == "owner SIGKILL":
         time.sleep(2.0)
         left = [p for p in data["pids"] if alive(p)]

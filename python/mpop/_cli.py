@@ -1,5 +1,5 @@
-"""``python -m mpop``: demo, bench, status NAME, cleanup, and shutdown NAME for persistent
-pools."""
+"""``python -m mpop``: demo, bench, status NAME, cleanup, and for persistent pools serve
+NAME, supervise NAME and shutdown NAME."""
 
 from __future__ import annotations
 
