@@ -41,6 +41,11 @@ def nap(i, delay=0.01):
     return i
 
 
+def all_idle(app, n: int) -> bool:
+    workers = app.status()["workers"]
+    return len(workers) == n and all(w["state"] == "idle" and w["pid"] for w in workers)
+
+
 def worker_pids(app) -> list[int]:
     return [w["pid"] for w in app.status()["workers"]]
 
@@ -62,7 +67,7 @@ def test_workers_outlive_their_supervisor_and_a_new_one_adopts_them(name):
     app = mpop.MpopApi(name=name, persistent=True, workers=2)
     app.start()
     try:
-        assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+        assert wait_until(lambda: all_idle(app, 2), 20)
         pids = worker_pids(app)
         for i in range(300):
             app.enqueue(nap, args=(i,), tsk_id=i)
@@ -86,7 +91,7 @@ def test_a_worker_that_dies_while_no_supervisor_watches_is_recovered(name):
     app = mpop.MpopApi(name=name, persistent=True, workers=2)
     app.start()
     try:
-        assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+        assert wait_until(lambda: all_idle(app, 2), 20)
         futures = [app.submit(nap, i, 0.05) for i in range(40)]
         assert wait_until(lambda: any(w["running_seq"] for w in app.status()["workers"]), 10)
         kill_supervisor(app)
@@ -142,7 +147,7 @@ def test_supervise_says_so_when_the_supervisor_is_alive_and_fails_for_an_unknown
 def test_with_no_supervisor_back_in_time_the_workers_leave_and_remove_the_pool(name):
     app = mpop.MpopApi(name=name, persistent=True, workers=2, orphan_timeout=1.0)
     app.start()
-    assert wait_until(lambda: all(w["state"] == "idle" for w in app.status()["workers"]), 20)
+    assert wait_until(lambda: all_idle(app, 2), 20)
     segment, pids = app.segment_name, worker_pids(app)
     supervisor = app.status()["supervisor"]["pid"]
     app.detach()
