@@ -79,13 +79,13 @@ def _serve(args: argparse.Namespace) -> int:
         app = MpopApi(name=args.name, persistent=True, workers=args.workers, handler_module=args.handler_module)
         app.start()
         status = app.status()
-        segment = app.segment_name
+        segment, workers = app.segment_name, app.config["workers"]
         app.detach()
     except MpopError as e:
         print(f"mpop serve: {e}", file=sys.stderr)
         return 1
     print(f"serving persistent pool {args.name!r} (segment {segment}, supervisor pid "
-          f"{status['supervisor']['pid']}, {len(status['workers'])} workers)")
+          f"{status['supervisor']['pid']}, {workers} workers)")
     return 0
 
 

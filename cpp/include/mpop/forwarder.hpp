@@ -4,7 +4,10 @@
 // client processes share one pool and each receives only its own results. It keeps
 // exactly the first result of every task (a task may run twice after a crash) in a
 // completion window per client, and records what it forwarded in the client's record.
-// A full mailbox makes it wait, and so the workers behind it: nothing is dropped.
+// A full mailbox makes it wait, and so the workers behind it: nothing is dropped. Records
+// are staged per mailbox and pushed a batch at a time (one reservation and one wake-up per
+// mailbox per batch), plain mailboxes before live ones, so that a client never sees the
+// acknowledgement of a result before the result.
 #pragma once
 
 #include <atomic>
@@ -20,7 +23,9 @@ namespace mpop {
 
 class Forwarder {
  public:
-  explicit Forwarder(Segment& seg) : seg_(seg), ring_(seg.results()), pool_(seg.pool()) {
+  explicit Forwarder(Segment& seg)
+      : seg_(seg), ring_(seg.results()), pool_(seg.pool()), staged_(2 * size_t{seg.client_count()}),
+        counts_(seg.client_count(), 0) {
     windows_.reserve(seg.client_count());
     for (uint32_t i = 0; i < seg.client_count(); ++i)
       windows_.emplace_back(seg.client(i).complete_below.load(std::memory_order_acquire));
@@ -55,6 +60,7 @@ class Forwarder {
       });
       if (k == 0) return taken;
       for (uint32_t i = 0; i < k; ++i) route(buffer_.data() + size_t{i} * kResultStride);
+      flush();
       taken += k;
       if (k < kBatch || stopping()) return taken;
     }
@@ -102,7 +108,10 @@ class Forwarder {
         for (uint32_t i = 0; i < n && c < 0; ++i)
           if (attached(i)) c = i;
       }
-      if (c < 0 || !push(seg_.live_mailbox(static_cast<uint32_t>(c)), rec)) dropped_.fetch_add(1);
+      if (c < 0)
+        dropped_.fetch_add(1);
+      else
+        stage(static_cast<uint32_t>(c), false, rec);
       return;
     }
     const int64_t c = client_of_seq(h.seq);
@@ -112,7 +121,6 @@ class Forwarder {
       dropped_.fetch_add(1);
       return;
     }
-    ClientRecord& cr = seg_.client(static_cast<uint32_t>(c));
     if (!windows_[c].mark(h.seq)) {  // a second result of a task that ran again
       free_value(h);
       return;
@@ -125,9 +133,9 @@ class Forwarder {
     o.arg_ref = 0;
     o.arg_len = 0;
     std::memcpy(out, &o, sizeof o);
-    bool ok;
+    const auto client = static_cast<uint32_t>(c);
     if (h.route == kRoutePlain) {
-      ok = push(seg_.plain_mailbox(static_cast<uint32_t>(c)), out);
+      stage(client, true, out);
       ResultHeader ack = o;
       ack.status = ResultStatus::kAck;
       ack.value_encoding = ValueEncoding::kInline;
@@ -136,29 +144,67 @@ class Forwarder {
       ack.inline_len = 0;
       alignas(8) uint8_t a[kResultStride - 8] = {};
       std::memcpy(a, &ack, sizeof ack);
-      ok = ok && push(seg_.live_mailbox(static_cast<uint32_t>(c)), a);
+      stage(client, false, a);
     } else {
-      ok = push(seg_.live_mailbox(static_cast<uint32_t>(c)), out);
+      stage(client, false, out);
     }
     if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
-    if (!ok) {  // stopped while the mailbox stayed full
-      dropped_.fetch_add(1);
-      return;
-    }
-    cr.complete_below.store(windows_[c].first_incomplete(), std::memory_order_release);
-    cr.forwarded.fetch_add(1, std::memory_order_relaxed);
-    forwarded_.fetch_add(1, std::memory_order_relaxed);
+    if (counts_[client]++ == 0) touched_.push_back(client);
   }
 
-  // Pushes one record into a mailbox, waiting for room; false if stopped meanwhile.
-  bool push(TaskRing mb, const uint8_t* rec) {
-    auto fill = [&](uint32_t, void* dst) { std::memcpy(dst, rec, kResultStride - 8); };
-    while (mb.try_push(1, fill) == 0) {
-      if (stop_.load(std::memory_order_acquire)) return false;
+  // A record for client c's plain or live mailbox, pushed by the next flush().
+  void stage(uint32_t c, bool plain, const uint8_t* rec) {
+    Staged& s = staged_[2 * size_t{c} + (plain ? 0 : 1)];
+    if (s.count++ == 0) staged_order_.push_back(2 * c + (plain ? 0 : 1));
+    s.bytes.insert(s.bytes.end(), rec, rec + (kResultStride - 8));
+  }
+
+  // Pushes what route() staged (plain mailboxes first), then records in each client's
+  // record what was forwarded.
+  void flush() {
+    for (int pass = 0; pass < 2; ++pass) {
+      for (uint32_t m : staged_order_) {
+        if (static_cast<int>(m % 2) != pass) continue;
+        Staged& s = staged_[m];
+        const uint32_t c = m / 2;
+        const uint32_t pushed = push(pass == 0 ? seg_.plain_mailbox(c) : seg_.live_mailbox(c), s);
+        if (pushed < s.count) dropped_.fetch_add(s.count - pushed);  // stopped while it stayed full
+        s.bytes.clear();
+        s.count = 0;
+      }
+    }
+    staged_order_.clear();
+    for (uint32_t c : touched_) {
+      ClientRecord& cr = seg_.client(c);
+      cr.complete_below.store(windows_[c].first_incomplete(), std::memory_order_release);
+      cr.forwarded.fetch_add(counts_[c], std::memory_order_relaxed);
+      forwarded_.fetch_add(counts_[c], std::memory_order_relaxed);
+      counts_[c] = 0;
+    }
+    touched_.clear();
+  }
+
+  struct Staged {
+    std::vector<uint8_t> bytes;  // records of kResultStride - 8 bytes
+    uint32_t count = 0;
+  };
+
+  // Pushes a mailbox's staged records in as few reservations as room allows, waiting for
+  // room; returns how many went in (fewer only if stopped meanwhile).
+  uint32_t push(TaskRing mb, const Staged& s) {
+    constexpr uint32_t kRec = kResultStride - 8;
+    uint32_t done = 0;
+    while (done < s.count) {
+      const uint32_t n = mb.try_push(s.count - done, [&](uint32_t i, void* dst) {
+        std::memcpy(dst, s.bytes.data() + size_t{done + i} * kRec, kRec);
+      });
+      done += n;
+      if (n) continue;
+      if (stop_.load(std::memory_order_acquire)) break;
       wait_until(mb.control().not_full, [&] { return mb.has_room() || stop_.load(std::memory_order_acquire); },
                  monotonic_ns() + kWaitNs);
     }
-    return true;
+    return done;
   }
 
   Segment& seg_;
@@ -166,6 +212,10 @@ class Forwarder {
   ArgPool pool_;
   std::vector<CompletionWindow> windows_;
   std::vector<uint8_t> buffer_;
+  std::vector<Staged> staged_;         // per mailbox: 2 * client (plain), 2 * client + 1 (live)
+  std::vector<uint32_t> staged_order_;  // mailboxes with staged records
+  std::vector<uint64_t> counts_;        // per client: results forwarded in this batch
+  std::vector<uint32_t> touched_;       // clients with such results
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> forwarded_{0};
   std::atomic<uint64_t> dropped_{0};
