@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -249,7 +250,9 @@ struct Book {
   void on_record(const ResultHeader& h, const uint8_t* v, uint32_t len) {
     if (h.route >= kFirstSideRoute) {
       side.push_back({h.route, h.worker_id, std::string(reinterpret_cast<const char*>(v), len)});
-      if (h.seq != 0) strays.push_back("a side message with seq " + std::to_string(h.seq));
+      // Its seq names the task the worker ran last (0: none yet): one of ours.
+      if (h.seq != 0 && std::find(seq.begin(), seq.end(), h.seq) == seq.end())
+        strays.push_back("a side message with the seq of no task: " + std::to_string(h.seq));
       return;
     }
     on_result(h, v, len);

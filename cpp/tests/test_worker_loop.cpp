@@ -453,8 +453,10 @@ size_t drain_events(Segment& seg, Collector& c, size_t max, std::vector<Event>& 
   return delivered;
 }
 
+// (Its seq is the task the worker runs or ran last: what a persistent pool's forwarder
+// routes it by; see SideChannelCarriesTheTaskSeq.)
 bool is_side_event(const Event& e, uint32_t route, const std::vector<uint8_t>& bytes) {
-  return e.side && e.route == route && e.worker == 0 && e.seq == 0 && e.bytes == bytes;
+  return e.side && e.route == route && e.worker == 0 && e.bytes == bytes;
 }
 
 bool is_result_event(const Event& e, uint32_t tsk_id, uint64_t seq) {
@@ -462,6 +464,30 @@ bool is_result_event(const Event& e, uint32_t tsk_id, uint64_t seq) {
   StreamReader r(e.bytes.data(), static_cast<uint32_t>(e.bytes.size()));
   Item it = r.item();
   return it.tag == Tag::kInt && it.i == 2 * static_cast<int64_t>(tsk_id) + 1;
+}
+
+TEST_F(WorkerSessionTest, SideChannelCarriesTheTaskSeq) {
+  make();
+  SideChannel side(*seg, 0);
+  WorkerRecord& rec = seg->workers().record(0);
+  const uint8_t byte = 7;
+  auto sent_seq = [&] {
+    uint64_t seq = ~uint64_t{0};
+    EXPECT_TRUE(side.send(kRouteStdout, &byte, 1));
+    seg->results().claim_range(1, nullptr, [&](uint32_t, const uint8_t* body) {
+      ResultHeader h;
+      std::memcpy(&h, body, sizeof h);
+      seq = h.seq;
+    });
+    return seq;
+  };
+  EXPECT_EQ(sent_seq(), 0u);  // no task yet
+  rec.running_seq.store(41);
+  rec.running_since_ns.store(monotonic_ns());
+  EXPECT_EQ(sent_seq(), 41u);  // the task it runs
+  rec.running_since_ns.store(0);
+  rec.result_seq.store(42);
+  EXPECT_EQ(sent_seq(), 42u);  // between tasks: the one whose result it published last
 }
 
 TEST_F(WorkerSessionTest, ASideMessageGoesOutAsNumberedPiecesOfAtMostTheInlineBytes) {
