@@ -10,6 +10,7 @@
 // acknowledgement of a result before the result.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -25,7 +26,7 @@ class Forwarder {
  public:
   explicit Forwarder(Segment& seg)
       : seg_(seg), ring_(seg.results()), pool_(seg.pool()), staged_(2 * size_t{seg.client_count()}),
-        counts_(seg.client_count(), 0) {
+        counts_(seg.client_count(), 0), lost_(seg.client_count(), 0), lost_below_(seg.client_count(), UINT64_MAX) {
     windows_.reserve(seg.client_count());
     for (uint32_t i = 0; i < seg.client_count(); ++i)
       windows_.emplace_back(seg.client(i).complete_below.load(std::memory_order_acquire));
@@ -168,7 +169,7 @@ class Forwarder {
         Staged& s = staged_[m];
         const uint32_t c = m / 2;
         const uint32_t pushed = push(pass == 0 ? seg_.plain_mailbox(c) : seg_.live_mailbox(c), s);
-        if (pushed < s.count) dropped_.fetch_add(s.count - pushed);  // stopped while it stayed full
+        for (uint32_t k = pushed; k < s.count; ++k) give_up(c, s.bytes.data() + size_t{k} * (kResultStride - 8));
         s.bytes.clear();
         s.count = 0;
       }
@@ -176,12 +177,29 @@ class Forwarder {
     staged_order_.clear();
     for (uint32_t c : touched_) {
       ClientRecord& cr = seg_.client(c);
-      cr.complete_below.store(windows_[c].first_incomplete(), std::memory_order_release);
-      cr.forwarded.fetch_add(counts_[c], std::memory_order_relaxed);
-      forwarded_.fetch_add(counts_[c], std::memory_order_relaxed);
+      // (Not past a result given up: its seq has no result in a mailbox.)
+      cr.complete_below.store(std::min(windows_[c].first_incomplete(), lost_below_[c]), std::memory_order_release);
+      cr.forwarded.fetch_add(counts_[c] - lost_[c], std::memory_order_relaxed);
+      forwarded_.fetch_add(counts_[c] - lost_[c], std::memory_order_relaxed);
       counts_[c] = 0;
+      lost_[c] = 0;
+      lost_below_[c] = UINT64_MAX;
     }
     touched_.clear();
+  }
+
+  // A staged record that stop() left out of a mailbox that stayed full: dropped, its value
+  // block freed; a task's result among them is not counted as forwarded.
+  void give_up(uint32_t c, const uint8_t* rec) {
+    ResultHeader h;
+    std::memcpy(&h, rec, sizeof h);
+    if (h.status == ResultStatus::kAck) return;  // its result went to the plain mailbox
+    dropped_.fetch_add(1);
+    free_value(h);
+    if (h.route < kFirstSideRoute) {
+      ++lost_[c];
+      lost_below_[c] = std::min(lost_below_[c], h.seq);
+    }
   }
 
   struct Staged {
@@ -215,6 +233,8 @@ class Forwarder {
   std::vector<Staged> staged_;         // per mailbox: 2 * client (plain), 2 * client + 1 (live)
   std::vector<uint32_t> staged_order_;  // mailboxes with staged records
   std::vector<uint64_t> counts_;        // per client: results forwarded in this batch
+  std::vector<uint64_t> lost_;          // per client: of those, given up at stop()
+  std::vector<uint64_t> lost_below_;    // per client: the lowest seq given up (UINT64_MAX: none)
   std::vector<uint32_t> touched_;       // clients with such results
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> forwarded_{0};
