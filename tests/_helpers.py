@@ -247,3 +247,32 @@ def app_fixture(make_app: Callable[..., mpop.MpopApi]):
             a.shutdown()
 
     return app
+
+
+# -- persistent pools ----------------------------------------------------------------------------
+
+
+def pool_name_fixture(prefix: str):
+    """A fixture: a persistent pool name of its own for each test (`prefix`-8 hex digits).
+    After the test, a pool of that name still running is stopped (one whose supervisor
+    died is first given a new one, so that it can be), and the test fails if any segment
+    of that name is left in /dev/shm: a persistent pool's supervisor runs in a session of
+    its own, out of leak_check's sight."""
+    import uuid
+
+    import pytest
+
+    @pytest.fixture
+    def name():
+        n = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        yield n
+        from mpop._persistent import find_pools, recover, stop_pool
+
+        if find_pools(n, orphaned=True):
+            recover(n)
+        if find_pools(n):
+            stop_pool(n, graceful=False, timeout=5)
+        left = lambda: [e for e in os.listdir(SHM) if e.startswith(n + "_")]  # noqa: E731
+        assert wait_until(lambda: not left(), SETTLE_TIMEOUT), f"pool {n} left segments behind: {left()}"
+
+    return name

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import mpop
-from _helpers import REPO, env_with_pythonpath, leak_check, run_python, wait_until
+from _helpers import REPO, env_with_pythonpath, leak_check, pool_name_fixture, run_python, wait_until
 from mpop._core import Segment
 
 TIMEOUT = 60.0
@@ -27,14 +27,7 @@ def _no_leaks():
         yield
 
 
-@pytest.fixture
-def name():
-    n = f"mpop-atest-{uuid.uuid4().hex[:8]}"
-    yield n
-    from mpop._persistent import find_pools, stop_pool
-
-    if find_pools(n):
-        stop_pool(n, graceful=False, timeout=5)
+name = pool_name_fixture("mpop-atest")
 
 
 @pytest.fixture

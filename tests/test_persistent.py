@@ -10,12 +10,11 @@ import signal
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 
 import mpop
-from _helpers import REPO, leak_check, pid_alive, run_python, wait_until
+from _helpers import REPO, leak_check, pid_alive, pool_name_fixture, run_python, wait_until
 from mpop._core import Segment
 
 TIMEOUT = 60.0
@@ -27,15 +26,7 @@ def _no_leaks():
         yield
 
 
-@pytest.fixture
-def name():
-    """A pool name of its own (the leak check watches segments named mpop...)."""
-    n = f"mpop-ptest-{uuid.uuid4().hex[:8]}"
-    yield n
-    from mpop._persistent import find_pools, stop_pool
-
-    if find_pools(n):  # a failed test's pool: stop it, so that later tests start clean
-        stop_pool(n, graceful=False, timeout=5)
+name = pool_name_fixture("mpop-ptest")
 
 
 def write_marker(i, path):

@@ -10,12 +10,11 @@ import os
 import signal
 import textwrap
 import time
-import uuid
 
 import pytest
 
 import mpop
-from _helpers import REPO, leak_check, pid_alive, run_python, wait_until
+from _helpers import REPO, leak_check, pid_alive, pool_name_fixture, run_python, wait_until
 
 TIMEOUT = 60.0
 
@@ -26,14 +25,7 @@ def _no_leaks():
         yield
 
 
-@pytest.fixture
-def name():
-    n = f"mpop-rtest-{uuid.uuid4().hex[:8]}"
-    yield n
-    from mpop._persistent import find_pools, stop_pool
-
-    if find_pools(n):
-        stop_pool(n, graceful=False, timeout=5)
+name = pool_name_fixture("mpop-rtest")
 
 
 def nap(i, delay=0.01):
