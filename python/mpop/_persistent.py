@@ -15,6 +15,7 @@ supervisor process took over."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -39,6 +40,28 @@ def read_boot(segment) -> dict:
         if fn_id == BOOT_FN_ID:
             boot = pickle.loads(blob)
     return boot
+
+
+@contextlib.contextmanager
+def mapped(seg_name: str):
+    """The segment `seg_name`, attached for the block."""
+    from . import _core
+
+    seg = _core.Segment.attach(seg_name)
+    try:
+        yield seg
+    finally:
+        seg.leave()
+
+
+def the_pool(name: str, found: list[str], waited: str = "") -> str:
+    """The one segment of `found` (find_pools(name)); raises MpopError for none or several."""
+    if not found:
+        raise MpopError(f"no live persistent pool named {name!r}{waited}")
+    if len(found) > 1:
+        raise MpopError(f"several live persistent pools are named {name!r}: {', '.join(found)}; "
+                        f"give the segment's name")
+    return found[0]
 
 
 def supervisor_error(segment) -> str | None:
@@ -82,18 +105,14 @@ def recover(name: str) -> str | None:
     (it adopts the workers that still run and recovers the others); returns the segment's
     name, or None when there is no such pool. Raises MpopError when the new supervisor
     cannot start."""
-    from . import _core
-
     for seg_name in find_pools(name, orphaned=True):
-        seg = _core.Segment.attach(seg_name)
-        try:
-            boot = read_boot(seg)
-            PoolProcess.launch(seg, (boot.get("client") or {}).get("workers") or 1, adopt=True)
-        except MpopError:
-            if not running(seg.owner_pid, seg.owner_start_time):  # (else another came first: fine)
-                raise
-        finally:
-            seg.leave()
+        with mapped(seg_name) as seg:
+            try:
+                boot = read_boot(seg)
+                PoolProcess.launch(seg, (boot.get("client") or {}).get("workers") or 1, adopt=True)
+            except MpopError:
+                if not running(seg.owner_pid, seg.owner_start_time):  # (else another came first: fine)
+                    raise
         return seg_name
     return None
 
@@ -102,7 +121,6 @@ def attach(name: str, timeout: float | None = None):
     """mpop.attach: a handle (an MpopApi) on the live persistent pool `name`, from any
     process of its user. Waits up to `timeout` seconds (None: not at all) for the pool to
     appear; raises MpopError when there is none, or several of that name."""
-    from . import _core
     from ._api import MpopApi, attaching
 
     if not isinstance(name, str) or not name:
@@ -115,20 +133,11 @@ def attach(name: str, timeout: float | None = None):
         if found or deadline is None or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    if not found:
-        waited = f" (waited {timeout} s)" if timeout else ""
-        raise MpopError(f"no live persistent pool named {name!r}{waited}")
-    if len(found) > 1:
-        raise MpopError(f"several live persistent pools are named {name!r}: {', '.join(found)}; give the "
-                        f"segment's name")
-    seg = _core.Segment.attach(found[0])
-    try:
-        boot = read_boot(seg)
-    finally:
-        seg.leave()
-    settings = dict(boot.get("client") or {})
+    seg_name = the_pool(name, found, f" (waited {timeout} s)" if timeout else "")
+    with mapped(seg_name) as seg:
+        settings = dict(read_boot(seg).get("client") or {})
     if not settings:
-        raise MpopError(f"{found[0]} is not a persistent pool's segment")
+        raise MpopError(f"{seg_name} is not a persistent pool's segment")
     module, qualname = settings.pop("slot_class")
     try:
         import importlib
@@ -139,7 +148,7 @@ def attach(name: str, timeout: float | None = None):
     except Exception as e:
         raise MpopError(f"pool {name!r} uses the slot class {module}.{qualname}, which cannot be imported "
                         f"here: {e!r}") from e
-    with attaching(found[0]):
+    with attaching(seg_name):
         app = MpopApi(persistent=True, slot_class=slot_class, **settings)
     app.start()  # a handle that fails here holds nothing: it is freed with its exception
     return app
@@ -207,9 +216,11 @@ class PoolProcess:
         return cls(pid, segment.owner_start_time, segment)
 
     @classmethod
-    def of(cls, segment) -> PoolProcess:
-        """The supervisor process that owns `segment` now (for an attached handle); raises
-        MpopError when it is gone."""
+    def current(cls, segment) -> PoolProcess:
+        """The supervisor process that owns `segment` now (for an attached handle), a new
+        one that adopts the workers if it died; raises MpopError when none can run."""
+        if not (segment.supervised and running(segment.owner_pid, segment.owner_start_time)):
+            recover(segment.name)
         pid, start = segment.owner_pid, segment.owner_start_time
         if not (segment.supervised and running(pid, start)):
             raise MpopError(f"the supervisor process of pool {segment.name} is gone")
@@ -274,21 +285,11 @@ def stop_pool(name: str, graceful: bool = True, timeout: float = 60.0) -> str:
     """Stops the live persistent pool `name` from any process of its user (``python -m mpop
     shutdown NAME``); returns its segment's name. Raises MpopError when there is none, or
     more than one."""
-    from . import _core
-
-    found = find_pools(name)
-    if not found:
-        raise MpopError(f"no live persistent pool named {name!r}")
-    if len(found) > 1:
-        raise MpopError(f"several live persistent pools are named {name!r}: {', '.join(found)}; "
-                        f"give the segment's name")
-    seg = _core.Segment.attach(found[0])
-    try:
+    seg_name = the_pool(name, find_pools(name))
+    with mapped(seg_name) as seg:
         pid, start = seg.owner_pid, seg.owner_start_time
-    finally:
-        seg.leave()
     _signal_until_gone(pid, start, graceful, timeout)
-    return found[0]
+    return seg_name
 
 
 def _waiter(pid: int, start_time: int):

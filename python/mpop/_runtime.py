@@ -251,13 +251,7 @@ class Runtime:
         self.failed, self.error = False, None
         try:
             if self.attached:
-                try:
-                    self.pool = PoolProcess.of(self.segment)
-                except MpopError:  # it died since attach looked: a new one adopts the workers
-                    from ._persistent import recover
-
-                    recover(self.segment.name)
-                    self.pool = PoolProcess.of(self.segment)
+                self.pool = PoolProcess.current(self.segment)
             else:
                 self.pool = PoolProcess.launch(self.segment, workers)
         except MpopError:
@@ -307,14 +301,12 @@ class Runtime:
         """A persistent pool's supervisor process died while this handle was attached: a
         new one adopts the workers that run (they wait orphan_timeout for it). True once
         one runs."""
-        from ._persistent import PoolProcess, recover
+        from ._persistent import PoolProcess
 
-        if self.pool.error() is not None and self.segment.workers_status() and \
-                any(w["start_error"] for w in self.segment.workers_status()):
+        if any(w["start_error"] for w in self.segment.workers_status()):
             return False  # the workers cannot start: nothing to adopt
         try:
-            recover(self.segment.name)
-            self.pool = PoolProcess.of(self.segment)
+            self.pool = PoolProcess.current(self.segment)
         except MpopError as e:
             log.debug("could not start a new supervisor for %s: %r", self.segment.name, e)
             return False
@@ -393,7 +385,7 @@ class Runtime:
                 self.router.deliver_cancellation(seq, tsk_id, fn_id, route)
         return len(cancelled)
 
-    def collector_plain_pending(self) -> bool:
+    def own_plain_pending(self) -> bool:
         """Whether this handle's own plain mailbox holds a result."""
         return self.plain_source is not None and self.plain_source.has_published
 
@@ -426,7 +418,7 @@ class Runtime:
         # through its live mailbox, and none waits in its plain one. (The forwarder records
         # what it forwarded only after the handover.)
         r = self.router
-        settled = r.complete_below > self.producer.last_seq and not self.collector_plain_pending()
+        settled = r.complete_below > self.producer.last_seq and not self.own_plain_pending()
         i, self.client = self.client, None
         try:
             self.segment.release_client(i, self.lease, not settled)
