@@ -65,8 +65,6 @@ class OwnerWatch {
     if (monotonic_ns() - orphan_since_ > h_.config.orphan_timeout_ns) dead_ = true;
     return !dead_;
   }
-  // Whether the owner died and none took its place yet (a persistent pool's orphan).
-  bool orphaned() const { return !dead_ && fd_ < 0; }
 
  private:
   // Opens a pidfd on the owner the header names now, if that is a live process other
