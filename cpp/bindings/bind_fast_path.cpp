@@ -111,7 +111,7 @@ PyObject* fast_enqueue(PyObject* o, PyObject* const* argv, Py_ssize_t argc) {
     return nullptr;
   }
   auto* self = reinterpret_cast<FastPathObject*>(o);
-  long long seq = fast_push(self, argv[0], argv[1], 0);
+  long long seq = fast_push(self, argv[0], argv[1], kRoutePlain);
   if (seq < 0) return nullptr;
   if (seq == 0) Py_RETURN_NONE;
   Py_RETURN_TRUE;

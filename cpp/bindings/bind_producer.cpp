@@ -259,7 +259,7 @@ void register_producer(py::module_& m) {
            py::arg("fn_id"), py::arg("tsk_id"), py::arg("args"),
            py::arg("kwargs") = py::none(), py::arg("c_args") = py::none(),
            py::arg("slot_mode") = false, py::arg("blocking") = true, py::arg("timeout") = py::none(),
-           py::arg("route") = 0, py::arg("claim_alone") = false, py::arg("check") = py::none())
+           py::arg("route") = static_cast<uint32_t>(kRoutePlain), py::arg("claim_alone") = false, py::arg("check") = py::none())
       .def("start_feeding", [](PyProducer& p) { p.native().start_feeding(); })
       .def("pause_feeding", [](PyProducer& p) { return p.native().pause_feeding(); })
       .def("close", [](PyProducer& p) { p.native().close(); })

@@ -6,6 +6,7 @@
 #include <structseq.h>
 
 #include "mpop/result_ring.hpp"
+#include "mpop/segment.hpp"
 #include "mpop/slot_layout.hpp"
 
 namespace mpop::bindings {
@@ -79,6 +80,14 @@ void register_protocol(py::module_& m) {
   status["TIMEOUT"] = static_cast<int>(ResultStatus::kTimeout);
   status["CANCELLED"] = static_cast<int>(ResultStatus::kCancelled);
   m.attr("RESULT_STATUS") = status;
+  py::dict client_state;  // a client record's state: the low bits of its lease
+  client_state["FREE"] = static_cast<int>(ClientState::kFree);
+  client_state["ATTACHED"] = static_cast<int>(ClientState::kAttached);
+  client_state["GONE"] = static_cast<int>(ClientState::kGone);
+  client_state["CLAIMING"] = static_cast<int>(ClientState::kClaiming);
+  m.attr("CLIENT_STATE") = client_state;
+  m.def("lease_state", [](uint32_t lease) { return static_cast<int>(lease_state(lease)); }, py::arg("lease"),
+        "The client state a client record's lease holds.");
 }
 
 }  // namespace mpop::bindings

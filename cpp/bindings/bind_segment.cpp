@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "bindings.hpp"
+#include "mpop/fault.hpp"
 
 namespace mpop::bindings {
 
@@ -104,7 +105,7 @@ py::dict client_info(Segment& s, uint32_t i) {
   d["pid"] = r.pid.load();
   d["start_time"] = r.start_time.load();
   d["adopter"] = static_cast<int64_t>(r.adopter.load()) - 1;  // -1: none
-  d["generation"] = lease >> 2;
+  d["generation"] = lease_generation(lease);
   d["last_seq"] = r.next_seq.load() - 1;
   d["complete_below"] = r.complete_below.load();
   d["forwarded"] = r.forwarded.load();
@@ -120,7 +121,11 @@ py::dict worker_status(Segment& s, uint32_t i) {
   d["id"] = i;
   d["pid"] = r.pid.load();
   d["start_time"] = r.start_time.load();
-  d["state"] = state_name(r.state.load());
+  const uint32_t state = r.state.load();
+  d["state"] = state_name(state);
+  // A process holds the record (from its start until it leaves or is found dead).
+  d["live"] = state == static_cast<uint32_t>(WorkerState::kStarting) || state == static_cast<uint32_t>(WorkerState::kIdle) ||
+              state == static_cast<uint32_t>(WorkerState::kBusy) || state == static_cast<uint32_t>(WorkerState::kExiting);
   d["completed"] = r.completed.load();
   d["failed"] = r.failed.load();
   d["restarts"] = r.restarts.load();
@@ -260,6 +265,7 @@ void register_segment(py::module_& m) {
              std::atomic_ref<uint64_t>(h.owner_start_time).store(Segment::process_start_time(me),
                                                                  std::memory_order_release);
              s.set_unlink_on_close(true);
+             maybe_fault(h, FaultStep::kSupervisorTookOver);
              return true;
            }, py::arg("dead_pid"))
       .def_property_readonly("orphan_timeout", [](Segment& s) { return s.config().orphan_timeout_ns / 1e9; })

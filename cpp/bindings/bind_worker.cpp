@@ -287,7 +287,28 @@ void register_worker(py::module_& m) {
     close(fd);
     return !exited && Segment::process_start_time(pid) == start;
   });
+  // Why a worker loop returns: the strings worker_loop() returns, by name.
+  py::dict exits;
+  exits["SHUTDOWN"] = to_string(WorkerExit::kShutdown);
+  exits["STOP_REQUESTED"] = to_string(WorkerExit::kStopRequested);
+  exits["RECYCLED"] = to_string(WorkerExit::kRecycled);
+  exits["OWNER_DIED"] = to_string(WorkerExit::kOwnerDied);
+  exits["INTERRUPTED"] = to_string(WorkerExit::kInterrupted);
+  m.attr("WORKER_EXIT") = exits;
   m.def("leave_segment", [](SegmentPtr seg, bool owner_dead) { return seg->leave(owner_dead); });
+  // Called by a worker process first thing: whether worker record `worker_id` is this
+  // process's for `generation` (it fills in its pid if the supervisor has not yet). False:
+  // the supervisor that started it died before it knew the pid and a new one gave the
+  // record up (or moved on); the process must leave without touching it.
+  m.def(
+      "claim_worker",
+      [](SegmentPtr seg, uint32_t worker_id, uint32_t generation) {
+        if (worker_id >= seg->workers().count) throw py::value_error("no such worker record");
+        const pid_t me = getpid();
+        return claim_life(seg->workers().record(worker_id), generation, static_cast<uint32_t>(me),
+                          Segment::process_start_time(me));
+      },
+      py::arg("segment"), py::arg("worker_id"), py::arg("generation"));
 }
 
 }  // namespace mpop::bindings

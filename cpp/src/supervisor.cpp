@@ -2,6 +2,8 @@
 // publication windows, task_timeout, respawn, scale and stop.
 #include "mpop/supervisor.hpp"
 
+#include "mpop/fault.hpp"
+
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
@@ -160,6 +162,10 @@ uint32_t Supervisor::live_workers() const {
 }
 
 void Supervisor::spawn(uint32_t id) {
+  // What a recovery took from a dead worker goes to shared memory before the (slow) start
+  // of its replacement: a persistent pool's supervisor that dies meanwhile loses nothing
+  // the rings had room for.
+  flush_requeue();
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
   c.gen += 1;
@@ -178,7 +184,9 @@ void Supervisor::spawn(uint32_t id) {
   rec.result_ref.store(0);
   rec.start_error[0] = '\0';
   rec.pid.store(0);
+  rec.start_time.store(0);
   rec.generation.store(c.gen);
+  rec.life.store(life_word(c.gen, 0), std::memory_order_release);
   rec.state.store(static_cast<uint32_t>(WorkerState::kStarting), std::memory_order_release);
   pid_t pid = opts_.spawn ? opts_.spawn(id, c.gen) : -1;
   if (pid <= 0) {
@@ -188,11 +196,12 @@ void Supervisor::spawn(uint32_t id) {
     set_error("mpop: could not start worker " + std::to_string(id) + ": " + std::strerror(errno));
     return;
   }
+  maybe_fault(seg_.header(), FaultStep::kSupervisorSpawned);
   c.pid = pid;
   c.pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
   const uint64_t start = Segment::process_start_time(pid);
   c.start_time = c.pidfd < 0 ? start : 0;
-  rec.start_time.store(start, std::memory_order_relaxed);
+  claim_life(rec, c.gen, static_cast<uint32_t>(pid), start);  // or the worker did already
   rec.pid.store(static_cast<int32_t>(pid), std::memory_order_relaxed);
 }
 
@@ -531,8 +540,10 @@ void Supervisor::start_workers() {
   }
   // The live ones first: the recovery of a dead one looks at the others' claim windows.
   std::vector<uint32_t> dead;
-  for (uint32_t i = 0; i < n; ++i)
+  for (uint32_t i = 0; i < n; ++i) {
     if (!adopt(i)) dead.push_back(i);
+    else maybe_fault(seg_.header(), FaultStep::kSupervisorAdopting);
+  }
   for (uint32_t i : dead) {
     Child& c = children_[i];
     WorkerRecord& rec = seg_.workers().record(i);
@@ -555,16 +566,33 @@ bool Supervisor::adopt(uint32_t id) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
   const auto st = static_cast<WorkerState>(rec.state.load());
-  const pid_t pid = rec.pid.load();
-  if (pid <= 0 || !(st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
-                    st == WorkerState::kExiting))
+  if (!(st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
+        st == WorkerState::kExiting))
     return false;
+  uint64_t life = rec.life.load(std::memory_order_acquire);
+  // Started by a supervisor that died before it (or the process) filled in the pid: fence
+  // the record, so that such a process, if it runs, finds it may not and leaves.
+  if (life_pid(life) == 0 &&
+      rec.life.compare_exchange_strong(life, life_word(life_generation(life), kFencedPid), std::memory_order_acq_rel))
+    return false;
+  const uint32_t p = life_pid(life);
+  if (p == 0 || p == kFencedPid || p > static_cast<uint32_t>(INT32_MAX)) return false;
+  const auto pid = static_cast<pid_t>(p);
   const int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
   if (fd < 0) return false;
-  if (Segment::process_start_time(pid) != rec.start_time.load()) {  // gone, its pid reused
+  // The side that filled in the pid writes the start time just after: wait for it while
+  // the process lives.
+  uint64_t start = rec.start_time.load(std::memory_order_acquire);
+  for (int i = 0; start == 0 && i < 1000; ++i) {
+    pollfd pf{fd, POLLIN, 0};
+    if (poll(&pf, 1, 1) > 0) break;  // it exited
+    start = rec.start_time.load(std::memory_order_acquire);
+  }
+  if (start == 0 || Segment::process_start_time(pid) != start) {  // gone, or its pid reused
     close(fd);
     return false;
   }
+  rec.pid.store(pid, std::memory_order_relaxed);
   c.pid = pid;
   c.pidfd = fd;
   c.start_time = 0;

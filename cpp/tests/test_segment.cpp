@@ -11,6 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "mpop/segment.hpp"
@@ -341,6 +344,47 @@ TEST(SegmentProcess, StartTimeIdentifiesLiveProcessesOnly) {
   pid_t child = test::fork_child([] { return 0; });
   ASSERT_EQ(test::wait_child(child, 30'000), 0);
   EXPECT_EQ(Segment::process_start_time(child), 0u);  // reaped
+}
+
+// WorkerRecord::life: the pid of a (generation, 0) record is filled in once, by the
+// supervisor after a spawn or by the process at its start, whichever comes first; a
+// record a new supervisor fenced, or one that moved on, is no stale process's.
+TEST(WorkerLife, EitherSideFillsInThePidAndTheOtherAgrees) {
+  auto rec = std::make_unique<WorkerRecord>();
+  rec->life.store(life_word(3, 0));
+  EXPECT_TRUE(claim_life(*rec, 3, 4242, 777));  // the process, first
+  EXPECT_TRUE(claim_life(*rec, 3, 4242, 777));  // the supervisor, after its spawn returned
+  EXPECT_EQ(rec->life.load(), life_word(3, 4242));
+  EXPECT_EQ(rec->start_time.load(), 777u);
+  EXPECT_FALSE(claim_life(*rec, 3, 5000, 888));  // another process of that generation
+  EXPECT_EQ(rec->start_time.load(), 777u);
+}
+
+TEST(WorkerLife, AFencedOrNewerRecordIsNotAStaleProcesss) {
+  auto rec = std::make_unique<WorkerRecord>();
+  rec->life.store(life_word(3, kFencedPid));
+  EXPECT_FALSE(claim_life(*rec, 3, 4242, 777));
+  EXPECT_EQ(rec->start_time.load(), 0u);  // untouched
+  rec->life.store(life_word(4, 0));        // the replacement's generation
+  EXPECT_FALSE(claim_life(*rec, 3, 4242, 777));
+  EXPECT_EQ(rec->life.load(), life_word(4, 0));
+  EXPECT_TRUE(claim_life(*rec, 4, 4343, 999));
+  EXPECT_EQ(life_generation(rec->life.load()), 4u);
+  EXPECT_EQ(life_pid(rec->life.load()), 4343u);
+}
+
+TEST(WorkerLife, ConcurrentClaimsOfOneProcessBothSucceed) {
+  for (int round = 0; round < 200; ++round) {
+    auto rec = std::make_unique<WorkerRecord>();
+    rec->life.store(life_word(1, 0));
+    std::atomic<int> ok{0};
+    std::thread a([&] { ok += claim_life(*rec, 1, 77, 5); });
+    std::thread b([&] { ok += claim_life(*rec, 1, 77, 5); });
+    a.join();
+    b.join();
+    EXPECT_EQ(ok.load(), 2);
+    EXPECT_EQ(rec->life.load(), life_word(1, 77));
+  }
 }
 
 }  // namespace

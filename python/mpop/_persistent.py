@@ -30,6 +30,7 @@ from ._errors import MpopError
 __all__ = ["PoolProcess", "find_pools", "recover", "attach", "supervise", "stop_pool", "main"]
 
 READY_TIMEOUT_S = 60.0
+RECOVERY_ATTEMPTS = 3  # new supervisors that die while they take over, before one is given up
 
 
 def read_boot(segment) -> dict:
@@ -104,16 +105,22 @@ def recover(name: str) -> str | None:
     """Starts a new supervisor process for the persistent pool `name` whose supervisor died
     (it adopts the workers that still run and recovers the others); returns the segment's
     name, or None when there is no such pool. Raises MpopError when the new supervisor
-    cannot start."""
+    cannot start. One that dies while it takes over, saying nothing, is followed by
+    another (RECOVERY_ATTEMPTS in all)."""
     for seg_name in find_pools(name, orphaned=True):
         with mapped(seg_name) as seg:
-            try:
-                boot = read_boot(seg)
-                PoolProcess.launch(seg, (boot.get("client") or {}).get("workers") or 1, adopt=True)
-            except MpopError:
-                if not running(seg.owner_pid, seg.owner_start_time):  # (else another came first: fine)
-                    raise
-        return seg_name
+            workers = (read_boot(seg).get("client") or {}).get("workers") or 1
+            for attempt in range(1, RECOVERY_ATTEMPTS + 1):
+                try:
+                    PoolProcess.launch(seg, workers, adopt=True)
+                except MpopError:
+                    if not running(seg.owner_pid, seg.owner_start_time) and (
+                            supervisor_error(seg) or attempt == RECOVERY_ATTEMPTS):
+                        raise
+                if running(seg.owner_pid, seg.owner_start_time):
+                    return seg_name  # (or another came first: fine)
+            raise MpopError(f"the supervisor process of pool {seg_name} is gone: "
+                            f"{RECOVERY_ATTEMPTS} new ones died while they took over")
     return None
 
 
@@ -219,12 +226,12 @@ class PoolProcess:
     def current(cls, segment) -> PoolProcess:
         """The supervisor process that owns `segment` now (for an attached handle), a new
         one that adopts the workers if it died; raises MpopError when none can run."""
-        if not (segment.supervised and running(segment.owner_pid, segment.owner_start_time)):
+        for _ in range(RECOVERY_ATTEMPTS):
+            pid, start = segment.owner_pid, segment.owner_start_time
+            if segment.supervised and running(pid, start):
+                return cls(pid, start, segment)
             recover(segment.name)
-        pid, start = segment.owner_pid, segment.owner_start_time
-        if not (segment.supervised and running(pid, start)):
-            raise MpopError(f"the supervisor process of pool {segment.name} is gone")
-        return cls(pid, start, segment)
+        raise MpopError(f"the supervisor process of pool {segment.name} is gone")
 
     def alive(self) -> bool:
         return running(self.pid, self.start_time)

@@ -84,8 +84,9 @@ def _prepare(resolver: _Resolver, worker_id: int) -> None:
         __import__(module)
 
 
-def run(name: str, worker_id: int) -> int:
-    """A worker's life in slot `worker_id` of segment `name`: returns its exit code."""
+def run(name: str, worker_id: int, generation: int) -> int:
+    """A worker's life in slot `worker_id` of segment `name`, as the supervisor's
+    `generation`-th process there: returns its exit code."""
     from . import _core
     from ._hooks import RETIRING, WorkerLife, clip
     from ._output import install, pack_exit
@@ -93,6 +94,11 @@ def run(name: str, worker_id: int) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the owner's to handle
     segment = _core.Segment.attach(name)
+    if not _core.claim_worker(segment, worker_id, generation):
+        # Started by a supervisor that died before it recorded this process; its successor
+        # has given the record to another.
+        segment.leave()
+        return 0
     _core.arm_worker_exit(segment)
     side = _core.SideChannel(segment, worker_id)
     resolver = _Resolver(segment)
@@ -119,11 +125,12 @@ def run(name: str, worker_id: int) -> int:
         outbox.flush()
         if value is not WorkerLife.NO_EXIT:
             side.send(_core.ROUTE_EXIT, pack_exit(*value))
-    if reason != "owner died":
+    owner_died = reason == _core.WORKER_EXIT["OWNER_DIED"]
+    if not owner_died:
         outbox.close()
     else:
         outbox.closed = True
-    _core.leave_segment(segment, reason == "owner died")
+    _core.leave_segment(segment, owner_died)
     return 0
 
 
@@ -150,14 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 3:
         print("usage: python -m mpop._worker SEGMENT WORKER_ID GENERATION", file=sys.stderr)
         return 2
-    return run(argv[0], int(argv[1]))  # the generation is the supervisor's bookkeeping
+    return run(argv[0], int(argv[1]), int(argv[2]))
 
 
 def forked_main(name: str, worker_id: int, generation: int) -> int:
-    """Entry of a worker forked from the owner (fork start method); the generation is the
-    supervisor's bookkeeping."""
+    """Entry of a worker forked from the owner (fork start method)."""
     try:
-        return run(name, worker_id)
+        return run(name, worker_id, generation)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -165,7 +171,7 @@ def forked_main(name: str, worker_id: int, generation: int) -> int:
 
 def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     """A fork server: a fresh interpreter that imports mpop and the handler module once,
-    then forks one worker per request line ``WORKER_ID`` on stdin, answering with the
+    then forks one worker per request line ``WORKER_ID GENERATION`` on stdin, answering with the
     child's pid on `reply_fd` (a pipe of its own: its standard output and error, and its
     workers', are the owner's). It never imports the owner's ``__main__``; it exits when
     stdin closes or its parent (the owner's supervisor thread) dies."""
@@ -188,14 +194,14 @@ def forkserver_main(name: str, owner_pid: int, reply_fd: int) -> int:
     replies = os.fdopen(reply_fd, "w", buffering=1)
     me = os.getpid()
     for line in sys.stdin:
-        worker_id = int(line)
+        worker_id, generation = map(int, line.split())
         pid = os.fork()
         if pid == 0:
             try:
                 sys.stdin.close()
                 os.close(reply_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = run(name, worker_id) if _core.die_with_parent(me) else 1
+                code = run(name, worker_id, generation) if _core.die_with_parent(me) else 1
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -233,7 +239,7 @@ class ForkServer:
             finally:
                 os.close(w)
             self.replies = os.fdopen(r, "rb")
-        self.proc.stdin.write(f"{worker_id}\n".encode())
+        self.proc.stdin.write(f"{worker_id} {generation}\n".encode())
         self.proc.stdin.flush()
         line = self.replies.readline()
         if not line:

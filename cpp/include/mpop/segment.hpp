@@ -20,7 +20,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 6;
+constexpr uint32_t kLayoutVersion = 7;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {
@@ -63,6 +63,7 @@ enum class ClientState : uint32_t {
 // took the record, so that one compare-and-swap on it acts on the record as it was read
 // (a reaper that found a dead handle never frees the record a new handle took meanwhile).
 inline ClientState lease_state(uint32_t lease) { return static_cast<ClientState>(lease & 3); }
+inline uint32_t lease_generation(uint32_t lease) { return lease >> 2; }
 inline uint32_t make_lease(uint32_t generation, ClientState s) { return generation << 2 | static_cast<uint32_t>(s); }
 
 constexpr uint32_t kClientSeqBits = 40;

@@ -23,6 +23,7 @@
 #endif
 
 #include "mpop/codec.hpp"
+#include "mpop/fault.hpp"
 #include "mpop/segment.hpp"
 
 #ifndef SYS_pidfd_open
@@ -131,35 +132,6 @@ struct TaskRun {
   const uint8_t* stream;  // kPacked / kPooled argument stream, else null
   uint32_t stream_len;
 };
-
-// The steps of the worker protocol at which a test can make a worker die (SIGKILL).
-enum class FaultStep : uint32_t {
-  kNone = 0,
-  kClaimBeforeCas = 1,      // claim window raised, dequeue CAS not yet done
-  kClaimAfterCas = 2,       // cells claimed, nothing copied
-  kClaimMidCopy = 3,        // part of the claim copied into the local queue
-  kClaimBeforeRelease = 4,  // all copied, ring cells not yet released
-  kBeforeRun = 5,           // task marked running, handler not called
-  kAfterRun = 6,            // handler returned, result not published
-  kPublishReserved = 7,     // result cell reserved, not written
-  kAfterPublish = 8,        // result published, task not marked done
-  kIdle = 9,                // about to sleep with nothing to do
-  kResultPooled = 10,       // a pooled result block allocated and written, not published
-  kPublishBeforeCas = 11,   // publication window raised, result cell not yet reserved
-  kResultAllocated = 12,    // a pooled result block taken (tagged), not yet recorded
-  kPublishedBeforeEpoch = 13,  // result cell published, publication window not yet closed
-};
-
-// Kills this process if the segment's fault switch names `step` and this is the
-// countdown's last hit. One relaxed load when no fault is armed.
-inline void maybe_fault(SegmentHeader& hdr, FaultStep step) {
-  if (hdr.fault_step.load(std::memory_order_relaxed) != static_cast<uint32_t>(step)) return;
-  if (hdr.fault_countdown.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-    hdr.fault_step.store(0, std::memory_order_release);
-    kill(getpid(), SIGKILL);
-    for (;;) pause();
-  }
-}
 
 inline FaultStep fault_for(RingPoint p) {
   switch (p) {

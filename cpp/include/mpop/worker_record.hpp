@@ -40,6 +40,14 @@ struct alignas(kCacheLine) WorkerRecord {
   // /proc start time of pid: with it, a new supervisor of a persistent pool knows the
   // process it finds is still the worker (not a reuse of its pid).
   std::atomic<uint64_t> start_time{0};
+  // Which process holds this record: generation << 32 | pid (see life_word). The
+  // supervisor sets it to (generation, 0) before it starts a process; the pid is then
+  // filled in once, by whichever comes first: the supervisor once the spawn returns, or
+  // the process itself at start (claim_life). A new supervisor that finds (generation, 0)
+  // fences it (pid kFencedPid) before it replaces the worker: a process started by a
+  // supervisor that died before it learnt the pid then finds it may not run, and leaves.
+  // start_time is 0 until a side that filled in the pid writes it (just after).
+  std::atomic<uint64_t> life{0};
 
   ClaimState claim;  // the claim window on the task ring
 
@@ -73,6 +81,26 @@ struct alignas(kCacheLine) WorkerRecord {
   // exits), so the owner can raise it instead of respawning forever.
   alignas(kCacheLine) char start_error[4096] = {};
 };
+
+// The pid of a record given up by a new supervisor (see WorkerRecord::life).
+constexpr uint32_t kFencedPid = 0xFFFFFFFFu;
+
+constexpr uint64_t life_word(uint32_t generation, uint32_t pid) { return uint64_t{generation} << 32 | pid; }
+constexpr uint32_t life_generation(uint64_t life) { return static_cast<uint32_t>(life >> 32); }
+constexpr uint32_t life_pid(uint64_t life) { return static_cast<uint32_t>(life); }
+
+// Fills in the pid of life (generation, 0), then the record's start time: the supervisor
+// after a spawn, or the process itself at start. True if the record is `pid`'s (also
+// when the other side filled it in first); false if it was fenced or has moved on to a
+// later generation: the process must then leave without touching the record.
+inline bool claim_life(WorkerRecord& rec, uint32_t generation, uint32_t pid, uint64_t start_time) {
+  uint64_t expected = life_word(generation, 0);
+  if (!rec.life.compare_exchange_strong(expected, life_word(generation, pid), std::memory_order_acq_rel) &&
+      expected != life_word(generation, pid))
+    return false;
+  rec.start_time.store(start_time, std::memory_order_release);
+  return true;
+}
 
 // Geometry of the records region: `count` records of `stride` bytes, each followed by its
 // local queue of `batch` entries of `entry_stride` bytes.
