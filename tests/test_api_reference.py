@@ -1,6 +1,7 @@
 """The reference is the docstrings: every public name documents itself (help() answers a
 user without the web), each docstring names its parameters, and docs/api.md gives every
-public method of MpopApi and Executor with the signature the code has."""
+public method of MpopApi and Executor, and mpop.attach, a heading with the signature the
+code has."""
 
 from __future__ import annotations
 
@@ -79,10 +80,24 @@ def test_docstrings_name_every_parameter(cls):
 
 
 def _api_md_signatures() -> dict[str, str]:
-    """name -> the parameter list of each `#### \\`name(...)` heading of docs/api.md."""
+    """Qualified name -> the parameter list of each `#### \\`name(...)` heading of docs/api.md.
+
+    A heading is qualified by the `## \\`Class\\`` section it stands in (``MpopApi.submit``,
+    ``Executor.submit``); one that names its module (``mpop.attach``) keeps that name."""
     out = {}
-    for m in re.finditer(r"^#### `(\w+)\((.*?)\)(?: -> [^`]*)?`", API_MD.read_text(), re.M):
-        out[m.group(1)] = m.group(2)
+    section = ""
+    for line in API_MD.read_text().splitlines():
+        top = re.match(r"^## `(\w+)`", line)
+        if top:
+            section = top.group(1)
+            continue
+        if line.startswith("## "):
+            section = ""
+            continue
+        m = re.match(r"^#### `((?:mpop\.)?\w+)\((.*?)\)(?: -> [^`]*)?`", line)
+        if m:
+            name = m.group(1)
+            out[name if name.startswith("mpop.") else f"{section}.{name}"] = m.group(2)
     return out
 
 
@@ -110,20 +125,39 @@ def _render(sig: inspect.Signature) -> str:
     return ", ".join(params)
 
 
-def test_api_md_gives_every_mpop_api_method_with_its_signature():
+def _signature_problems(cls: type, skip: tuple[str, ...] = ()) -> list[str]:
+    """How docs/api.md's headings for `cls`'s public methods differ from the code."""
     documented = _api_md_signatures()
     problems = []
-    for name, fn in _public_members(mpop.MpopApi).items():
-        if name.startswith("_") or isinstance(vars(mpop.MpopApi).get(name), property):
-            continue
-        if name == "close":  # an alias of shutdown
+    for name, fn in _public_members(cls).items():
+        if name.startswith("_") or isinstance(vars(cls).get(name), property) or name in skip:
             continue
         want = _render(inspect.signature(fn))
-        if name not in documented:
-            problems.append(f"docs/api.md has no heading for MpopApi.{name}({want})")
-        elif documented[name] != want:
-            problems.append(f"MpopApi.{name}: docs/api.md says ({documented[name]}), the code ({want})")
+        key = f"{cls.__name__}.{name}"
+        if key not in documented:
+            problems.append(f"docs/api.md has no heading for {key}({want}) under ## `{cls.__name__}`")
+        elif documented[key] != want:
+            problems.append(f"{key}: docs/api.md says ({documented[key]}), the code ({want})")
+    return problems
+
+
+def test_api_md_gives_every_mpop_api_method_with_its_signature():
+    problems = _signature_problems(mpop.MpopApi, skip=("close",))  # close: an alias of shutdown
     assert not problems, "\n".join(problems)
+
+
+def test_api_md_gives_every_executor_method_with_its_signature():
+    assert {"submit", "map", "shutdown"} <= set(_public_members(mpop.Executor))
+    problems = _signature_problems(mpop.Executor)
+    assert not problems, "\n".join(problems)
+
+
+def test_api_md_gives_attach_with_its_signature():
+    documented = _api_md_signatures()
+    want = _render(inspect.signature(mpop.attach))
+    assert "mpop.attach" in documented, f"docs/api.md has no heading for mpop.attach({want})"
+    assert documented["mpop.attach"] == want, \
+        f"mpop.attach: docs/api.md says ({documented['mpop.attach']}), the code ({want})"
 
 
 def test_api_md_lists_mpop_all_as_it_is():

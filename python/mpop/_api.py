@@ -32,7 +32,7 @@ from ._map import MapIterator, MapRun
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
 from ._run import RunLoop, progress_bar, results_as_they_come, wait_all
-from ._runtime import Lifecycle, _weakly, finalize
+from ._runtime import Lifecycle, weakly, finalize
 from ._slots import TaskSlot196_cargs
 from ._submit import Submitter
 
@@ -160,7 +160,7 @@ class MpopApi:
             _enable_debug_logging()
         # The registry calls back into the app weakly: an app nobody refers to any more is
         # freed (and its finalizer stops its workers) at once, not at the next collection.
-        self._registry = Registry(slot_class, on_register=_weakly(self._on_register), worker_state=worker_state)
+        self._registry = Registry(slot_class, on_register=weakly(self._on_register), worker_state=worker_state)
         labels = itertools.count(1)  # tsk_id labels, shared by the native fast path
         self._lifecycle = Lifecycle(self._config, self._registry, labels, hooks,
                                     attach_to=getattr(_attach_to, "segment", None))
@@ -359,7 +359,13 @@ class MpopApi:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until every task enqueued so far has a result (starting the workers if
-        tasks wait for them). Returns False when `timeout` passes first."""
+        tasks wait for them). Returns False when `timeout` passes first; True at once
+        after shutdown().
+
+        Raises MpopError when the workers cannot run (a worker cannot be spawned, or
+        every attempt to start one failed; WorkerInitError when an initializer raised)
+        or when called in a fork() child that inherited the app; ShutdownError when
+        another thread shuts the app down while it waits."""
         return wait_all(self._lifecycle, timeout)
 
     def results(self, timeout: float | None = None) -> Iterator[TaskResult]:

@@ -54,7 +54,7 @@ def live_workers(seg) -> list[int]:
     from ._persistent import running
 
     return [w["pid"] for w in seg.workers_status()
-            if w["pid"] and w["state"] in ("starting", "idle", "busy", "exiting") and running(w["pid"], w["start_time"])]
+            if w["pid"] and w["live"] and running(w["pid"], w["start_time"])]
 
 
 def remove_dead_segments(report: Callable[[str], None] = lambda line: None) -> list[str]:

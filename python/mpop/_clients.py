@@ -9,13 +9,14 @@ own results(). A gone record with nothing left is free again."""
 
 from __future__ import annotations
 
+from ._core import CLIENT_STATE, lease_state
 from ._errors import MpopError
 
 __all__ = ["FREE", "ATTACHED", "GONE", "STATE_NAMES", "claim", "adopt", "reap", "settled", "describe"]
 
 # ClientState (segment.hpp). A record's lease is its state and how many handles took it:
 # every change of hands is a compare-and-swap on the lease as it was read.
-FREE, ATTACHED, GONE, CLAIMING = 0, 1, 2, 3
+FREE, ATTACHED, GONE, CLAIMING = (CLIENT_STATE[k] for k in ("FREE", "ATTACHED", "GONE", "CLAIMING"))
 STATE_NAMES = {FREE: "free", ATTACHED: "attached", GONE: "gone", CLAIMING: "claiming"}
 
 MAX_CLIENTS = 16  # client records of a persistent pool
@@ -57,7 +58,7 @@ def claim(segment) -> int:
             segment.release_client(i, info["lease"], False)  # nothing left to hand out: free again
     for i in range(segment.client_count):
         lease = segment.client_lease(i)
-        if lease & 3 == FREE and segment.claim_client(i, lease):
+        if lease_state(lease) == FREE and segment.claim_client(i, lease):
             return i
     raise MpopError(f"the persistent pool {segment.name} has {segment.client_count} client records and all are "
                     f"in use (attached, or holding results of a client that is gone)")

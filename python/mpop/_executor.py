@@ -45,7 +45,16 @@ class Executor(concurrent.futures.Executor):
         return self._app
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Schedules ``fn(*args, **kwargs)``; returns a Future (see MpopApi.submit)."""
+        """Schedules ``fn(*args, **kwargs)``; returns a Future (see MpopApi.submit).
+
+        Raises ShutdownError after shutdown() (a RuntimeError, as concurrent.futures
+        raises); TypeError for arguments `fn` cannot take or that cannot be serialised;
+        ValueError for arguments larger than the argument pool allows; RegistryError for
+        an unknown fn_id or handler name; MpopError when the workers cannot be started.
+        The future's exception is the handler's own, WorkerCrashedError,
+        TaskTimeoutError, MpopError when the workers cannot run (WorkerInitError when an
+        initializer raised), or ShutdownError when the executor is shut down with
+        wait=False first."""
         return self._app.submit(fn, *args, **kwargs)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
@@ -54,7 +63,11 @@ class Executor(concurrent.futures.Executor):
         every call is submitted now, results come in order, and `timeout` counts from this
         call (TimeoutError; the calls that have not started are cancelled). `chunksize` is
         accepted for compatibility; workers already claim tasks in batches
-        (worker_batch_size)."""
+        (worker_batch_size).
+
+        Raises ValueError for a chunksize below 1, and at the call what submit() raises
+        for any item. The iterator raises each call's exception in its place (see
+        submit()), and TimeoutError once `timeout` has passed."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -75,7 +88,11 @@ class Executor(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stops the executor: waits for the pending calls (`wait`), or first cancels those
-        that have not started (`cancel_futures`); see MpopApi.shutdown."""
+        that have not started (`cancel_futures`); see MpopApi.shutdown. Idempotent.
+
+        Raises nothing of its own: if the workers cannot run, the pending calls are
+        cancelled instead of waited for. A KeyboardInterrupt while it waits stops the
+        workers at once and is raised."""
         self._app.shutdown(wait=wait, cancel_pending=cancel_futures)
 
 

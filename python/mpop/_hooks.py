@@ -14,6 +14,7 @@ import traceback
 from typing import Any
 
 from ._builtins import set_worker_state, with_state
+from ._core import WORKER_EXIT
 from ._config import Config
 from ._errors import ConfigError, MpopError, RemoteTraceback, WorkerInitError
 
@@ -23,7 +24,7 @@ INIT_FAILED = "mpop: the initializer raised"  # first line of such a worker's st
 
 # How a worker loop ends when the worker retires (worker_exit runs): stopped by shutdown()
 # or the end of an auto-terminated run(), by scale() down, or recycled.
-RETIRING = frozenset({"shutdown", "stop requested", "recycled"})
+RETIRING = frozenset(WORKER_EXIT[k] for k in ("SHUTDOWN", "STOP_REQUESTED", "RECYCLED"))
 
 
 def pack(config: Config) -> bytes | None:

@@ -10,10 +10,13 @@ import itertools
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from ._core import RESULT_STATUS
 from ._errors import MpopError
 from ._registry import Handler
 from ._router import MapState, ResultRouter, unpack_error
 from ._runtime import MAX_TSK_ID
+
+STATUS_OK = RESULT_STATUS["OK"]
 
 __all__ = ["ChunkSizer", "MapRun", "MapIterator", "known_length"]
 
@@ -252,7 +255,7 @@ class MapRun:
         self.done += 1
         n = self.sizes.pop(key, 0)
         self.out -= n
-        if status != 0:
+        if status != STATUS_OK:
             raise value
         values, elapsed_ns, error = value
         self.sizer.learn(len(values), elapsed_ns)

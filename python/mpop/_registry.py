@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from ._builtins import (BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, STATE_PARAM,
+from ._builtins import (BOOT_FN_ID, BUILTIN_HANDLERS, CALL_BY_VALUE_ID, MAP_CHUNK_ID, RESERVED_MAX, STATE_PARAM,
                         ProcTaskFnID, call_by_value, run_chunk)
 from ._errors import RegistryError
 from ._slots import describe, is_slot_class, rebuild, slot_layout
@@ -32,7 +32,7 @@ from ._slots import describe, is_slot_class, rebuild, slot_layout
 __all__ = ["Handler", "Registry", "FIRST_AUTO_ID", "MAX_FN_ID"]
 
 FIRST_AUTO_ID = 0x1000
-MAX_FN_ID = 0xFFFFFFFE  # 0xFFFFFFFF marks the registry's boot entry
+MAX_FN_ID = BOOT_FN_ID - 1  # the registry's boot entry takes the last id
 
 
 def task_signature(fn: Callable, worker_state: bool = False) -> inspect.Signature | None:

@@ -28,11 +28,31 @@ def _with_slots(cls: type) -> type:
 class TaskResult(LazyTracked):
     """The outcome of one task.
 
-    Handlers may return one (``TaskResult(success=True, value=...)``); the runtime fills in
-    the identifying fields of the ones it delivers. A slots class: the owner makes one per
-    enqueue()d task, natively (see Collector.settle), so it stays small and cheap to build,
-    and one holding only atomic values is not tracked by the garbage collector until a
-    field is set (LazyTracked)."""
+    Fields:
+
+    - success: True when the handler returned normally.
+    - value: the handler's return value (None on failure).
+    - error: the task's exception (the handler's own, WorkerCrashedError,
+      TaskTimeoutError, MpopError, concurrent.futures.CancelledError), or None.
+    - tsk_id: the task's label (enqueue()'s `tsk_id`, or the app's counter).
+    - seq: the task's unique number, assigned when it was queued.
+    - fn_id: the handler's fn_id (0x0FF1, the built-in that calls it, for a function sent
+      with its task: a lambda, a closure, a bound method).
+    - worker_id: the worker that ran it (for a crash or a timeout, the worker that died;
+      for a cancelled task, the worker that held it, or 0).
+    - attempts: runs charged to the task (1 normally, more after crashes; 0 when it was
+      cancelled before a worker claimed it).
+    - queue_wait_s: seconds from enqueue to start (None with max_performance, or when it
+      never started).
+    - run_time_s: seconds the handler ran (None with max_performance, or when it never
+      started).
+
+    Handlers may return one: ``TaskResult(success=True, value=v)`` delivers v,
+    ``TaskResult(success=False, error=e)`` delivers e, and the other fields are ignored;
+    the runtime fills in the identifying fields of the ones it delivers. A slots class:
+    the owner makes one per enqueue()d task, natively (see Collector.settle), so it stays
+    small and cheap to build, and one holding only atomic values is not tracked by the
+    garbage collector until a field is set (LazyTracked)."""
 
     success: bool = True
     value: Any = None
@@ -58,7 +78,15 @@ class TaskResult(LazyTracked):
 
 @dataclass
 class RunResult:
-    """What ``run()`` returns: every result of the run, in enqueue order, and its stats."""
+    """What ``run()`` returns: every result of the run, in enqueue order, and its stats.
+
+    - results: the TaskResult of every task the run collected, in enqueue order.
+    - stats: a dict with tasks, failed, elapsed_s, tasks_per_s, per_worker (worker id ->
+      tasks), retries, crashes and, when the tasks were timed (not with max_performance),
+      queue_wait_p50_s, queue_wait_p99_s, run_time_p50_s and run_time_p99_s.
+    - interrupted: True when Ctrl-C (KeyboardInterrupt) ended the run: the tasks no
+      worker had started were cancelled (their results carry CancelledError), the
+      workers were stopped, and `results` holds what came back; exit_code is then 1."""
 
     results: list[TaskResult] = field(default_factory=list)
     stats: dict = field(default_factory=dict)

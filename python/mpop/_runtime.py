@@ -135,7 +135,7 @@ class Runtime:
             submitted=functools.partial(getattr, self.producer, "submitted"))
         r = self.router
         r.side = side
-        r.check = _weakly(self.check_workers)
+        r.check = weakly(self.check_workers)
         if plain_source is not None:
             r.add_plain_source(plain_source)
         if self.attached:
@@ -358,7 +358,7 @@ class Runtime:
     def kill_worker(self, worker_id: int) -> bool:
         if self.pool is not None:  # the supervisor process sees it die and replaces it
             for w in self.segment.workers_status():
-                if w["id"] == worker_id and w["state"] in ("starting", "idle", "busy") and w["pid"]:
+                if w["id"] == worker_id and w["live"] and w["state"] != "exiting" and w["pid"]:
                     os.kill(w["pid"], signal.SIGKILL)
                     return True
             return False
@@ -646,7 +646,7 @@ def _lease_is(segment, index: int, lease: int) -> bool:
     return segment.client_lease(index) == lease
 
 
-def _weakly(method: Callable) -> Callable[..., None]:
+def weakly(method: Callable) -> Callable[..., None]:
     """`method` called through a weak reference to its object (a no-op once it is gone)."""
     ref = weakref.WeakMethod(method)
 
