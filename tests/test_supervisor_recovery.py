@@ -127,6 +127,7 @@ def test_attach_starts_a_new_supervisor_for_a_pool_whose_supervisor_and_creator_
 
 # The supervisor's protocol steps a test can make it die at (FaultStep in fault.hpp).
 SPAWNED, TOOK_OVER, ADOPTING = 20, 21, 22
+FORWARD_READ, FORWARD_MID_PUSH, FORWARD_PUSHED = 23, 24, 25
 
 
 def processes_of(name: str) -> list[int]:
@@ -189,6 +190,32 @@ def test_a_new_supervisor_killed_while_it_takes_over(name, step):
         assert not segment.fault_pending, "the armed fault never fired"
         assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
         assert worker_pids(app) == pids  # adopted, not replaced
+    finally:
+        app.shutdown()
+
+
+@pytest.mark.parametrize("step", [FORWARD_READ, FORWARD_MID_PUSH, FORWARD_PUSHED],
+                         ids=["after-read", "mid-push", "after-push"])
+def test_a_supervisor_killed_while_it_forwards_results(name, step):
+    app = mpop.MpopApi(name=name, persistent=True, workers=2)
+    app.start()
+    try:
+        assert wait_until(lambda: all_idle(app, 2), 20)
+        segment = app._lifecycle.runtime.segment
+        first = app.status()["supervisor"]["pid"]
+        segment.inject_fault(step, 7)  # a few batches in
+        for i in range(400):
+            app.enqueue(nap, args=(i, 0.001), tsk_id=i)
+        futures = [app.submit(nap, 1000 + i, 0.001) for i in range(400)]
+        # The forwarder dies with a batch half forwarded; the next supervisor's forwarder
+        # finishes it, and each result reaches this handle once.
+        assert [f.result(timeout=TIMEOUT) for f in futures] == [1000 + i for i in range(400)]
+        got = [r.tsk_id for r in app.results(timeout=TIMEOUT)]
+        assert sorted(got) == list(range(400))
+        assert not segment.fault_pending, "the armed fault never fired"
+        assert not pid_alive(first) and app.status()["supervisor"]["pid"] != first
+        assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
+        assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
     finally:
         app.shutdown()
 

@@ -130,6 +130,41 @@ INSTANTIATE_TEST_SUITE_P(Positions, TaskRingAt,
                            }
                          });
 
+// The single consumer's peek and consume: peeked cells stay in the ring (a second peek
+// sees them again, producers find no room in them) until consume takes them.
+TEST_P(TaskRingAt, PeekLeavesCellsUntilConsumeTakesThem) {
+  RingFixture f(8, GetParam());
+  ASSERT_EQ(push_values(f.ring, 100, 5), 5u);
+  for (int twice = 0; twice < 2; ++twice) {
+    std::vector<uint64_t> seen;
+    uint64_t head = 0;
+    EXPECT_EQ(f.ring.peek_range(3, head, [&](uint32_t, const uint8_t* b) { seen.push_back(read_msg(b).seq); }), 3u);
+    EXPECT_EQ(head, GetParam());
+    EXPECT_EQ(seen, (std::vector<uint64_t>{100, 101, 102}));
+  }
+  EXPECT_EQ(push_values(f.ring, 200, 8), 3u);  // the 5 peeked-or-queued cells are not free
+  uint64_t head = 0;
+  EXPECT_EQ(f.ring.peek_range(8, head, [](uint32_t, const uint8_t*) {}), 8u);
+  f.ring.consume(head, 2);
+  EXPECT_EQ(claim_values(f.ring, 8), (std::vector<uint64_t>{102, 103, 104, 200, 201, 202}));
+  EXPECT_EQ(push_values(f.ring, 300, 8), 8u);  // all released
+}
+
+// A producer that died after reserving cells: publish_abandoned fills exactly those (the
+// published ones before and after them stay as they are), and the consumer reads on.
+TEST_P(TaskRingAt, PublishAbandonedFillsOnlyTheDeadProducersReservedCells) {
+  RingFixture f(8, GetParam());
+  ASSERT_EQ(push_values(f.ring, 1, 2), 2u);
+  // A producer that reserved 3 cells and died before writing them: the reservation alone.
+  f.ring.control().enqueue_pos.fetch_add(3);
+  EXPECT_EQ(claim_values(f.ring, 8), (std::vector<uint64_t>{1, 2}));
+  EXPECT_TRUE(claim_values(f.ring, 8).empty());  // stuck at the reserved cells
+  EXPECT_EQ(f.ring.publish_abandoned([](void* b) { write_msg(b, make_msg(9, 0)); }), 3u);
+  EXPECT_EQ(f.ring.publish_abandoned([](void* b) { write_msg(b, make_msg(9, 0)); }), 0u);
+  ASSERT_EQ(push_values(f.ring, 50, 1), 1u);
+  EXPECT_EQ(claim_values(f.ring, 8), (std::vector<uint64_t>{0, 0, 0, 50}));
+}
+
 TEST_P(TaskRingAt, FillsToExactlyCapacityThenDrainsInOrder) {
   for (uint32_t cap : {2u, 8u, 64u}) {
     SCOPED_TRACE(cap);

@@ -3,6 +3,7 @@
 // frees the argument-pool blocks a task and its result used.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
 #include <cstdint>
@@ -78,7 +79,7 @@ class Collector {
   // collector that does not `track` completion (a plain mailbox's, an adopted client's)
   // delivers every record and counts none. `first_seq`: the first seq its handle issues.
   Collector(Segment& seg, TaskRing ring, uint64_t first_seq, bool track)
-      : seg_(seg), ring_(ring), pool_(seg.pool()), track_(track), window_(first_seq) {}
+      : seg_(seg), ring_(ring), pool_(seg.pool()), track_(track), window_(first_seq), history_(kHistory, 0) {}
 
   // Waits until the deadline (monotonic ns; < 0 = forever, 0 = don't wait) for a result,
   // then hands every first result of a task, up to `max`, to sink(const ResultHeader&,
@@ -103,6 +104,8 @@ class Collector {
         const uint8_t* rec = buffer_.data() + size_t{i} * kResultStride;
         ResultHeader h;
         std::memcpy(&h, rec, sizeof h);
+        if (!history_.empty() && h.status != ResultStatus::kVoid && !first_time(h, rec))
+          continue;  // a replayed copy of a record it had: that one's blocks, not its own
         if (h.route >= kFirstSideRoute && h.status != ResultStatus::kVoid) {
           // A piece of a side message (worker output, a log record, an exit value): the
           // whole message, once in, goes to the sink as raw bytes, counted as neither a
@@ -166,12 +169,37 @@ class Collector {
   Segment& seg_;
   TaskRing ring_;
   ArgPool pool_;
+  // A mailbox collector remembers a fingerprint of each of the last kHistory records it
+  // read: a record the forwarder replayed after its predecessor died (kRecordReplayed) is
+  // dropped when it is among them. The original is at most a batch or two before it in the
+  // mailbox (the dead forwarder's pushes after it, and its void fillers).
+  static constexpr size_t kHistory = 1024;
+  static uint64_t fingerprint(ResultHeader h, const uint8_t* rec) {
+    h.flags = 0;
+    uint64_t words[sizeof h / 8 + 1];
+    std::memcpy(words, &h, sizeof h);
+    std::memcpy(&words[sizeof h / 8], rec + sizeof h, 8);  // (the cell has room after the header)
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (uint64_t w : words) x = (x ^ w) * 0xBF58476D1CE4E5B9ull, x ^= x >> 31;
+    return x | 1;  // never 0, the empty entry
+  }
+  bool first_time(const ResultHeader& h, const uint8_t* rec) {
+    const uint64_t fp = fingerprint(h, rec);
+    if ((h.flags & kRecordReplayed) && std::find(history_.begin(), history_.end(), fp) != history_.end())
+      return false;
+    history_[history_next_] = fp;
+    history_next_ = (history_next_ + 1) % kHistory;
+    return true;
+  }
+
   // Only the draining thread writes it (no read-modify-write needed); any thread reads.
   void count_completed() { completed_.store(completed_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed); }
 
   bool track_ = true;
   std::vector<uint8_t> buffer_;
   CompletionWindow window_;
+  std::vector<uint64_t> history_;  // mailbox collectors only (see first_time)
+  size_t history_next_ = 0;
   SideAssembler side_;
   std::atomic<uint64_t> completed_{0};
 };

@@ -34,6 +34,9 @@ enum class FaultStep : uint32_t {
   kSupervisorSpawned = 20,   // a worker started, its pid not yet in its record
   kSupervisorTookOver = 21,  // the segment's owner is this process, no worker adopted yet
   kSupervisorAdopting = 22,  // between adopting one live worker and the next
+  kForwarderRead = 23,       // a batch read from the result ring, nothing in mailboxes yet
+  kForwarderMidPush = 24,    // a mailbox's cells for the batch reserved, not written
+  kForwarderPushed = 25,     // the batch in mailboxes, not yet taken from the result ring
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the

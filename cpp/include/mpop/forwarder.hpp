@@ -8,6 +8,13 @@
 // are staged per mailbox and pushed a batch at a time (one reservation and one wake-up per
 // mailbox per batch), plain mailboxes before live ones, so that a client never sees the
 // acknowledgement of a result before the result.
+//
+// Its own death loses nothing: it takes a batch from the result ring only once the batch
+// is in the mailboxes (the ring's one consumer reads it in place first, and records the
+// batch's end in the header), and frees blocks only after that. A new forwarder publishes
+// as void fillers the mailbox cells the dead one had reserved and not written, and
+// forwards the dead one's batch again with each copy marked kRecordReplayed: a client
+// drops a replayed record it already had (Collector), so each reaches it once.
 #pragma once
 
 #include <algorithm>
@@ -15,9 +22,11 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "mpop/collector.hpp"
+#include "mpop/fault.hpp"
 #include "mpop/segment.hpp"
 
 namespace mpop {
@@ -26,10 +35,11 @@ class Forwarder {
  public:
   explicit Forwarder(Segment& seg)
       : seg_(seg), ring_(seg.results()), pool_(seg.pool()), staged_(2 * size_t{seg.client_count()}),
-        counts_(seg.client_count(), 0), lost_(seg.client_count(), 0), lost_below_(seg.client_count(), UINT64_MAX) {
+        counts_(seg.client_count(), 0) {
     windows_.reserve(seg.client_count());
     for (uint32_t i = 0; i < seg.client_count(); ++i)
       windows_.emplace_back(seg.client(i).complete_below.load(std::memory_order_acquire));
+    take_over_from_dead_forwarder();
   }
   ~Forwarder() { stop(); }
   Forwarder(const Forwarder&) = delete;
@@ -38,7 +48,8 @@ class Forwarder {
   void start() {
     if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
   }
-  // Stops the thread, then moves what is left (a mailbox still full is not waited for).
+  // Stops the thread, then moves what is left (a mailbox still full is not waited for: the
+  // batch that did not fit stays in the result ring, for the next forwarder to replay).
   void stop() {
     stop_.store(true, std::memory_order_release);
     ring_.wake_consumers();
@@ -54,14 +65,29 @@ class Forwarder {
     auto stopping = [this] { return stop_.load(std::memory_order_acquire); };
     if (deadline_ns != 0 && !ring_.has_published()) ring_.wait_published_n(1, deadline_ns, stopping);
     size_t taken = 0;
+    if (left_) return 0;  // (it would take the batch it left for a dup of itself)
     buffer_.resize(size_t{kBatch} * kResultStride);
+    SegmentHeader& hdr = seg_.header();
     for (;;) {
-      uint32_t k = ring_.claim_range(kBatch, nullptr, [&](uint32_t i, const uint8_t* body) {
+      uint64_t head = 0;
+      uint32_t k = ring_.peek_range(kBatch, head, [&](uint32_t i, const uint8_t* body) {
         std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, kResultStride - 8);
       });
       if (k == 0) return taken;
-      for (uint32_t i = 0; i < k; ++i) route(buffer_.data() + size_t{i} * kResultStride);
-      flush();
+      hdr.forward_end.store(head + k, std::memory_order_seq_cst);  // before any mailbox has it
+      maybe_fault(hdr, FaultStep::kForwarderRead);
+      for (uint32_t i = 0; i < k; ++i)
+        route(buffer_.data() + size_t{i} * kResultStride, static_cast<int64_t>(replay_below_ - (head + i)) > 0);
+      if (!flush()) {  // stopped with a mailbox full: the batch stays for the next forwarder
+        frees_.clear();
+        left_ = true;
+        return taken;
+      }
+      maybe_fault(hdr, FaultStep::kForwarderPushed);
+      ring_.consume(head, k);
+      for (const auto& [ref, len] : frees_) pool_.free(ref, len);  // only now: see the top
+      frees_.clear();
+      record_forwarded();
       taken += k;
       if (k < kBatch || stopping()) return taken;
     }
@@ -77,6 +103,24 @@ class Forwarder {
     while (!stop_.load(std::memory_order_acquire)) pump(monotonic_ns() + kWaitNs);
   }
 
+  // After a forwarder died (nothing to do for a pool's first): the mailbox cells it had
+  // reserved and not written become void fillers, so that their clients read on; the
+  // result-ring records of its last batch (still in the ring) are forwarded again, replayed.
+  void take_over_from_dead_forwarder() {
+    for (uint32_t c = 0; c < seg_.client_count(); ++c) {
+      for (TaskRing mb : {seg_.live_mailbox(c), seg_.plain_mailbox(c)}) {
+        mb.publish_abandoned([](void* body) {
+          ResultHeader r;
+          r.status = ResultStatus::kVoid;
+          std::memcpy(body, &r, sizeof r);
+        });
+      }
+    }
+    const uint64_t end = seg_.header().forward_end.load(std::memory_order_acquire);
+    const uint64_t head = ring_.dequeue_pos();
+    replay_below_ = static_cast<int64_t>(end - head) > 0 ? end : head;
+  }
+
   // Whether client c's mailboxes are read: by it, or by the client that adopted it.
   bool read(uint32_t c) const {
     const ClientRecord& r = seg_.client(c);
@@ -90,13 +134,23 @@ class Forwarder {
     return lease_state(seg_.client(c).lease.load(std::memory_order_acquire)) == ClientState::kAttached;
   }
 
+  // Blocks are freed once their batch is taken from the result ring (a new forwarder may
+  // read the records again until then).
+  void free_later(uint64_t ref, uint32_t len) { frees_.emplace_back(ref, len); }
   void free_value(const ResultHeader& h) {
-    if (h.value_encoding == ValueEncoding::kPooled && h.value_ref) pool_.free(h.value_ref, h.value_len);
+    if (h.value_encoding == ValueEncoding::kPooled && h.value_ref) free_later(h.value_ref, h.value_len);
   }
 
-  void route(const uint8_t* rec) {
+  // `replayed`: the record may be in a mailbox already (see the top).
+  void route(const uint8_t* in, bool replayed) {
+    alignas(8) uint8_t rec[kResultStride - 8];
+    std::memcpy(rec, in, sizeof rec);
     ResultHeader h;
     std::memcpy(&h, rec, sizeof h);
+    if (replayed) {
+      h.flags |= kRecordReplayed;
+      std::memcpy(rec, &h, sizeof h);
+    }
     const uint32_t n = seg_.client_count();
     if (h.status == ResultStatus::kVoid) {
       free_value(h);
@@ -118,7 +172,7 @@ class Forwarder {
     const int64_t c = client_of_seq(h.seq);
     if (c < 0 || c >= n) {  // not a client's seq: nobody to give it to
       free_value(h);
-      if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
+      if (h.arg_ref) free_later(h.arg_ref, h.arg_len);
       dropped_.fetch_add(1);
       return;
     }
@@ -149,7 +203,7 @@ class Forwarder {
     } else {
       stage(client, false, out);
     }
-    if (h.arg_ref) pool_.free(h.arg_ref, h.arg_len);
+    if (h.arg_ref) free_later(h.arg_ref, h.arg_len);
     if (counts_[client]++ == 0) touched_.push_back(client);
   }
 
@@ -160,46 +214,47 @@ class Forwarder {
     s.bytes.insert(s.bytes.end(), rec, rec + (kResultStride - 8));
   }
 
-  // Pushes what route() staged (plain mailboxes first), then records in each client's
-  // record what was forwarded.
-  void flush() {
+  // Pushes what route() staged (plain mailboxes first). False if stop() made it give some
+  // up.
+  bool flush() {
+    bool whole = true;
     for (int pass = 0; pass < 2; ++pass) {
       for (uint32_t m : staged_order_) {
         if (static_cast<int>(m % 2) != pass) continue;
         Staged& s = staged_[m];
         const uint32_t c = m / 2;
         const uint32_t pushed = push(pass == 0 ? seg_.plain_mailbox(c) : seg_.live_mailbox(c), s);
-        for (uint32_t k = pushed; k < s.count; ++k) give_up(c, s.bytes.data() + size_t{k} * (kResultStride - 8));
+        for (uint32_t k = pushed; k < s.count; ++k) give_up(s.bytes.data() + size_t{k} * (kResultStride - 8));
+        whole = whole && pushed == s.count;
         s.bytes.clear();
         s.count = 0;
       }
     }
     staged_order_.clear();
+    return whole;
+  }
+
+  // Records in each client's record what the batch just taken from the ring forwarded.
+  // (Only then: a new forwarder starts its windows from complete_below, and must not take
+  // a replayed record for a second result of its task.)
+  void record_forwarded() {
     for (uint32_t c : touched_) {
       ClientRecord& cr = seg_.client(c);
-      // (Not past a result given up: its seq has no result in a mailbox.)
-      cr.complete_below.store(std::min(windows_[c].first_incomplete(), lost_below_[c]), std::memory_order_release);
-      cr.forwarded.fetch_add(counts_[c] - lost_[c], std::memory_order_relaxed);
-      forwarded_.fetch_add(counts_[c] - lost_[c], std::memory_order_relaxed);
+      cr.complete_below.store(windows_[c].first_incomplete(), std::memory_order_release);
+      cr.forwarded.fetch_add(counts_[c], std::memory_order_relaxed);
+      forwarded_.fetch_add(counts_[c], std::memory_order_relaxed);
       counts_[c] = 0;
-      lost_[c] = 0;
-      lost_below_[c] = UINT64_MAX;
     }
     touched_.clear();
   }
 
-  // A staged record that stop() left out of a mailbox that stayed full: dropped, its value
-  // block freed; a task's result among them is not counted as forwarded.
-  void give_up(uint32_t c, const uint8_t* rec) {
+  // A staged record that stop() left out of a mailbox that stayed full: counted in
+  // dropped(); its original stays in the result ring (see pump).
+  void give_up(const uint8_t* rec) {
     ResultHeader h;
     std::memcpy(&h, rec, sizeof h);
     if (h.status == ResultStatus::kAck) return;  // its result went to the plain mailbox
     dropped_.fetch_add(1);
-    free_value(h);
-    if (h.route < kFirstSideRoute) {
-      ++lost_[c];
-      lost_below_[c] = std::min(lost_below_[c], h.seq);
-    }
   }
 
   struct Staged {
@@ -213,9 +268,11 @@ class Forwarder {
     constexpr uint32_t kRec = kResultStride - 8;
     uint32_t done = 0;
     while (done < s.count) {
-      const uint32_t n = mb.try_push(s.count - done, [&](uint32_t i, void* dst) {
-        std::memcpy(dst, s.bytes.data() + size_t{done + i} * kRec, kRec);
-      });
+      const uint32_t n = mb.try_push(
+          s.count - done, [&](uint32_t i, void* dst) { std::memcpy(dst, s.bytes.data() + size_t{done + i} * kRec, kRec); },
+          nullptr, [this](RingPoint p) {
+            if (p == RingPoint::kPushReserved) maybe_fault(seg_.header(), FaultStep::kForwarderMidPush);
+          });
       done += n;
       if (n) continue;
       if (stop_.load(std::memory_order_acquire)) break;
@@ -233,9 +290,10 @@ class Forwarder {
   std::vector<Staged> staged_;         // per mailbox: 2 * client (plain), 2 * client + 1 (live)
   std::vector<uint32_t> staged_order_;  // mailboxes with staged records
   std::vector<uint64_t> counts_;        // per client: results forwarded in this batch
-  std::vector<uint64_t> lost_;          // per client: of those, given up at stop()
-  std::vector<uint64_t> lost_below_;    // per client: the lowest seq given up (UINT64_MAX: none)
   std::vector<uint32_t> touched_;       // clients with such results
+  std::vector<std::pair<uint64_t, uint32_t>> frees_;  // blocks to free once the batch is taken
+  uint64_t replay_below_ = 0;  // result-ring positions below this: the dead forwarder's batch
+  bool left_ = false;          // stop() left a batch in the ring: forward nothing more
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> forwarded_{0};
   std::atomic<uint64_t> dropped_{0};

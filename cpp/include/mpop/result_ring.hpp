@@ -40,8 +40,12 @@ struct ResultHeader {
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   uint32_t route = 0;  // copied from the task: which owner-side consumer gets it
-  uint32_t reserved = 0;
+  uint32_t flags = 0;  // kRecordReplayed
 };
+// ResultHeader::flags: a copy a persistent pool's new forwarder put in a mailbox again,
+// from the batch its predecessor died forwarding; the client drops it if it had the
+// record already (see Collector's replay check).
+constexpr uint32_t kRecordReplayed = 1;
 static_assert(sizeof(ResultHeader) == 80);
 
 constexpr uint32_t kResultStride = 256;

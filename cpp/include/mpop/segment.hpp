@@ -109,6 +109,10 @@ struct alignas(kCacheLine) SegmentHeader {
   // Tasks with a seq below this that have not started are cancelled by the worker that
   // holds them (shutdown(cancel_pending=True) reaches into local queues this way).
   std::atomic<uint64_t> cancel_below{0};
+  // A persistent pool's forwarder: the end of the batch of result-ring positions it is
+  // putting in mailboxes (it takes them from the ring only after). A new forwarder that
+  // finds the ring's head below this forwards those again, marked kRecordReplayed.
+  std::atomic<uint64_t> forward_end{0};
 
   // Queued tasks the owner cancelled (future.cancel()).
   alignas(kCacheLine) CancelTable cancels;

@@ -258,6 +258,41 @@ class TaskRing {
     return k;
   }
 
+  // For a ring with one consumer: hands the run of published cells at the head (at most
+  // `max`) to sink(i, body) without taking them, and sets `head` to the first one's
+  // position; consume(head, k) takes them later. A consumer that dies in between leaves
+  // them in the ring for the next one.
+  template <class Sink>
+  uint32_t peek_range(uint32_t max, uint64_t& head, Sink&& sink) {
+    head = ctl_->dequeue_pos.load(std::memory_order_acquire);
+    if (max > ctl_->capacity) max = ctl_->capacity;
+    uint32_t k = 0;
+    while (k < max && seq(head + k).load(std::memory_order_acquire) == head + k + 1) {
+      sink(k, static_cast<const uint8_t*>(body(head + k)));
+      ++k;
+    }
+    return k;
+  }
+  // Takes cells [head, head+k) that peek_range showed (the one consumer only).
+  void consume(uint64_t head, uint32_t k) {
+    ctl_->dequeue_pos.store(head + k, std::memory_order_seq_cst);
+    release(head, k);
+  }
+  // For a ring with one producer that died: publishes each cell it had reserved and not
+  // published, `fill` writing its body (a filler its consumer skips); returns how many.
+  template <class Fill>
+  uint32_t publish_abandoned(Fill&& fill) {
+    uint32_t n = 0;
+    const uint64_t end = ctl_->enqueue_pos.load(std::memory_order_acquire);
+    for (uint64_t pos = ctl_->dequeue_pos.load(std::memory_order_acquire); pos != end; ++pos) {
+      if (seq(pos).load(std::memory_order_acquire) == pos) {
+        publish_reserved(pos, fill);
+        ++n;
+      }
+    }
+    return n;
+  }
+
   // Returns claimed cells [head, head+k) to producers.
   void release(uint64_t head, uint32_t k) {
     for (uint32_t i = 0; i < k; ++i)
