@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
 import time
+import weakref
 
 from . import _clients
 from ._builtins import BOOT_FN_ID
@@ -184,6 +186,7 @@ class PoolProcess:
         self.pid = pid
         self.start_time = start_time
         self.segment = segment
+        self._pidfd: int | None = None  # opened by the first alive() that finds it running
 
     @classmethod
     def launch(cls, segment, workers: int, adopt: bool = False) -> PoolProcess:
@@ -234,7 +237,21 @@ class PoolProcess:
         raise MpopError(f"the supervisor process of pool {segment.name} is gone")
 
     def alive(self) -> bool:
-        return running(self.pid, self.start_time)
+        """Whether the supervisor process runs: one poll of a pidfd (handles check this
+        while they wait for results)."""
+        if self._pidfd is None:
+            if not running(self.pid, self.start_time):
+                return False
+            try:
+                fd = os.pidfd_open(self.pid)
+            except OSError:
+                return False
+            if not running(self.pid, self.start_time):  # its pid was reused before the open
+                os.close(fd)
+                return False
+            self._pidfd = fd
+            weakref.finalize(self, os.close, fd)
+        return not select.select([self._pidfd], [], [], 0)[0]  # readable once it exited
 
     def error(self) -> MpopError | None:
         """Why the supervisor process is gone, or None while it runs."""
