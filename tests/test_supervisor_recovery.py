@@ -6,6 +6,7 @@ within orphan_timeout, the workers exit and the last one out removes the segment
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import textwrap
@@ -151,73 +152,72 @@ def settled(app, name: str, n: int) -> bool:
             and sorted(processes_of(name)) == sorted([st["supervisor"]["pid"], *worker_pids(app)]))
 
 
-def test_a_supervisor_killed_between_starting_a_worker_and_recording_it(name):
-    app = mpop.MpopApi(name=name, persistent=True, workers=2)
+@contextlib.contextmanager
+def idle_pool(name: str, workers: int = 2):
+    """A persistent pool with its workers idle, and its segment; shut down after."""
+    app = mpop.MpopApi(name=name, persistent=True, workers=workers)
     app.start()
     try:
-        assert wait_until(lambda: all_idle(app, 2), 20)
-        segment = app._lifecycle.runtime.segment
+        assert wait_until(lambda: all_idle(app, workers), 20)
+        yield app, app._lifecycle.runtime.segment
+    finally:
+        app.shutdown()
+
+
+def queue_work(app, n: int, delay: float) -> list:
+    """n enqueued tasks (tsk_id 0..n-1) and n submitted ones (values 1000..); their futures."""
+    for i in range(n):
+        app.enqueue(nap, args=(i, delay), tsk_id=i)
+    return [app.submit(nap, 1000 + i, delay) for i in range(n)]
+
+
+def assert_each_result_once(app, futures: list, n: int) -> None:
+    assert [f.result(timeout=TIMEOUT) for f in futures] == [1000 + i for i in range(n)]
+    assert sorted(r.tsk_id for r in app.results(timeout=TIMEOUT)) == list(range(n))
+
+
+def test_a_supervisor_killed_between_starting_a_worker_and_recording_it(name):
+    with idle_pool(name) as (app, segment):
         victim = worker_pids(app)[0]
-        futures = [app.submit(nap, i, 0.01) for i in range(200)]
+        futures = queue_work(app, 100, 0.01)
         segment.inject_fault(SPAWNED, 1)
         os.kill(victim, signal.SIGKILL)  # the supervisor starts a replacement and dies
         assert wait_until(lambda: not segment.fault_pending, 20), "the armed fault never fired"
         # The handle notices and starts a new supervisor; the process the dead one started
         # either filled in its record itself (and is adopted) or finds it given up (and leaves).
-        assert [f.result(timeout=TIMEOUT) for f in futures] == list(range(200))
+        assert_each_result_once(app, futures, 100)
         assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
         assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
-    finally:
-        app.shutdown()
 
 
 @pytest.mark.parametrize("step", [TOOK_OVER, ADOPTING], ids=["took-over", "adopting"])
 def test_a_new_supervisor_killed_while_it_takes_over(name, step):
-    app = mpop.MpopApi(name=name, persistent=True, workers=2)
-    app.start()
-    try:
-        assert wait_until(lambda: all_idle(app, 2), 20)
-        segment = app._lifecycle.runtime.segment
+    with idle_pool(name) as (app, segment):
         pids = worker_pids(app)
-        for i in range(200):
-            app.enqueue(nap, args=(i,), tsk_id=i)
-        futures = [app.submit(nap, 1000 + i) for i in range(50)]
+        futures = queue_work(app, 200, 0.01)
         segment.inject_fault(step, 1)
         kill_supervisor(app)
         # The next supervisor dies at `step`; the one after it finishes the takeover.
-        assert [f.result(timeout=TIMEOUT) for f in futures] == [1000 + i for i in range(50)]
-        assert sorted(r.tsk_id for r in app.results(timeout=TIMEOUT)) == list(range(200))
+        assert_each_result_once(app, futures, 200)
         assert not segment.fault_pending, "the armed fault never fired"
         assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
         assert worker_pids(app) == pids  # adopted, not replaced
-    finally:
-        app.shutdown()
 
 
 @pytest.mark.parametrize("step", [FORWARD_READ, FORWARD_MID_PUSH, FORWARD_PUSHED],
                          ids=["after-read", "mid-push", "after-push"])
 def test_a_supervisor_killed_while_it_forwards_results(name, step):
-    app = mpop.MpopApi(name=name, persistent=True, workers=2)
-    app.start()
-    try:
-        assert wait_until(lambda: all_idle(app, 2), 20)
-        segment = app._lifecycle.runtime.segment
+    with idle_pool(name) as (app, segment):
         first = app.status()["supervisor"]["pid"]
         segment.inject_fault(step, 7)  # a few batches in
-        for i in range(400):
-            app.enqueue(nap, args=(i, 0.001), tsk_id=i)
-        futures = [app.submit(nap, 1000 + i, 0.001) for i in range(400)]
+        futures = queue_work(app, 400, 0.001)
         # The forwarder dies with a batch half forwarded; the next supervisor's forwarder
         # finishes it, and each result reaches this handle once.
-        assert [f.result(timeout=TIMEOUT) for f in futures] == [1000 + i for i in range(400)]
-        got = [r.tsk_id for r in app.results(timeout=TIMEOUT)]
-        assert sorted(got) == list(range(400))
+        assert_each_result_once(app, futures, 400)
         assert not segment.fault_pending, "the armed fault never fired"
         assert not pid_alive(first) and app.status()["supervisor"]["pid"] != first
         assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
         assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
-    finally:
-        app.shutdown()
 
 
 def test_supervise_says_so_when_the_supervisor_is_alive_and_fails_for_an_unknown_pool(name):
