@@ -207,7 +207,7 @@ def test_handler_module_failing_in_workers_raises_instead_of_hanging(tmp_path, m
 
 
 OUTPUT_SCRIPT = r"""
-import sys, time
+import os, sys, time
 import mpop
 
 def hello(i):
@@ -219,6 +219,12 @@ def shout(n):
     sys.stdout.flush()
     return n
 
+def raw(i):
+    # Straight to file descriptor 1, past Python's sys.stdout: the process's own standard
+    # output (never a pipe of the fork server's, whose replies are pids).
+    os.write(1, f"raw from a worker {i}\n".encode() * 2000)
+    return i
+
 def sleepy(s):
     time.sleep(s)
     return s
@@ -228,6 +234,7 @@ if __name__ == "__main__":
                       task_timeout=2) as app:
         assert app.submit(hello, 1).result(timeout=60) == 1
         assert app.submit(shout, 200_000).result(timeout=60) == 200_000
+        assert app.submit(raw, 1).result(timeout=60) == 1
         old = app.status()["workers"][0]["pid"]
         app.kill_worker(0)
         deadline = time.monotonic() + 60
@@ -238,6 +245,7 @@ if __name__ == "__main__":
         new = app.status()["workers"][0]["pid"]
         assert new != old and new > 0, (old, new)
         assert app.submit(hello, 2).result(timeout=60) == 2
+        assert app.submit(raw, 2).result(timeout=60) == 2
         assert app.status()["workers"][0]["pid"] == new
         try:
             app.submit(sleepy, 30).result(timeout=60)
@@ -259,6 +267,8 @@ def test_handler_output_reaches_the_owners_stdout(tmp_path, method):
     for i in (1, 2, 3):
         assert f"hello from a worker {i}" in lines, proc.stdout[-2000:]
     assert "x" * 200_000 in lines
+    for i in (1, 2):
+        assert lines.count(f"raw from a worker {i}") == 2000, proc.stdout[-2000:]
     assert lines[-1] == "done"
 
 
