@@ -129,6 +129,7 @@ def test_attach_starts_a_new_supervisor_for_a_pool_whose_supervisor_and_creator_
 # The supervisor's protocol steps a test can make it die at (FaultStep in fault.hpp).
 SPAWNED, TOOK_OVER, ADOPTING = 20, 21, 22
 FORWARD_READ, FORWARD_MID_PUSH, FORWARD_PUSHED = 23, 24, 25
+RECOVERING, RECOVERED = 26, 27
 
 
 def processes_of(name: str) -> list[int]:
@@ -153,9 +154,9 @@ def settled(app, name: str, n: int) -> bool:
 
 
 @contextlib.contextmanager
-def idle_pool(name: str, workers: int = 2):
+def idle_pool(name: str, workers: int = 2, **options):
     """A persistent pool with its workers idle, and its segment; shut down after."""
-    app = mpop.MpopApi(name=name, persistent=True, workers=workers)
+    app = mpop.MpopApi(name=name, persistent=True, workers=workers, **options)
     app.start()
     try:
         assert wait_until(lambda: all_idle(app, workers), 20)
@@ -217,6 +218,27 @@ def test_a_supervisor_killed_while_it_forwards_results(name, step):
         assert not segment.fault_pending, "the armed fault never fired"
         assert not pid_alive(first) and app.status()["supervisor"]["pid"] != first
         assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
+        assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
+
+
+@pytest.mark.parametrize("step", [RECOVERING, RECOVERED], ids=["mid-recovery", "before-replacement"])
+def test_a_supervisor_killed_while_it_recovers_a_dead_worker(name, step):
+    with idle_pool(name, worker_batch_size=8) as (app, segment):
+        first = app.status()["supervisor"]["pid"]
+        futures = queue_work(app, 150, 0.02)
+        # A worker with a task running and more claimed behind it in its local queue.
+        assert wait_until(lambda: any(w["running_seq"] and w["local_queue"] > 2 for w in app.status()["workers"]), 20)
+        victim = next(w for w in app.status()["workers"] if w["running_seq"] and w["local_queue"] > 2)
+        segment.inject_fault(step, 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        # The supervisor dies recovering it; the next one finishes the recovery from the
+        # worker's record, and the replacement runs what the dead worker left.
+        assert_each_result_once(app, futures, 150)
+        assert not segment.fault_pending, "the armed fault never fired"
+        assert not pid_alive(first)
+        assert wait_until(lambda: settled(app, name, 2), 20), (app.status(), processes_of(name))
+        replaced = next(w for w in app.status()["workers"] if w["id"] == victim["id"])
+        assert replaced["pid"] != victim["pid"]
         assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
 
 

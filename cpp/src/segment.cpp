@@ -183,11 +183,16 @@ std::unique_ptr<Segment> Segment::attach(const std::string& name) {
                          std::to_string(h->layout_version) + ", this build expects " +
                          std::to_string(kLayoutVersion));
   Geometry g = geometry(h->config);
-  if (g.task_stride != h->task_stride || g.total != h->total_bytes || g.total > seg->size_ ||
-      g.worker_stride != h->worker_stride || g.client_stride != h->client_stride)
-    throw LayoutMismatch("mpop: segment '" + name + "' has slot stride " +
-                         std::to_string(h->task_stride) + " but its configuration implies " +
-                         std::to_string(g.task_stride) + ": refusing a mismatched layout");
+  auto mismatch = [&](const char* what, uint64_t has, uint64_t implied) {
+    return LayoutMismatch("mpop: segment '" + name + "' has " + what + " " + std::to_string(has) +
+                          " but its configuration implies " + std::to_string(implied) +
+                          " in this build: refusing a mismatched layout");
+  };
+  if (g.task_stride != h->task_stride) throw mismatch("slot stride", h->task_stride, g.task_stride);
+  if (g.worker_stride != h->worker_stride) throw mismatch("worker record stride", h->worker_stride, g.worker_stride);
+  if (g.client_stride != h->client_stride) throw mismatch("client record stride", h->client_stride, g.client_stride);
+  if (g.total != h->total_bytes) throw mismatch("size", h->total_bytes, g.total);
+  if (g.total > seg->size_) throw mismatch("mapped size", seg->size_, g.total);
   seg->header_ = h;
   h->attached.fetch_add(1, std::memory_order_acq_rel);
   seg->bind_views();

@@ -174,8 +174,7 @@ void Supervisor::spawn(uint32_t id) {
   c.killed_seq = 0;
   c.active = true;
   rec.stop_request.store(0);
-  rec.local_count.store(0);
-  rec.local_next.store(0);
+  // (The local queue stays: what the last process left pending there, it runs first.)
   rec.running_since_ns.store(0);
   rec.claim.in_claim.store(0);
   rec.publish.in_claim.store(0);
@@ -280,16 +279,18 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   }
 
   // A worker recycled for its memory left in the middle of a claim: the tasks it had not
-  // started go back to the ring, uncharged.
-  recover_local_queue(id, what_it_published(rec), false);
-  rec.local_count.store(0);
+  // started stay in its local queue for its replacement (uncharged), or go back to the
+  // ring when none comes.
+  const bool resume = still_wanted(c) && id < target_.load();
+  recover_local_queue(id, what_it_published(rec), false, resume);
   rec.state.store(static_cast<uint32_t>(WorkerState::kExited));
   // A worker that left by itself while still wanted was recycled (max_tasks_per_worker,
   // max_worker_memory).
-  if (still_wanted(c) && id < target_.load()) {
+  if (resume) {
     rec.recycled.fetch_add(1);
     spawn(id);
   } else {
+    requeue_pending(id);
     c.active = false;
   }
 }
@@ -306,11 +307,14 @@ void Supervisor::on_start_death(uint32_t id, int exit) {
   // that keeps happening.
   std::string why(rec.start_error, strnlen(rec.start_error, sizeof rec.start_error));
   // It may have died sending output (its initializer's, say): void a cell it reserved.
-  recover_windows(id, what_it_published(rec), {});
+  const Publication pub = what_it_published(rec);
+  if (pub.in_window && rec.publish.head < seg_.results().enqueue_pos())
+    publish_recoveries_.push_back({id, rec.publish.head, claim_snapshot(id, true), false});
   bool failed = !why.empty() || (exit >= 0 && WIFEXITED(exit) && WEXITSTATUS(exit) != 0);
   if (failed || ++c.start_deaths >= 5) {
     set_error("mpop: worker " + std::to_string(id) + " failed to start" +
               (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
+    requeue_pending(id);  // what a predecessor left for it: to the others
     rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
     c.active = false;
     return;
@@ -330,14 +334,20 @@ void Supervisor::on_crash(uint32_t id) {
   counters_.crashes.fetch_add(1);
   // Killed by a non-graceful stop: nothing it held will run again.
   const bool cancel = quit_.load() && !graceful_.load() && c.stopping;
+  c.resume = !cancel && still_wanted(c);
   const Publication pub = what_it_published(rec);
   // An unpublished pooled block is freed (one inside its publication window: see
   // recover_windows).
-  if (!pub.published && rec.result_ref.load() && !pub.in_window)
-    seg_.pool().free(rec.result_ref.load(), rec.result_len.load());
-  std::vector<uint64_t> local_seqs = recover_local_queue(id, pub, cancel);
-  recover_windows(id, pub, std::move(local_seqs));
+  if (!pub.published && !pub.in_window) free_result_block(rec);
   seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
+  recover_local_queue(id, pub, cancel, c.resume);
+  recover_windows(id, pub);
+  if (c.recoveries == 0) finish_recovery(id);
+}
+
+void Supervisor::finish_recovery(uint32_t id) {
+  Child& c = children_[id];
+  WorkerRecord& rec = seg_.workers().record(id);
   // Last, what is still tagged with its id: a block it took but had not yet recorded in
   // result_ref, or the words of a run it was halfway through taking. (Everything it
   // recorded and handed on was retagged first, so none of the above is freed twice.)
@@ -345,13 +355,34 @@ void Supervisor::on_crash(uint32_t id) {
     counters_.pool_reclaimed_bytes.fetch_add(bytes);
   }
   rec.restarts.fetch_add(1);
-  rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
-  rec.local_count.store(0);
   rec.running_since_ns.store(0);
-  rec.claim.in_claim.store(0);
-  rec.publish.in_claim.store(0);
-  if (still_wanted(c)) spawn(id);
+  const bool replace = c.resume && still_wanted(c);
+  if (!replace) requeue_pending(id);
+  rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
+  maybe_fault(seg_.header(), FaultStep::kSupervisorRecovered);
+  if (replace) spawn(id);  // it runs what is pending in the local queue first
   else c.active = false;
+}
+
+void Supervisor::requeue_pending(uint32_t id) {
+  const WorkerTable& table = seg_.workers();
+  WorkerRecord& rec = table.record(id);
+  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  const uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
+  for (uint32_t j = 0; j < n; ++j) {
+    LocalEntry& e = table.entry(id, j);
+    if (e.state.load(std::memory_order_acquire) != static_cast<uint32_t>(LocalState::kPending)) continue;
+    // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
+    // before the worker that takes it up again (CancelTable).
+    e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
+    const uint8_t* body = table.entry_body(id, j);
+    requeue_.emplace_back(body, body + body_bytes);
+  }
+  rec.local_count.store(0, std::memory_order_release);
+}
+
+void Supervisor::free_result_block(WorkerRecord& rec) {
+  if (const uint64_t ref = rec.result_ref.exchange(0)) seg_.pool().free(ref, rec.result_len.load());
 }
 
 Supervisor::Publication Supervisor::what_it_published(const WorkerRecord& rec) const {
@@ -372,20 +403,19 @@ Supervisor::Publication Supervisor::what_it_published(const WorkerRecord& rec) c
   return pub;
 }
 
-std::vector<uint64_t> Supervisor::recover_local_queue(uint32_t id, const Publication& pub,
-                                                      bool cancel) {
+void Supervisor::recover_local_queue(uint32_t id, const Publication& pub, bool cancel, bool resume) {
   const WorkerTable& table = seg_.workers();
-  std::vector<uint64_t> local_seqs;
-  uint32_t n = std::min(table.record(id).local_count.load(std::memory_order_acquire), table.batch);
-  for (uint32_t j = 0; j < n; ++j) recover_local_entry(id, j, pub, cancel, local_seqs);
-  return local_seqs;
+  const uint32_t n = std::min(table.record(id).local_count.load(std::memory_order_acquire), table.batch);
+  for (uint32_t j = 0; j < n; ++j) {
+    recover_local_entry(id, j, pub, cancel, resume);
+    if (j == 0) maybe_fault(seg_.header(), FaultStep::kSupervisorRecovering);
+  }
 }
 
-void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel,
-                                     std::vector<uint64_t>& local_seqs) {
+void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel, bool resume) {
   const WorkerTable& table = seg_.workers();
-  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
-  auto st = static_cast<LocalState>(table.entry(id, j).state.load(std::memory_order_acquire));
+  LocalEntry& e = table.entry(id, j);
+  auto st = static_cast<LocalState>(e.state.load(std::memory_order_acquire));
   uint8_t* body = table.entry_body(id, j);
   TaskHeader th;
   std::memcpy(&th, body, sizeof th);
@@ -396,68 +426,88 @@ void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication&
       (st == LocalState::kPending || st == LocalState::kRunning) &&
       seg_.pool().tag_of(th.pool_ref) == ArgPool::worker_tag(id))
     seg_.pool().retag(th.pool_ref, th.stream_len, ArgPool::kArgTag);
-  // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
-  // before the worker that takes it up again (CancelTable).
-  if (st == LocalState::kPending || st == LocalState::kRunning)
-    table.entry(id, j).state.store(static_cast<uint32_t>(LocalState::kDone),
-                                   std::memory_order_seq_cst);
+  // Each outcome is written to the entry after what it sends out (a result posted, the
+  // task pushed back): a new supervisor that redoes this recovery finds the entry settled,
+  // or sends it again (a second result of a task is dropped by whoever collects results).
+  auto done = [&] { e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst); };
   if (st == LocalState::kPending) {
-    local_seqs.push_back(th.seq);
-    if (cancel)
+    if (cancel) {
       post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
-    else
-      requeue_.emplace_back(body, body + body_bytes);  // never started: uncharged
+      done();
+    }
+    // else: it stays pending, for the replacement or for requeue_pending
+    (void)resume;
   } else if (st == LocalState::kRunning) {
-    local_seqs.push_back(th.seq);
-    if (pub.published && pub.result_seq == th.seq) return;  // its result is out: done
-    settle_interrupted_task(id, th, body, cancel);
+    if (result_out) {
+      done();
+      return;
+    }
+    settle_interrupted_task(id, j, th, body, cancel, resume);
   }
 }
 
-void Supervisor::settle_interrupted_task(uint32_t id, TaskHeader th, uint8_t* body, bool cancel) {
+void Supervisor::settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel,
+                                         bool resume) {
   const Child& c = children_[id];
-  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  LocalEntry& e = seg_.workers().entry(id, j);
+  auto finish = [&](ResultStatus status) {
+    post_result(th, body + sizeof th, status, id);
+    e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
+  };
+  // To run again (pending in the local queue: the replacement's, or the ring's through
+  // requeue_pending).
+  auto again = [&](bool charged) {
+    if (charged) std::memcpy(body, &th, sizeof th);
+    e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_seq_cst);
+  };
+  (void)resume;
   // Killed by kill_task: that task ends cancelled. Had the worker moved on to another task
   // before the signal came, that one is not charged for a death it did not cause.
   if (c.killed_seq && !cancel) {
-    if (c.killed_seq == th.seq) {
-      post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
-    } else {
-      requeue_.emplace_back(body, body + body_bytes);
-    }
+    if (c.killed_seq == th.seq) finish(ResultStatus::kCancelled);
+    else again(false);
     return;
   }
   th.attempts += 1;
   if (cancel) {
-    post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
+    finish(ResultStatus::kCancelled);
   } else if (c.timed_out_seq && c.timed_out_seq == th.seq) {
     counters_.timeouts.fetch_add(1);
-    post_result(th, body + sizeof th, ResultStatus::kTimeout, id);
+    finish(ResultStatus::kTimeout);
   } else if (th.attempts > opts_.max_retries) {
     counters_.crashed_tasks.fetch_add(1);
-    post_result(th, body + sizeof th, ResultStatus::kCrashed, id);
+    finish(ResultStatus::kCrashed);
   } else {
     counters_.retries.fetch_add(1);
-    std::memcpy(body, &th, sizeof th);
-    requeue_.emplace_back(body, body + body_bytes);
+    again(true);
   }
 }
 
-void Supervisor::recover_windows(uint32_t id, const Publication& pub,
-                                 std::vector<uint64_t> local_seqs) {
+void Supervisor::recover_windows(uint32_t id, const Publication& pub) {
+  Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
-  if (rec.claim.in_claim.load(std::memory_order_seq_cst))
-    ring_recoveries_.push_back({seg_.tasks().dequeue_pos(), claim_snapshot(id, false),
-                                std::move(local_seqs)});
+  if (rec.claim.in_claim.load(std::memory_order_seq_cst)) {
+    // The dequeue counter at the death, kept in the record: a new supervisor that redoes
+    // this recovers the same cells, never ones another worker claimed since.
+    uint64_t below = rec.recover_below.load();
+    if (below == 0) {
+      below = seg_.tasks().dequeue_pos() + 1;
+      rec.recover_below.store(below);
+    }
+    ring_recoveries_.push_back({id, below - 1, claim_snapshot(id, false)});
+    ++c.recoveries;
+  }
   if (pub.in_window && rec.publish.head < seg_.results().enqueue_pos()) {
     // A published cell (window_out) carries its result: the collector frees that block.
     // Otherwise the block is freed by the recovery: its cell is voided, or it never got
     // one (another worker took that position while it was in its window).
-    publish_recoveries_.push_back({rec.publish.head, claim_snapshot(id, true),
-                                   pub.window_out ? 0 : rec.result_ref.load(),
-                                   rec.result_len.load()});
-  } else if (pub.in_window && rec.result_ref.load())
-    seg_.pool().free(rec.result_ref.load(), rec.result_len.load());  // never reserved a cell
+    if (pub.window_out) rec.result_ref.store(0);
+    publish_recoveries_.push_back({id, rec.publish.head, claim_snapshot(id, true), true});
+    ++c.recoveries;
+  } else if (pub.in_window) {
+    free_result_block(rec);  // never reserved a cell
+    rec.publish.in_claim.store(0);
+  }
 }
 
 void Supervisor::check_timeouts() {
@@ -479,21 +529,39 @@ void Supervisor::check_timeouts() {
 }
 
 void Supervisor::run_recoveries() {
+  const WorkerTable& table = seg_.workers();
   const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
+  std::vector<uint32_t> finished;
   for (auto it = ring_recoveries_.begin(); it != ring_recoveries_.end();) {
     if (!snapshot_passed(it->wait, false)) {
       ++it;
       continue;
     }
-    auto& local = it->local_seqs;
-    uint32_t n = seg_.tasks().recover_unreleased(it->below, [&](uint64_t, const uint8_t* body) {
+    const uint32_t id = it->worker;
+    WorkerRecord& rec = table.record(id);
+    // The cells it claimed and had not copied join its local queue as pending tasks; one
+    // it had copied (or that an earlier, interrupted recovery did) is only released.
+    seg_.tasks().recover_unreleased(it->below, [&](uint64_t, const uint8_t* body) {
       TaskHeader th;
       std::memcpy(&th, body, sizeof th);
-      if (std::find(local.begin(), local.end(), th.seq) != local.end()) return;
-      requeue_.emplace_back(body, body + body_bytes);
+      const uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
+      for (uint32_t j = 0; j < n; ++j) {
+        TaskHeader lh;
+        std::memcpy(&lh, table.entry_body(id, j), sizeof lh);
+        if (lh.seq == th.seq) return;
+      }
+      if (n >= table.batch) {  // (cannot happen: a claim is at most a batch)
+        requeue_.emplace_back(body, body + body_bytes);
+      } else {
+        std::memcpy(table.entry_body(id, n), body, body_bytes);
+        table.entry(id, n).state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
+        rec.local_count.store(n + 1, std::memory_order_release);
+      }
       counters_.recovered_from_ring.fetch_add(1);
     });
-    (void)n;
+    rec.claim.in_claim.store(0);
+    rec.recover_below.store(0);
+    finished.push_back(id);
     it = ring_recoveries_.erase(it);
   }
   for (auto it = publish_recoveries_.begin(); it != publish_recoveries_.end();) {
@@ -508,9 +576,16 @@ void Supervisor::run_recoveries() {
         std::memcpy(body, &r, sizeof r);
       });
     }
-    if (it->value_ref) seg_.pool().free(it->value_ref, it->value_len);
+    if (it->of_crash) {
+      WorkerRecord& rec = table.record(it->worker);
+      free_result_block(rec);
+      rec.publish.in_claim.store(0);
+      finished.push_back(it->worker);
+    }
     it = publish_recoveries_.erase(it);
   }
+  for (uint32_t id : finished)
+    if (--children_[id].recoveries == 0) finish_recovery(id);
 }
 
 void Supervisor::flush_requeue() {
@@ -755,6 +830,8 @@ void Supervisor::finish_after_stop() {
   for (auto& r : ring_recoveries_) r.wait.clear();
   for (auto& r : publish_recoveries_) r.wait.clear();
   run_recoveries();
+  // Tasks left pending in a record whose replacement never came: cancelled below.
+  for (uint32_t i = 0; i < children_.size(); ++i) requeue_pending(i);
   for (auto& b : requeue_) {
     TaskHeader th;
     std::memcpy(&th, b.data(), sizeof th);

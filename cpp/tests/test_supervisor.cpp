@@ -880,9 +880,10 @@ TEST_F(SupervisorTest, PoisonTaskIsRetriedThenFailedAndItsNeighboursAreNotCharge
   EXPECT_EQ(c.crashes.load(), 3u);
   EXPECT_EQ(c.retries.load(), 2u);
   EXPECT_EQ(c.crashed_tasks.load(), 1u);
-  // Tasks 6..15 went back to the queue (behind everything else), uncharged.
+  // Tasks 6..15 stayed in the local queue, uncharged, and the replacement ran them (after
+  // the poison's last run) before it claimed task 16.
   for (size_t i = kPoisonAt + 1; i < 16; ++i) {
-    EXPECT_GT(b.order[i], b.order[kN - 1]) << "task " << i << " was not requeued";
+    EXPECT_LT(b.order[i], b.order[16]) << "task " << i << " was not left to the replacement";
     EXPECT_EQ(b.first[i].attempts, 1u) << "task " << i;
   }
   EXPECT_EQ(p.sum_restarts(), 3u);
@@ -1047,9 +1048,9 @@ void expect_goodbyes(const Book& b, uint32_t id, uint32_t gen) {
 
 // A cap of 1 byte: every reading of a worker's memory is over it, so each life ends at its
 // first reading, after kMemoryCheckTasks tasks (or sooner, once kMemoryCheckNs passed): in
-// the middle of a claim of 10. The tasks of that claim it had not started go back to the
-// ring uncharged, and its replacement counts as recycled, not as a restart.
-TEST_F(SupervisorTest, AWorkerOverItsMemoryCapIsRecycledMidClaimAndItsClaimIsHandedBack) {
+// the middle of a claim of 10. The tasks of that claim it had not started stay in its
+// local queue, uncharged, for its replacement, which counts as recycled, not as a restart.
+TEST_F(SupervisorTest, AWorkerOverItsMemoryCapIsRecycledMidClaimAndItsReplacementRunsTheRest) {
   static_assert(kMemoryCheckTasks % 10 != 0, "a life must end in the middle of a claim");
   PoolSetup s;
   s.workers = 1;
@@ -1082,10 +1083,11 @@ TEST_F(SupervisorTest, AWorkerOverItsMemoryCapIsRecycledMidClaimAndItsClaimIsHan
   EXPECT_EQ(rec.restarts.load(), 0u);
   // Each life ran at most kMemoryCheckTasks tasks.
   EXPECT_GE(rec.recycled.load(), n / kMemoryCheckTasks - 1);
-  // Tasks handed back came after later ones: a result out of seq order.
-  size_t handed_back = 0;
-  for (size_t i = 0; i + 1 < n; ++i) handed_back += b.order[i] > b.order[i + 1];
-  EXPECT_GT(handed_back, 0u) << "no life ended in the middle of a claim";
+  // The replacement ran what its predecessor left before it claimed more: every result in
+  // seq order.
+  size_t out_of_order = 0;
+  for (size_t i = 0; i + 1 < n; ++i) out_of_order += b.order[i] > b.order[i + 1];
+  EXPECT_EQ(out_of_order, 0u);
   EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }, 5 * kSec))
       << p.seg().pool().used_bytes() << " pool bytes still in use";
 
@@ -1100,7 +1102,7 @@ TEST_F(SupervisorTest, AWorkerOverItsMemoryCapIsRecycledMidClaimAndItsClaimIsHan
   expect_goodbyes(b, 0, gen);
   EXPECT_EQ(p.collector().completed(), n);  // the side messages counted for nothing
   EXPECT_TRUE(b.strays.empty()) << b.strays.front();
-  std::cout << "[          ] " << gen << " lives, " << handed_back << " results out of order\n";
+  std::cout << "[          ] " << gen << " lives, " << out_of_order << " results out of order\n";
 }
 
 // The same with three workers fed while they run, through a ring smaller than the work, each
@@ -1164,7 +1166,7 @@ TEST_F(SupervisorTest, RecyclingForMemoryUnderLoadLosesAndChargesNothing) {
 // kill_task(seq) kills the worker running that task: the task ends cancelled and is not run
 // again; the rest of that worker's claim goes back to the ring uncharged; a seq that no
 // worker runs (queued, claimed and waiting, done, unknown) kills nothing.
-TEST_F(SupervisorTest, KillTaskCancelsTheRunningTaskAndHandsBackTheRestOfItsClaim) {
+TEST_F(SupervisorTest, KillTaskCancelsTheRunningTaskAndLeavesTheRestOfItsClaimToTheReplacement) {
   PoolSetup s;
   s.workers = 1;
   s.batch = 16;
@@ -1206,10 +1208,10 @@ TEST_F(SupervisorTest, KillTaskCancelsTheRunningTaskAndHandsBackTheRestOfItsClai
     if (i != kSlowAt) {
       EXPECT_EQ(b.first[i].attempts, 1u) << "task " << i;
     }
-  // Tasks 4..15 waited in the killed worker's local queue: back to the ring, behind
-  // everything else, uncharged.
+  // Tasks 4..15 waited in the killed worker's local queue: its replacement ran them,
+  // uncharged, before it claimed task 16.
   for (size_t i = kSlowAt + 1; i < 16; ++i) {
-    EXPECT_GT(b.order[i], b.order[kN - 1]) << "task " << i << " was not handed back";
+    EXPECT_LT(b.order[i], b.order[16]) << "task " << i << " was not left to the replacement";
   }
   EXPECT_EQ(p.collector().completed(), kN);
   const SupervisorCounters& c = p.counters();

@@ -37,6 +37,8 @@ enum class FaultStep : uint32_t {
   kForwarderRead = 23,       // a batch read from the result ring, nothing in mailboxes yet
   kForwarderMidPush = 24,    // a mailbox's cells for the batch reserved, not written
   kForwarderPushed = 25,     // the batch in mailboxes, not yet taken from the result ring
+  kSupervisorRecovering = 26,  // a dead worker's local queue half recovered
+  kSupervisorRecovered = 27,   // a dead worker recovered, its replacement not started
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the

@@ -20,7 +20,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 7;
+constexpr uint32_t kLayoutVersion = 8;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {

@@ -87,17 +87,20 @@ class Supervisor {
     uint64_t timed_out_seq = 0;  // nonzero: killed for running this task past task_timeout
     uint64_t killed_seq = 0;     // nonzero: killed by kill_task while running this task
     uint32_t start_deaths = 0;   // consecutive deaths before reaching the loop
+    bool resume = false;         // its replacement runs what it left in its local queue
+    uint32_t recoveries = 0;     // its window recoveries still waiting (run_recoveries)
   };
   struct PendingRingRecovery {
+    uint32_t worker;
     uint64_t below;                                  // dequeue counter at the death
     std::vector<std::pair<uint32_t, uint64_t>> wait;  // live workers and their claim epochs then
-    std::vector<uint64_t> local_seqs;                // recovered from the local queue already
   };
   struct PendingPublishRecovery {
+    uint32_t worker;
     uint64_t pos;
     std::vector<std::pair<uint32_t, uint64_t>> wait;
-    uint64_t value_ref = 0;  // the dead worker's pooled value, freed if the cell is voided
-    uint32_t value_len = 0;
+    bool of_crash = true;  // part of on_crash's recovery (else of a death during start-up:
+                           // only the cell is voided, the record is a new process's by then)
   };
 
   // What a dead worker had published of the task it was running (see what_it_published).
@@ -137,18 +140,24 @@ class Supervisor {
   // Still part of the target set, and no stop under way: a dead worker gets a successor.
   bool still_wanted(const Child& c) const;
   Publication what_it_published(const WorkerRecord& rec) const;
-  // Settles each task of a dead worker's local queue; returns the seqs found there (the
-  // ring recovery leaves those alone).
-  std::vector<uint64_t> recover_local_queue(uint32_t id, const Publication& pub, bool cancel);
-  void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel,
-                           std::vector<uint64_t>& local_seqs);
+  // Settles each task of a dead (or recycled) worker's local queue in place: `resume`, the
+  // ones to run again stay pending there for its replacement; else they go to the ring.
+  // Every step leaves the record so that a new supervisor can redo the recovery from it.
+  void recover_local_queue(uint32_t id, const Publication& pub, bool cancel, bool resume);
+  void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel, bool resume);
   // A task the dead worker was running and whose result is not out: cancelled, timed out,
-  // crashed for good, or re-queued with one more attempt.
-  void settle_interrupted_task(uint32_t id, TaskHeader th, uint8_t* body, bool cancel);
-  // The recoveries of its claim window (ring cells claimed, not released) and publication
-  // window (a result cell reserved, not published), run by run_recoveries once every
-  // worker that was inside such a window at the death has left it.
-  void recover_windows(uint32_t id, const Publication& pub, std::vector<uint64_t> local_seqs);
+  // crashed for good, or to run again with one more attempt.
+  void settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel, bool resume);
+  // The recoveries of its claim window (ring cells claimed, not released: into its local
+  // queue) and publication window (a result cell reserved, not published: voided), run by
+  // run_recoveries once every worker that was inside such a window at the death has left
+  // it. The windows stay raised in the record until then.
+  void recover_windows(uint32_t id, const Publication& pub);
+  // The end of a dead worker's recovery: its replacement, or its pending tasks to the ring.
+  void finish_recovery(uint32_t id);
+  void requeue_pending(uint32_t id);
+  // Frees the pooled result block a dead worker recorded (once: the record forgets it first).
+  void free_result_block(WorkerRecord& rec);
   // Whether a child without a pidfd that another process reaps is still the process we
   // spawned (its pid not reused since), and a signal that reaches only that process.
   bool still_ours(const Child& c) const;

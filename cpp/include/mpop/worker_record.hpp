@@ -50,6 +50,9 @@ struct alignas(kCacheLine) WorkerRecord {
   std::atomic<uint64_t> life{0};
 
   ClaimState claim;  // the claim window on the task ring
+  // A dead worker's claim window under recovery: the ring's dequeue counter at the death,
+  // plus one (0 = none), so that a new supervisor recovers the same cells.
+  std::atomic<uint64_t> recover_below{0};
 
   // The local queue: `local_count` entries copied from the ring by the last claim; entries
   // before `local_next` are done or running.
