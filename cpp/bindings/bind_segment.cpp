@@ -123,9 +123,7 @@ py::dict worker_status(Segment& s, uint32_t i) {
   d["start_time"] = r.start_time.load();
   const uint32_t state = r.state.load();
   d["state"] = state_name(state);
-  // A process holds the record (from its start until it leaves or is found dead).
-  d["live"] = state == static_cast<uint32_t>(WorkerState::kStarting) || state == static_cast<uint32_t>(WorkerState::kIdle) ||
-              state == static_cast<uint32_t>(WorkerState::kBusy) || state == static_cast<uint32_t>(WorkerState::kExiting);
+  d["live"] = holds_process(static_cast<WorkerState>(state));
   d["completed"] = r.completed.load();
   d["failed"] = r.failed.load();
   d["restarts"] = r.restarts.load();

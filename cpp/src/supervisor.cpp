@@ -162,10 +162,6 @@ uint32_t Supervisor::live_workers() const {
 }
 
 void Supervisor::spawn(uint32_t id) {
-  // What a recovery took from a dead worker goes to shared memory before the (slow) start
-  // of its replacement: a persistent pool's supervisor that dies meanwhile loses nothing
-  // the rings had room for.
-  flush_requeue();
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
   c.gen += 1;
@@ -282,7 +278,7 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   // started stay in its local queue for its replacement (uncharged), or go back to the
   // ring when none comes.
   const bool resume = still_wanted(c) && id < target_.load();
-  recover_local_queue(id, what_it_published(rec), false, resume);
+  recover_local_queue(id, what_it_published(rec), false);
   rec.state.store(static_cast<uint32_t>(WorkerState::kExited));
   // A worker that left by itself while still wanted was recycled (max_tasks_per_worker,
   // max_worker_memory).
@@ -340,7 +336,7 @@ void Supervisor::on_crash(uint32_t id) {
   // recover_windows).
   if (!pub.published && !pub.in_window) free_result_block(rec);
   seg_.tasks().clear_spinner(id + 1);  // it died spinning for work: let another spin
-  recover_local_queue(id, pub, cancel, c.resume);
+  recover_local_queue(id, pub, cancel);
   recover_windows(id, pub);
   if (c.recoveries == 0) finish_recovery(id);
 }
@@ -403,16 +399,16 @@ Supervisor::Publication Supervisor::what_it_published(const WorkerRecord& rec) c
   return pub;
 }
 
-void Supervisor::recover_local_queue(uint32_t id, const Publication& pub, bool cancel, bool resume) {
+void Supervisor::recover_local_queue(uint32_t id, const Publication& pub, bool cancel) {
   const WorkerTable& table = seg_.workers();
   const uint32_t n = std::min(table.record(id).local_count.load(std::memory_order_acquire), table.batch);
   for (uint32_t j = 0; j < n; ++j) {
-    recover_local_entry(id, j, pub, cancel, resume);
+    recover_local_entry(id, j, pub, cancel);
     if (j == 0) maybe_fault(seg_.header(), FaultStep::kSupervisorRecovering);
   }
 }
 
-void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel, bool resume) {
+void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel) {
   const WorkerTable& table = seg_.workers();
   LocalEntry& e = table.entry(id, j);
   auto st = static_cast<LocalState>(e.state.load(std::memory_order_acquire));
@@ -436,18 +432,16 @@ void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication&
       done();
     }
     // else: it stays pending, for the replacement or for requeue_pending
-    (void)resume;
   } else if (st == LocalState::kRunning) {
     if (result_out) {
       done();
       return;
     }
-    settle_interrupted_task(id, j, th, body, cancel, resume);
+    settle_interrupted_task(id, j, th, body, cancel);
   }
 }
 
-void Supervisor::settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel,
-                                         bool resume) {
+void Supervisor::settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel) {
   const Child& c = children_[id];
   LocalEntry& e = seg_.workers().entry(id, j);
   auto finish = [&](ResultStatus status) {
@@ -460,7 +454,6 @@ void Supervisor::settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th,
     if (charged) std::memcpy(body, &th, sizeof th);
     e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_seq_cst);
   };
-  (void)resume;
   // Killed by kill_task: that task ends cancelled. Had the worker moved on to another task
   // before the signal came, that one is not charged for a death it did not cause.
   if (c.killed_seq && !cancel) {
@@ -624,8 +617,7 @@ void Supervisor::start_workers() {
     WorkerRecord& rec = seg_.workers().record(i);
     c.gen = rec.generation.load();
     const auto st = static_cast<WorkerState>(rec.state.load());
-    if (st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
-        st == WorkerState::kExiting) {
+    if (holds_process(st)) {
       // It died while no supervisor watched: recovered and replaced as a crash is (or as a
       // clean exit, if it was leaving).
       c.active = true;
@@ -641,9 +633,7 @@ bool Supervisor::adopt(uint32_t id) {
   Child& c = children_[id];
   WorkerRecord& rec = seg_.workers().record(id);
   const auto st = static_cast<WorkerState>(rec.state.load());
-  if (!(st == WorkerState::kStarting || st == WorkerState::kIdle || st == WorkerState::kBusy ||
-        st == WorkerState::kExiting))
-    return false;
+  if (!holds_process(st)) return false;
   uint64_t life = rec.life.load(std::memory_order_acquire);
   // Started by a supervisor that died before it (or the process) filled in the pid: fence
   // the record, so that such a process, if it runs, finds it may not and leaves.

@@ -141,10 +141,9 @@ class Forwarder {
     if (h.value_encoding == ValueEncoding::kPooled && h.value_ref) free_later(h.value_ref, h.value_len);
   }
 
-  // `replayed`: the record may be in a mailbox already (see the top).
-  void route(const uint8_t* in, bool replayed) {
-    alignas(8) uint8_t rec[kResultStride - 8];
-    std::memcpy(rec, in, sizeof rec);
+  // `rec`: a record of buffer_ (marked in place). `replayed`: it may be in a mailbox
+  // already (see the top).
+  void route(uint8_t* rec, bool replayed) {
     ResultHeader h;
     std::memcpy(&h, rec, sizeof h);
     if (replayed) {

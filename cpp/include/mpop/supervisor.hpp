@@ -140,14 +140,15 @@ class Supervisor {
   // Still part of the target set, and no stop under way: a dead worker gets a successor.
   bool still_wanted(const Child& c) const;
   Publication what_it_published(const WorkerRecord& rec) const;
-  // Settles each task of a dead (or recycled) worker's local queue in place: `resume`, the
-  // ones to run again stay pending there for its replacement; else they go to the ring.
-  // Every step leaves the record so that a new supervisor can redo the recovery from it.
-  void recover_local_queue(uint32_t id, const Publication& pub, bool cancel, bool resume);
-  void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel, bool resume);
+  // Settles each task of a dead (or recycled) worker's local queue in place: the ones to
+  // run again stay pending there, for its replacement or, when none comes, for
+  // requeue_pending. Every step leaves the record so that a new supervisor can redo the
+  // recovery from it.
+  void recover_local_queue(uint32_t id, const Publication& pub, bool cancel);
+  void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel);
   // A task the dead worker was running and whose result is not out: cancelled, timed out,
   // crashed for good, or to run again with one more attempt.
-  void settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel, bool resume);
+  void settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel);
   // The recoveries of its claim window (ring cells claimed, not released: into its local
   // queue) and publication window (a result cell reserved, not published: voided), run by
   // run_recoveries once every worker that was inside such a window at the death has left

@@ -213,55 +213,48 @@ class WorkerSession {
 
   WorkerExit run() {
     announce();
-    {
-      uint32_t want = 0;
-      if (auto why = must_leave(want)) return exit_with(*why);
-      if (auto why = run_left_over()) return exit_with(*why);
-    }
+    uint32_t want = 0;
+    if (auto why = must_leave(want)) return exit_with(*why);
+    // First what the last process in this record left pending in its local queue (it died
+    // or was recycled; the supervisor left those tasks there, one it was running made
+    // pending again with one more attempt), as a claim of its own.
+    if (auto why = run_local_queue(std::min(rec_.local_count.load(std::memory_order_acquire), table_.batch), true))
+      return exit_with(*why);
     for (;;) {
-      uint32_t want = 0;
       if (auto why = must_leave(want)) return exit_with(*why);
       const uint32_t k = claim_into_local_queue(want);
       if (k == 0) {
         if (!sleep_while_idle()) return exit_with(WorkerExit::kOwnerDied);
         continue;
       }
-      begin_batch();
-      for (uint32_t j = 0; j < k; ++j) {
-        Task t = start_task(j);
-        run_task(t);
-        if (!publish(t)) return exit_with(WorkerExit::kOwnerDied);
-        mark_done(t);
-        // Over max_worker_memory: recycled now. The tasks of this claim that have not
-        // started stay in the local queue, for the replacement (or, if there is none, the
-        // supervisor hands them back to the ring).
-        if (over_memory_cap()) return exit_with(WorkerExit::kRecycled);
-      }
-      end_batch();
+      if (auto why = run_local_queue(k, false)) return exit_with(*why);
     }
   }
 
-  // The tasks the last process in this record left pending in its local queue (it died
-  // or was recycled; the supervisor left them there, a task it was running made pending
-  // again with one more attempt): run first, as a claim of their own.
-  std::optional<WorkerExit> run_left_over() {
-    const uint32_t k = std::min(rec_.local_count.load(std::memory_order_acquire), table_.batch);
+  // Runs entries [0, k) of the local queue (`left_over`: only those still pending); a
+  // reason to leave before the end, if one comes.
+  std::optional<WorkerExit> run_local_queue(uint32_t k, bool left_over) {
     auto pending = [&](uint32_t j) {
       return table_.entry(id_, j).state.load(std::memory_order_acquire) == static_cast<uint32_t>(LocalState::kPending);
     };
-    bool any = false;
-    for (uint32_t j = 0; j < k && !any; ++j) any = pending(j);
-    if (!any) {
-      rec_.local_count.store(0, std::memory_order_release);
-      return std::nullopt;
+    if (left_over) {
+      bool any = false;
+      for (uint32_t j = 0; j < k && !any; ++j) any = pending(j);
+      if (!any) {
+        rec_.local_count.store(0, std::memory_order_release);
+        return std::nullopt;
+      }
     }
     begin_batch();
     for (uint32_t j = 0; j < k; ++j) {
-      if (!pending(j)) continue;
+      if (left_over && !pending(j)) continue;
       Task t = start_task(j);
       run_task(t);
       if (!publish(t)) return WorkerExit::kOwnerDied;
       mark_done(t);
+      // Over max_worker_memory: recycled now. The tasks of this claim that have not
+      // started stay in the local queue, for the replacement (or, if there is none, the
+      // supervisor hands them back to the ring).
       if (over_memory_cap()) return WorkerExit::kRecycled;
     }
     end_batch();

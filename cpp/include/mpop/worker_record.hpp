@@ -21,6 +21,12 @@ enum class WorkerState : uint32_t {
   kDead = 6,      // died; the supervisor recovered its tasks
 };
 
+// Whether a record in state `s` is held by a process (from its start until it leaves or is
+// found dead).
+constexpr bool holds_process(WorkerState s) {
+  return s == WorkerState::kStarting || s == WorkerState::kIdle || s == WorkerState::kBusy || s == WorkerState::kExiting;
+}
+
 enum class LocalState : uint32_t { kFree = 0, kPending = 1, kRunning = 2, kDone = 3 };
 
 // The part of a local-queue entry before the task body.
