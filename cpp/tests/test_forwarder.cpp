@@ -41,20 +41,9 @@ constexpr uint32_t kMailboxSlots = 8;
 constexpr uint32_t kResultSlots = 64;
 
 SegmentConfig config() {
-  SegmentConfig c;
-  c.slot.size = 32;
-  c.slot.tsk_id_off = 0;
-  c.slot.tsk_id_size = 4;
-  c.slot.fn_id_off = 4;
-  c.slot.fn_id_size = 4;
-  c.slot.args_off = 8;
-  c.slot.args_count = 3;
-  c.queue_slots = 64;
+  SegmentConfig c = test::basic_config(32, 3);
   c.result_slots = kResultSlots;
-  c.max_workers = 1;
   c.batch_size = 16;
-  c.pool_bytes = 1 << 20;
-  c.registry_bytes = 4096;
   c.max_clients = kClients;
   c.client_slots = kMailboxSlots;
   return c;
@@ -111,16 +100,7 @@ void set_state(Segment& seg, uint32_t c, ClientState st) {
 }
 void attach_client(Segment& seg, uint32_t c) { set_state(seg, c, ClientState::kAttached); }
 
-// Polls until `cond` holds or 10 s pass.
-template <class Cond>
-bool eventually(Cond&& cond) {
-  const int64_t deadline = monotonic_ns() + 10'000'000'000;
-  while (!cond()) {
-    if (monotonic_ns() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
+using test::eventually;
 
 class ForwarderTest : public ::testing::Test {
  protected:
@@ -130,13 +110,7 @@ class ForwarderTest : public ::testing::Test {
 
   void TearDown() override {
     seg.reset();
-    std::vector<std::string> left;
-    if (DIR* d = opendir("/dev/shm")) {
-      while (dirent* e = readdir(d))
-        if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) left.push_back(e->d_name);
-      closedir(d);
-    }
-    for (auto& n : left) Segment::remove(n);
+    std::vector<std::string> left = test::remove_leftover_segments(prefix);
     EXPECT_TRUE(left.empty()) << "left in /dev/shm: " << left.front();
   }
 
@@ -147,6 +121,13 @@ class ForwarderTest : public ::testing::Test {
     uint64_t off = seg->pool().try_alloc(bytes, UINT64_MAX, tag);
     EXPECT_NE(off, 0u);
     return off;
+  }
+  // `h` with its value in a pooled block of `bytes` (a new one unless `block` is given).
+  ResultHeader with_value(ResultHeader h, uint32_t bytes, uint64_t block = 0) {
+    h.value_encoding = ValueEncoding::kPooled;
+    h.value_ref = block ? block : pooled(bytes);
+    h.value_len = bytes;
+    return h;
   }
 };
 
@@ -204,11 +185,7 @@ TEST_F(ForwarderTest, PlainResultGoesToThePlainMailboxAndItsAckToTheLiveOne) {
   Forwarder fw(*seg);
   const uint64_t s = seq_of(0, 1);
   const uint64_t value = pooled(600);
-  ResultHeader h = result(s, kRoutePlain);
-  h.value_encoding = ValueEncoding::kPooled;
-  h.value_ref = value;
-  h.value_len = 600;
-  publish(*seg, h);
+  publish(*seg, with_value(result(s, kRoutePlain), 600, value));
   EXPECT_EQ(fw.pump(0), 1u);
   EXPECT_EQ(fw.forwarded(), 1u);  // one result, though two records
   EXPECT_EQ(seg->client(0).forwarded.load(), 1u);
@@ -245,10 +222,7 @@ TEST_F(ForwarderTest, PlainResultGoesToThePlainMailboxAndItsAckToTheLiveOne) {
 TEST_F(ForwarderTest, AckRecordCarriesNoValue) {
   Forwarder fw(*seg);
   const uint64_t value = pooled(1000);
-  ResultHeader h = result(seq_of(2, 9), kRoutePlain);
-  h.value_encoding = ValueEncoding::kPooled;
-  h.value_ref = value;
-  h.value_len = 1000;
+  ResultHeader h = with_value(result(seq_of(2, 9), kRoutePlain), 1000, value);
   h.worker_id = 4;
   publish(*seg, h);
   ResultHeader inl = result(seq_of(2, 10), kRoutePlain);
@@ -301,21 +275,16 @@ TEST_F(ForwarderTest, SecondResultOfATaskIsDroppedAndItsPooledValueFreed) {
   Forwarder fw(*seg);
   const uint64_t s = seq_of(0, 1);
   const uint64_t first = pooled(700);
-  ResultHeader h = result(s);
-  h.value_encoding = ValueEncoding::kPooled;
-  h.value_ref = first;
-  h.value_len = 700;
-  publish(*seg, h);
+  publish(*seg, with_value(result(s), 700, first));
   EXPECT_EQ(fw.pump(0), 1u);
   const uint64_t used_after_first = seg->pool().used_bytes();
 
   // The task ran again (its worker died after publishing): a second result, another block.
   const uint64_t second = pooled(2000);
   EXPECT_GT(seg->pool().used_bytes(), used_after_first);
-  h.value_ref = second;
-  h.value_len = 2000;
-  h.attempts = 1;
-  publish(*seg, h);
+  ResultHeader rerun = with_value(result(s), 2000, second);
+  rerun.attempts = 1;
+  publish(*seg, rerun);
   EXPECT_EQ(fw.pump(0), 1u);  // taken from the ring...
   EXPECT_EQ(fw.forwarded(), 1u);  // ...but not forwarded
   EXPECT_EQ(seg->client(0).forwarded.load(), 1u);
@@ -336,11 +305,7 @@ TEST_F(ForwarderTest, DuplicateInTheSameBatchIsDroppedToo) {
   const uint64_t s = seq_of(1, 2);
   const uint64_t dup = pooled(300);
   publish(*seg, result(s, kRoutePlain), "first");
-  ResultHeader again = result(s, kRoutePlain);
-  again.value_encoding = ValueEncoding::kPooled;
-  again.value_ref = dup;
-  again.value_len = 300;
-  publish(*seg, again);
+  publish(*seg, with_value(result(s, kRoutePlain), 300, dup));
   EXPECT_EQ(fw.pump(0), 2u);
   EXPECT_EQ(fw.forwarded(), 1u);
   std::vector<Record> plain = take_all(seg->plain_mailbox(1));
@@ -382,10 +347,7 @@ TEST_F(ForwarderTest, ArgumentBlockIsFreedAndTheForwardedCopyHasNoArgRef) {
   ResultHeader f = result(seq_of(0, 1), kRouteFuture);
   f.arg_ref = args_f;
   f.arg_len = 1500;
-  f.value_encoding = ValueEncoding::kPooled;
-  f.value_ref = value;
-  f.value_len = 800;
-  publish(*seg, f);
+  publish(*seg, with_value(f, 800, value));
   ResultHeader p = result(seq_of(0, 2), kRoutePlain);
   p.arg_ref = args_p;
   p.arg_len = 400;
@@ -429,10 +391,7 @@ TEST_F(ForwarderTest, ResultOutsideEveryClientsSeqSpaceIsDroppedAndItsBlocksFree
     ResultHeader h = result(s, s % 2 ? kRoutePlain : kRouteFuture);
     h.arg_ref = pooled(700, ArgPool::kArgTag);
     h.arg_len = 700;
-    h.value_encoding = ValueEncoding::kPooled;
-    h.value_ref = pooled(300);
-    h.value_len = 300;
-    publish(*seg, h);
+    publish(*seg, with_value(h, 300));
   }
   EXPECT_GT(seg->pool().used_bytes(), 0u);
   const size_t n = std::size(stray);
@@ -459,10 +418,7 @@ TEST_F(ForwarderTest, VoidFillerIsSkippedAndItsValueFreed) {
   Forwarder fw(*seg);
   ResultHeader v = result(seq_of(0, 1));
   v.status = ResultStatus::kVoid;
-  v.value_encoding = ValueEncoding::kPooled;
-  v.value_ref = pooled(500);
-  v.value_len = 500;
-  publish(*seg, v);
+  publish(*seg, with_value(v, 500));
   EXPECT_EQ(fw.pump(0), 1u);
   EXPECT_EQ(fw.forwarded(), 0u);
   EXPECT_EQ(seg->pool().used_bytes(), 0u);
@@ -683,11 +639,7 @@ TEST_F(ForwarderTest, ResultsGivenUpAtStopWaitInTheRingForTheNextForwarder) {
   Forwarder fw(*seg);
   const uint64_t extra = 10;
   for (uint64_t k = 1; k <= kMailboxSlots + extra; ++k) {
-    ResultHeader h = result(seq_of(0, k));
-    h.value_encoding = ValueEncoding::kPooled;
-    h.value_ref = pooled(256);
-    h.value_len = 256;
-    publish(*seg, h);
+    publish(*seg, with_value(result(seq_of(0, k)), 256));
   }
   fw.start();
   ASSERT_TRUE(eventually([&] { return live_size(0) == kMailboxSlots; }));
@@ -777,11 +729,7 @@ TEST_F(ForwarderTest, NewForwarderStartsFromTheRecordedCompletionPoint) {
   // ran again) is a duplicate; the next one goes through.
   Forwarder second(*seg);
   const uint64_t dup_value = pooled(500);
-  ResultHeader again = result(seq_of(1, 2));
-  again.value_encoding = ValueEncoding::kPooled;
-  again.value_ref = dup_value;
-  again.value_len = 500;
-  publish(*seg, again);
+  publish(*seg, with_value(result(seq_of(1, 2)), 500, dup_value));
   publish(*seg, result(seq_of(1, 4)));
   EXPECT_EQ(second.pump(0), 2u);
   EXPECT_EQ(second.forwarded(), 1u);
@@ -871,10 +819,7 @@ TEST_P(ForwarderDeathTest, TheNextForwarderDeliversEachResultOnceAndFreesEachBlo
   attach_client(*seg, 0);
   constexpr uint64_t kResults = 6;  // 3 plain, 3 future: 6 records in the live mailbox, 3 plain
   for (uint64_t k = 1; k <= kResults; ++k) {
-    ResultHeader h = result(seq_of(0, k), k % 2 ? kRoutePlain : kRouteFuture);
-    h.value_encoding = ValueEncoding::kPooled;
-    h.value_len = 100;
-    h.value_ref = pooled(100);
+    ResultHeader h = with_value(result(seq_of(0, k), k % 2 ? kRoutePlain : kRouteFuture), 100);
     h.arg_len = 64;
     h.arg_ref = pooled(64, ArgPool::kArgTag);
     publish(*seg, h);

@@ -16,25 +16,15 @@
 namespace mpop {
 namespace {
 
+using test::eventually;
 using test::scaled;
 
 constexpr uint32_t kSlotSize = 32;
 
 SegmentConfig config(uint32_t queue_slots) {
-  SegmentConfig c;
-  c.slot.size = kSlotSize;
-  c.slot.tsk_id_off = 0;
-  c.slot.tsk_id_size = 4;
-  c.slot.fn_id_off = 4;
-  c.slot.fn_id_size = 4;
-  c.slot.args_off = 8;
-  c.slot.args_count = 3;
+  SegmentConfig c = test::basic_config(kSlotSize, 3);
   c.queue_slots = queue_slots;
-  c.result_slots = 64;
-  c.max_workers = 1;
   c.batch_size = 16;
-  c.pool_bytes = 1 << 20;
-  c.registry_bytes = 4096;
   return c;
 }
 
@@ -109,26 +99,10 @@ class ProducerTest : public ::testing::Test {
   std::string prefix = "mpoptest" + std::to_string(getpid());
 
   void TearDown() override {
-    std::vector<std::string> left;
-    if (DIR* d = opendir("/dev/shm")) {
-      while (dirent* e = readdir(d))
-        if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) left.push_back(e->d_name);
-      closedir(d);
-    }
-    for (auto& n : left) Segment::remove(n);
+    std::vector<std::string> left = test::remove_leftover_segments(prefix);
     EXPECT_TRUE(left.empty()) << "left in /dev/shm: " << left.front();
   }
 
-  // Polls until `cond` holds or 10 s pass.
-  template <class Cond>
-  static bool eventually(Cond&& cond) {
-    int64_t deadline = monotonic_ns() + 10'000'000'000;
-    while (!cond()) {
-      if (monotonic_ns() > deadline) return false;
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    return true;
-  }
 };
 
 TEST_F(ProducerTest, BacklogKeepsOrderAndFeedsEverythingThroughASmallRing) {

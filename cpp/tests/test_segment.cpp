@@ -49,16 +49,6 @@ bool shm_exists(const std::string& name) {
 }
 
 // Names in /dev/shm that start with `prefix`.
-std::vector<std::string> shm_names(const std::string& prefix) {
-  std::vector<std::string> out;
-  if (DIR* d = opendir("/dev/shm")) {
-    while (dirent* e = readdir(d))
-      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) out.push_back(e->d_name);
-    closedir(d);
-  }
-  return out;
-}
-
 // Copies a segment's bytes to a new shared-memory object, so that a test can corrupt the copy.
 std::string copy_segment(const std::string& from, const std::string& to, size_t bytes) {
   int in = open(shm_path(from).c_str(), O_RDONLY);
@@ -87,8 +77,7 @@ class SegmentTest : public ::testing::Test {
   std::string prefix = "mpoptest" + std::to_string(getpid());
 
   void TearDown() override {
-    std::vector<std::string> left = shm_names(prefix);
-    for (auto& n : left) Segment::remove(n);
+    std::vector<std::string> left = test::remove_leftover_segments(prefix);
     EXPECT_TRUE(left.empty()) << "left in /dev/shm: " << left.front();
   }
 };
@@ -110,7 +99,7 @@ TEST_F(SegmentTest, CreatesAPrivateSegmentWithARandomName) {
 
   auto other = Segment::create(prefix, small_config());
   EXPECT_NE(other->name(), name);
-  EXPECT_EQ(shm_names(prefix).size(), 2u);
+  EXPECT_EQ(test::shm_names(prefix).size(), 2u);
 }
 
 TEST_F(SegmentTest, HeaderDescribesTheLayout) {
@@ -283,7 +272,7 @@ TEST_F(SegmentTest, OwnerRemovesItOnLeaveAndDestruction) {
   EXPECT_EQ(peer->header().attached.load(), 1u);
   EXPECT_EQ(peer->leave(), 0u);
   EXPECT_FALSE(Segment::remove(name));
-  EXPECT_TRUE(shm_names(prefix).empty());
+  EXPECT_TRUE(test::shm_names(prefix).empty());
 }
 
 TEST_F(SegmentTest, LastPeerOutRemovesItWhenTheOwnerKeepsIt) {

@@ -499,12 +499,7 @@ class Pool {
 
 template <class Cond>
 bool eventually(Cond&& cond, int64_t timeout_ns = kPatienceNs) {
-  int64_t deadline = monotonic_ns() + timeout_ns;
-  for (;;) {
-    if (cond()) return true;
-    if (monotonic_ns() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
+  return test::eventually(cond, timeout_ns, std::chrono::milliseconds(1));
 }
 
 // How the results of a book went, for the assertions.
@@ -579,16 +574,6 @@ std::string describe(const Tally& t, Pool& p) {
 
 // ---- processes and /dev/shm ------------------------------------------------------------------
 
-std::vector<std::string> shm_names(const std::string& prefix) {
-  std::vector<std::string> out;
-  if (DIR* d = opendir("/dev/shm")) {
-    while (dirent* e = readdir(d))
-      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) out.push_back(e->d_name);
-    closedir(d);
-  }
-  return out;
-}
-
 // Our child processes (live or zombie), from /proc.
 std::vector<pid_t> my_children() {
   std::vector<pid_t> out;
@@ -626,8 +611,7 @@ class SupervisorTest : public ::testing::Test {
       waitpid(k, nullptr, 0);
     }
     EXPECT_TRUE(kids.empty()) << kids.size() << " worker process(es) outlived the supervisor";
-    std::vector<std::string> left = shm_names(prefix);
-    for (auto& n : left) Segment::remove(n);
+    std::vector<std::string> left = test::remove_leftover_segments(prefix);
     EXPECT_TRUE(left.empty()) << "left in /dev/shm: " << left.front();
   }
 };

@@ -2,6 +2,7 @@
 // shared across fork(), and child processes that cannot outlive or hang the test.
 #pragma once
 
+#include <dirent.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -11,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "mpop/futex.hpp"
+#include "mpop/segment.hpp"
 
 #ifndef MPOP_TEST_SCALE
 #define MPOP_TEST_SCALE 1
@@ -125,6 +128,57 @@ struct SplitMix {
   }
   uint64_t below(uint64_t n) { return next() % n; }
 };
+
+// The names in /dev/shm that start with `prefix`.
+inline std::vector<std::string> shm_names(const std::string& prefix) {
+  std::vector<std::string> out;
+  if (DIR* d = opendir("/dev/shm")) {
+    while (dirent* e = readdir(d))
+      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) out.push_back(e->d_name);
+    closedir(d);
+  }
+  return out;
+}
+
+// For a fixture's TearDown: removes the segments a test left under `prefix` and returns
+// their names (the test then fails: nothing may be left behind).
+inline std::vector<std::string> remove_leftover_segments(const std::string& prefix) {
+  std::vector<std::string> left = shm_names(prefix);
+  for (auto& n : left) Segment::remove(n);
+  return left;
+}
+
+// A segment configuration with the slot every suite uses (tsk_id at 0, fn_id at 4, 4 bytes
+// each, `args` int64 arguments from 8), one worker, 64-cell rings, a 1 MiB argument pool.
+inline SegmentConfig basic_config(uint32_t slot_size, uint32_t args) {
+  SegmentConfig c;
+  c.slot.size = slot_size;
+  c.slot.tsk_id_off = 0;
+  c.slot.tsk_id_size = 4;
+  c.slot.fn_id_off = 4;
+  c.slot.fn_id_size = 4;
+  c.slot.args_off = 8;
+  c.slot.args_count = args;
+  c.queue_slots = 64;
+  c.result_slots = 64;
+  c.max_workers = 1;
+  c.pool_bytes = 1 << 20;
+  c.registry_bytes = 4096;
+  return c;
+}
+
+// Polls `cond` every `step` until it holds or `timeout_ns` pass (a generous bound that
+// only a bug reaches); returns whether it held.
+template <class Cond>
+bool eventually(Cond&& cond, int64_t timeout_ns = 10'000'000'000,
+                std::chrono::microseconds step = std::chrono::microseconds(200)) {
+  const int64_t deadline = monotonic_ns() + timeout_ns;
+  for (;;) {
+    if (cond()) return true;
+    if (monotonic_ns() > deadline) return false;
+    std::this_thread::sleep_for(step);
+  }
+}
 
 inline uint64_t mix(uint64_t a, uint64_t b) { return SplitMix{a * 0x100000001b3ULL ^ b}.next(); }
 

@@ -71,16 +71,7 @@ std::vector<uint64_t> claim_values(TaskRing& ring, uint32_t max, ClaimState* cla
   return out;
 }
 
-// Polls until `cond` holds or 10 s pass (a generous bound that only a bug reaches).
-template <class Cond>
-bool eventually(Cond&& cond) {
-  int64_t deadline = monotonic_ns() + 10'000'000'000;
-  while (!cond()) {
-    if (monotonic_ns() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
+using test::eventually;
 
 TEST(TaskRingGeometry, RejectsCapacityNotAPowerOfTwoOrBelowTwo) {
   alignas(64) static uint8_t mem[1 << 16];

@@ -24,22 +24,11 @@ constexpr uint32_t kFn = 7;
 
 // tsk_id, fn_id, four int64 args, and room for TaskMeta.
 SegmentConfig config() {
-  SegmentConfig c;
-  c.slot.size = 72;
-  c.slot.tsk_id_off = 0;
-  c.slot.tsk_id_size = 4;
-  c.slot.fn_id_off = 4;
-  c.slot.fn_id_size = 4;
-  c.slot.args_off = 8;
-  c.slot.args_count = 4;
+  SegmentConfig c = test::basic_config(72, 4);
   c.slot.meta_off = 40;
   c.slot.meta_len = 32;
-  c.queue_slots = 64;
-  c.result_slots = 64;
-  c.max_workers = 1;
   c.batch_size = 4;
   c.pool_bytes = 1 << 16;
-  c.registry_bytes = 4096;
   return c;
 }
 
@@ -105,13 +94,7 @@ class WorkerSessionTest : public ::testing::Test {
     collector.reset();
     producer.reset();
     seg.reset();
-    std::vector<std::string> left;
-    if (DIR* d = opendir("/dev/shm")) {
-      while (dirent* e = readdir(d))
-        if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) left.push_back(e->d_name);
-      closedir(d);
-    }
-    for (auto& n : left) Segment::remove(n);
+    std::vector<std::string> left = test::remove_leftover_segments(prefix);
     EXPECT_TRUE(left.empty()) << "left in /dev/shm: " << left.front();
   }
 
