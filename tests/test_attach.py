@@ -211,6 +211,32 @@ def test_results_of_a_sigkilled_creator_reach_the_next_client_exactly_once(tmp_p
         b.shutdown()
 
 
+CLIENT_PUSH_RESERVED = 29  # FaultStep::kClientPushReserved (fault.hpp)
+
+
+def test_a_client_killed_in_the_middle_of_a_push_does_not_stall_the_pool(pool, name, tmp_path):
+    # It dies with a task cell reserved and not written. The next reaper (the supervisor,
+    # every second) fills that cell with a void task, the workers move past it, and the
+    # tasks the client did queue reach the next client, once each.
+    body = f"""
+        from test_attach import slow_square
+        app._lifecycle.runtime.segment.inject_fault({CLIENT_PUSH_RESERVED}, 31)
+        for i in range(40):
+            app.enqueue(slow_square, args=(i,), tsk_id=i)
+    """
+    proc = run_python(client_script(tmp_path, name, body))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    futures = [pool.submit(slow_square, i) for i in range(50)]  # queued behind the dead cell
+    assert [f.result(timeout=TIMEOUT) for f in futures] == [i * i for i in range(50)]
+    b = mpop.attach(name)
+    try:
+        got = sorted((r.tsk_id, r.value) for r in b.results(timeout=TIMEOUT))
+        assert got == [(i, i * i) for i in range(30)]  # its 31st push died reserving
+        assert list(b.results(timeout=1)) == []
+    finally:
+        b.detach()
+
+
 def test_results_finishing_after_the_next_client_attached_reach_it(pool, name, tmp_path):
     body = """
         from test_attach import slow_square

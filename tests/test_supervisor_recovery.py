@@ -129,7 +129,7 @@ def test_attach_starts_a_new_supervisor_for_a_pool_whose_supervisor_and_creator_
 # The supervisor's protocol steps a test can make it die at (FaultStep in fault.hpp).
 SPAWNED, TOOK_OVER, ADOPTING = 20, 21, 22
 FORWARD_READ, FORWARD_MID_PUSH, FORWARD_PUSHED = 23, 24, 25
-RECOVERING, RECOVERED = 26, 27
+RECOVERING, RECOVERED, KILLED_WORKER = 26, 27, 28
 
 
 def processes_of(name: str) -> list[int]:
@@ -240,6 +240,37 @@ def test_a_supervisor_killed_while_it_recovers_a_dead_worker(name, step):
         replaced = next(w for w in app.status()["workers"] if w["id"] == victim["id"])
         assert replaced["pid"] != victim["pid"]
         assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
+
+
+def mark_and_sleep(path: str, delay: float) -> int:
+    with open(path, "a") as f:
+        f.write("run\n")
+    time.sleep(delay)
+    return 1
+
+
+def runs_of(path) -> int:
+    return path.read_text().count("run") if path.exists() else 0
+
+
+@pytest.mark.parametrize("step", [KILLED_WORKER, RECOVERING], ids=["after-the-kill", "after-settling"])
+def test_a_supervisor_killed_while_it_times_a_task_out(tmp_path, name, step):
+    # after-the-kill: it signals the worker and dies before it sees the death; the next one
+    # still ends that task timed out (the record says which task the kill was for), not
+    # retried. after-settling: it decides the task timed out in the dead worker's local
+    # queue and dies before the result is out; the replacement posts it.
+    marker = tmp_path / "runs"
+    with idle_pool(name, workers=1, task_timeout=0.5, worker_batch_size=1) as (app, segment):
+        first = app.status()["supervisor"]["pid"]
+        segment.inject_fault(step, 1)
+        slow = app.submit(mark_and_sleep, str(marker), 30.0)
+        with pytest.raises(mpop.TaskTimeoutError):
+            slow.result(timeout=TIMEOUT)
+        assert not segment.fault_pending, "the armed fault never fired"
+        assert not pid_alive(first)
+        assert runs_of(marker) == 1
+        assert app.submit(nap, 7).result(timeout=TIMEOUT) == 7
+        assert wait_until(lambda: settled(app, name, 1), 20), (app.status(), processes_of(name))
 
 
 def test_supervise_says_so_when_the_supervisor_is_alive_and_fails_for_an_unknown_pool(name):

@@ -17,7 +17,7 @@ namespace mpop::bindings {
 class PyProducer {
  public:
   explicit PyProducer(SegmentPtr seg) : seg_(std::move(seg)), prod_(*seg_) {}
-  PyProducer(SegmentPtr seg, uint32_t client) : seg_(std::move(seg)), prod_(*seg_, client) {}
+  PyProducer(SegmentPtr seg, uint32_t client) : seg_(std::move(seg)), prod_(*seg_, client), client_(client) {}
 
   // Returns the task's seq; 0 when there was no room (non-blocking, or the timeout
   // passed); raises RuntimeError once closed and ValueError for an oversized argument.
@@ -38,10 +38,12 @@ class PyProducer {
 
   // Removes every task not yet claimed by a worker (backlog and ring); returns
   // [(seq, tsk_id, fn_id, route)] so the caller can cancel their futures.
-  // `only_own`: a persistent pool's client takes only its own tasks out of the ring (seqs
-  // from its first); the others' go back in. Its own are not returned but posted as
+  // `only_own`: a persistent pool's client cancels only its own tasks, through its cancel
+  // horizon (ClientRecord::cancel_below): the workers end those they take cancelled, and
+  // the ring is left as it is (taking the other clients' tasks out to push them back would
+  // lose them if this process died meanwhile). Those of its backlog are posted as
   // cancelled into the result ring, so that they reach it through the pool's forwarder like
-  // every other result (and the forwarder knows they ended).
+  // every other result (and the forwarder knows they ended); only those are returned.
   py::list cancel_queued(bool only_own) {
     const SlotLayout& L = seg_->config().slot;
     py::list out;
@@ -63,30 +65,29 @@ class PyProducer {
       r.enqueue_ns = h.enqueue_ns;
       r.route = h.route;
       r.end_ns = monotonic_ns();
-      while (seg_->results().try_push(1, [&](uint32_t, void* dst) { std::memcpy(dst, &r, sizeof r); }) == 0)
+      WindowSet* post = client_ >= 0 ? &seg_->client(static_cast<uint32_t>(client_)).post : nullptr;
+      while (seg_->results().try_push_from(post, 1, [&](uint32_t, void* dst) { std::memcpy(dst, &r, sizeof r); }) == 0)
         std::this_thread::sleep_for(std::chrono::microseconds(100));
       out.append(py::make_tuple(h.seq, tsk, fn, h.route));
     };
     prod_.drop_backlog(note);
-    const uint64_t first = prod_.first_seq(), last = prod_.last_seq();
-    const uint32_t body_bytes = seg_->tasks().body_bytes();
-    std::vector<uint8_t> others;
+    if (only_own) {
+      if (client_ < 0) throw std::logic_error("cancel_queued(only_own=True) needs a client's producer");
+      std::atomic<uint64_t>& horizon = seg_->client(static_cast<uint32_t>(client_)).cancel_below;
+      const uint64_t below = prod_.last_seq() + 1;
+      for (uint64_t cur = horizon.load(); cur < below && !horizon.compare_exchange_weak(cur, below);) {
+      }
+      return out;
+    }
     for (;;) {
       uint32_t k = seg_->tasks().claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
+        if (is_void_task(body)) return;
         TaskHeader h;
         std::memcpy(&h, body, sizeof h);
-        if (only_own && (h.seq < first || h.seq > last)) {
-          others.insert(others.end(), body, body + body_bytes);
-          return;
-        }
         note(h, body + sizeof h);
-        if (h.encoding == ArgEncoding::kPooled && !only_own) seg_->pool().free(h.pool_ref, h.stream_len);
+        if (h.encoding == ArgEncoding::kPooled) seg_->pool().free(h.pool_ref, h.stream_len);
       });
       if (k == 0) break;
-    }
-    for (size_t at = 0; at < others.size(); at += body_bytes) {  // there is room: they just left
-      while (seg_->tasks().try_push(1, [&](uint32_t, void* dst) { std::memcpy(dst, others.data() + at, body_bytes); }) == 0)
-        std::this_thread::yield();
     }
     return out;
   }
@@ -235,6 +236,7 @@ class PyProducer {
 
   SegmentPtr seg_;
   Producer prod_;
+  int64_t client_ = -1;  // the client record the producer pushes for, -1 = the owner's own
 };
 
 PyProducer* producer_of(const py::object& producer) { return producer.cast<PyProducer*>(); }

@@ -217,6 +217,8 @@ void register_segment(py::module_& m) {
              const uint32_t gen = (expect >> 2) + 1;
              if (!r.lease.compare_exchange_strong(expect, make_lease(gen, ClientState::kClaiming))) return false;
              r.adopter.store(0);
+             for (auto& t : r.push.taken) t.store(0);  // (a dead client may have held one)
+             for (auto& t : r.post.taken) t.store(0);
              r.start_time.store(Segment::process_start_time(getpid()));
              r.pid.store(static_cast<int32_t>(getpid()));
              r.lease.store(make_lease(gen, ClientState::kAttached));
@@ -225,8 +227,23 @@ void register_segment(py::module_& m) {
       .def("release_client",  // record `index`, held under lease `expect`, becomes gone or free
            [](Segment& s, uint32_t i, uint32_t expect, bool gone) {
              ClientRecord& r = client_at(s, i);
-             const bool done = r.lease.compare_exchange_strong(
-                 expect, make_lease(expect >> 2, gone ? ClientState::kGone : ClientState::kFree));
+             const uint32_t after = make_lease(expect >> 2, gone ? ClientState::kGone : ClientState::kFree);
+             const int32_t pid = r.pid.load();
+             bool done = false;
+             if (lease_state(expect) == ClientState::kAttached &&
+                 (pid <= 0 || Segment::process_start_time(pid) != r.start_time.load())) {
+               // A dead client's push it was in the middle of: its cell gets a filler, so
+               // that the workers (task ring) and the forwarder (result ring) move past it.
+               // The record is held (claiming) meanwhile: one reaper does it.
+               done = r.lease.compare_exchange_strong(expect, make_lease(expect >> 2, ClientState::kClaiming));
+               if (done) {
+                 for (ClaimState& w : r.push.w) s.void_abandoned_push(w, false);
+                 for (ClaimState& w : r.post.w) s.void_abandoned_push(w, true);
+                 r.lease.store(after);
+               }
+             } else {
+               done = r.lease.compare_exchange_strong(expect, after);
+             }
              s.results().wake_consumers();  // the forwarder re-reads who reads what
              return done;
            }, py::arg("index"), py::arg("expect"), py::arg("gone"))

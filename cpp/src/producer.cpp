@@ -14,6 +14,7 @@ Producer::Producer(Segment& seg, uint32_t client) : Producer(seg) {
   if (client >= seg.client_count())
     throw std::invalid_argument("mpop: client " + std::to_string(client) + " is out of range");
   next_seq_ = &seg.client(client).next_seq;
+  windows_ = &seg.client(client).push;
   first_seq_ = next_seq_->load(std::memory_order_acquire);
   consumer_ring_ = seg.live_mailbox(client);
 }
@@ -76,7 +77,8 @@ PushOutcome Producer::push_now(TaskDraft& d, bool blocking, int64_t deadline_ns)
     std::memcpy(b, &d.header, sizeof d.header);
     std::memcpy(b + sizeof d.header, d.slot, slot_size_);
   };
-  bool ok = blocking ? ring_.push(fill, deadline_ns, stop) : ring_.try_push(1, fill) == 1;
+  bool ok = blocking ? ring_.push(fill, deadline_ns, stop, windows_, fault_hook())
+                     : ring_.try_push_from(windows_, 1, fill, fault_hook()) == 1;
   if (!ok) {
     if (d.header.pool_ref) pool_.free(d.header.pool_ref, d.stream_len);
     d.header.pool_ref = 0;
@@ -190,12 +192,15 @@ void Producer::feed_loop() {
       std::memcpy(pool_.data(off), slot + slot_used, stream_len);
       h.pool_ref = off;
     }
-    uint32_t pushed = ring_.try_push(1, [&](uint32_t, void* body) {
-      auto* b = static_cast<uint8_t*>(body);
-      std::memcpy(b, &h, sizeof h);
-      std::memcpy(b + sizeof h, slot, slot_used);
-      std::memset(b + sizeof h + slot_used, 0, slot_size_ - slot_used);
-    });
+    uint32_t pushed = ring_.try_push_from(
+        windows_, 1,
+        [&](uint32_t, void* body) {
+          auto* b = static_cast<uint8_t*>(body);
+          std::memcpy(b, &h, sizeof h);
+          std::memcpy(b + sizeof h, slot, slot_used);
+          std::memset(b + sizeof h + slot_used, 0, slot_size_ - slot_used);
+        },
+        fault_hook());
     if (pushed) {
       c.read += entry;
       backlog_count_.fetch_sub(1, std::memory_order_release);

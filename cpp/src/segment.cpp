@@ -279,3 +279,50 @@ MPOP_VALIDATED_READS bool Segment::task_waiting(uint64_t seq) const {
 }
 
 }  // namespace mpop
+
+namespace mpop {
+
+std::vector<const ClaimState*> Segment::push_windows(bool result_ring) const {
+  std::vector<const ClaimState*> all;
+  const SegmentHeader& h = *header_;
+  all.push_back(result_ring ? &h.supervisor_post : &h.supervisor_push);
+  for (uint32_t i = 0; i < client_count(); ++i)
+    for (const ClaimState& w : (result_ring ? client(i).post : client(i).push).w) all.push_back(&w);
+  if (result_ring)
+    for (uint32_t i = 0; i < workers_.count; ++i) all.push_back(&workers_.record(i).publish);
+  return all;
+}
+
+void Segment::void_abandoned_push(ClaimState& w, bool result_ring) {
+  if (!w.in_claim.load(std::memory_order_seq_cst)) return;
+  TaskRing& ring = result_ring ? results_ : tasks_;
+  const uint64_t head = w.head;
+  const bool reserved = w.count != 0;  // its CAS took the cell (else: maybe, maybe not)
+  // A cell at `head` reserved before this look was reserved by a producer inside its
+  // window (raised before its CAS): the dead one, or one whose window shows `head` until
+  // it has published the cell.
+  const uint64_t end = ring.enqueue_pos();
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  bool theirs = false;
+  if (!reserved) {
+    for (const ClaimState* other : push_windows(result_ring))
+      theirs |= other != &w && other->in_claim.load(std::memory_order_seq_cst) && other->head == head;
+  }
+  if (head < end && !theirs && ring.is_reserved_unpublished(head)) {
+    ring.publish_reserved(head, [&](void* body) {
+      std::memset(body, 0, ring.body_bytes());
+      if (result_ring) {
+        ResultHeader r;
+        r.status = ResultStatus::kVoid;
+        std::memcpy(body, &r, sizeof r);
+      } else {
+        TaskHeader t;
+        t.flags = kTaskVoid;
+        std::memcpy(body, &t, sizeof t);
+      }
+    });
+  }
+  w.in_claim.store(0, std::memory_order_seq_cst);
+}
+
+}  // namespace mpop

@@ -166,11 +166,13 @@ void Supervisor::spawn(uint32_t id) {
   WorkerRecord& rec = seg_.workers().record(id);
   c.gen += 1;
   c.stopping = false;
-  c.timed_out_seq = 0;
-  c.killed_seq = 0;
   c.active = true;
   rec.stop_request.store(0);
-  // (The local queue stays: what the last process left pending there, it runs first.)
+  rec.timed_out_seq.store(0);
+  rec.killed_seq.store(0);
+  // The local queue stays: what the last process left there (pending, or settled with a
+  // result to post), the new one runs first.
+  releasing_.erase(std::remove(releasing_.begin(), releasing_.end(), id), releasing_.end());
   rec.running_since_ns.store(0);
   rec.claim.in_claim.store(0);
   rec.publish.in_claim.store(0);
@@ -235,24 +237,37 @@ bool Supervisor::snapshot_passed(const std::vector<std::pair<uint32_t, uint64_t>
   return true;
 }
 
-void Supervisor::post_result(const TaskHeader& h, const uint8_t* slot, ResultStatus status,
-                             uint32_t worker) {
+void Supervisor::settle(uint32_t id, uint32_t j, const TaskHeader& th, ResultStatus status) {
+  LocalEntry& e = seg_.workers().entry(id, j);
+  std::memcpy(seg_.workers().entry_body(id, j), &th, sizeof th);
+  e.settled = static_cast<uint32_t>(status);
+  e.state.store(static_cast<uint32_t>(LocalState::kSettled), std::memory_order_seq_cst);
+}
+
+bool Supervisor::try_post_settled(uint32_t id, uint32_t j) {
   const SlotLayout& L = seg_.config().slot;
+  LocalEntry& e = seg_.workers().entry(id, j);
+  const uint8_t* body = seg_.workers().entry_body(id, j);
+  TaskHeader h;
+  std::memcpy(&h, body, sizeof h);
+  const uint8_t* slot = body + sizeof h;
   ResultHeader r;
   r.seq = h.seq;
   r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;
   r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
   r.tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
   r.fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
-  r.worker_id = static_cast<uint16_t>(worker);
-  r.status = status;
+  r.worker_id = static_cast<uint16_t>(id);
+  r.status = static_cast<ResultStatus>(e.settled);
   r.attempts = h.attempts;
   r.enqueue_ns = h.enqueue_ns;
   r.route = h.route;
   r.end_ns = monotonic_ns();
-  std::vector<uint8_t> rec(sizeof r);
-  std::memcpy(rec.data(), &r, sizeof r);
-  results_pending_.push_back(std::move(rec));
+  if (seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, &r, sizeof r); },
+                             &seg_.header().supervisor_post) == 0)
+    return false;
+  e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
+  return true;
 }
 
 void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
@@ -269,7 +284,7 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
   }
   c.start_deaths = 0;
 
-  if (crashed || c.timed_out_seq || c.killed_seq) {
+  if (crashed || rec.timed_out_seq.load() || rec.killed_seq.load()) {
     on_crash(id);
     return;
   }
@@ -286,7 +301,7 @@ void Supervisor::on_exit(uint32_t id, bool crashed, int exit) {
     rec.recycled.fetch_add(1);
     spawn(id);
   } else {
-    requeue_pending(id);
+    release_local_queue(id);
     c.active = false;
   }
 }
@@ -310,7 +325,7 @@ void Supervisor::on_start_death(uint32_t id, int exit) {
   if (failed || ++c.start_deaths >= 5) {
     set_error("mpop: worker " + std::to_string(id) + " failed to start" +
               (why.empty() ? std::string(" (no error recorded; see its stderr)") : ":\n" + why));
-    requeue_pending(id);  // what a predecessor left for it: to the others
+    release_local_queue(id);  // what a predecessor left for it: to the others
     rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
     c.active = false;
     return;
@@ -353,28 +368,48 @@ void Supervisor::finish_recovery(uint32_t id) {
   rec.restarts.fetch_add(1);
   rec.running_since_ns.store(0);
   const bool replace = c.resume && still_wanted(c);
-  if (!replace) requeue_pending(id);
+  if (!replace) release_local_queue(id);
   rec.state.store(static_cast<uint32_t>(WorkerState::kDead));
   maybe_fault(seg_.header(), FaultStep::kSupervisorRecovered);
   if (replace) spawn(id);  // it runs what is pending in the local queue first
   else c.active = false;
 }
 
-void Supervisor::requeue_pending(uint32_t id) {
+void Supervisor::release_local_queue(uint32_t id) {
+  if (!try_release(id) && std::find(releasing_.begin(), releasing_.end(), id) == releasing_.end())
+    releasing_.push_back(id);
+}
+
+bool Supervisor::try_release(uint32_t id) {
   const WorkerTable& table = seg_.workers();
-  WorkerRecord& rec = table.record(id);
   const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
-  const uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
+  const uint32_t n = std::min(table.record(id).local_count.load(std::memory_order_acquire), table.batch);
   for (uint32_t j = 0; j < n; ++j) {
     LocalEntry& e = table.entry(id, j);
-    if (e.state.load(std::memory_order_acquire) != static_cast<uint32_t>(LocalState::kPending)) continue;
-    // Not pending there any more (seq_cst): an owner that still saw it pending is ordered
-    // before the worker that takes it up again (CancelTable).
-    e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
+    const auto st = static_cast<LocalState>(e.state.load(std::memory_order_acquire));
+    if (st == LocalState::kSettled) {
+      if (!try_post_settled(id, j)) return false;
+      continue;
+    }
+    if (!left_to_run(st)) continue;
+    // Not pending there while it is pushed (seq_cst): an owner that still saw it pending
+    // is ordered before the worker that takes it from the ring (CancelTable).
+    e.state.store(static_cast<uint32_t>(LocalState::kReleasing), std::memory_order_seq_cst);
     const uint8_t* body = table.entry_body(id, j);
-    requeue_.emplace_back(body, body + body_bytes);
+    if (seg_.tasks().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, body, body_bytes); },
+                              &seg_.header().supervisor_push) == 0) {
+      e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_seq_cst);
+      return false;
+    }
+    e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
   }
-  rec.local_count.store(0, std::memory_order_release);
+  table.record(id).local_count.store(0, std::memory_order_release);
+  return true;
+}
+
+void Supervisor::release_waiting() {
+  releasing_.erase(std::remove_if(releasing_.begin(), releasing_.end(), [&](uint32_t id) { return try_release(id); }),
+                   releasing_.end());
 }
 
 void Supervisor::free_result_block(WorkerRecord& rec) {
@@ -425,16 +460,12 @@ void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication&
   // Each outcome is written to the entry after what it sends out (a result posted, the
   // task pushed back): a new supervisor that redoes this recovery finds the entry settled,
   // or sends it again (a second result of a task is dropped by whoever collects results).
-  auto done = [&] { e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst); };
-  if (st == LocalState::kPending) {
-    if (cancel) {
-      post_result(th, body + sizeof th, ResultStatus::kCancelled, id);
-      done();
-    }
-    // else: it stays pending, for the replacement or for requeue_pending
+  if (left_to_run(st)) {
+    if (cancel) settle(id, j, th, ResultStatus::kCancelled);
+    // else: it stays pending, for the replacement or for release_local_queue
   } else if (st == LocalState::kRunning) {
     if (result_out) {
-      done();
+      e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
       return;
     }
     settle_interrupted_task(id, j, th, body, cancel);
@@ -442,29 +473,27 @@ void Supervisor::recover_local_entry(uint32_t id, uint32_t j, const Publication&
 }
 
 void Supervisor::settle_interrupted_task(uint32_t id, uint32_t j, TaskHeader th, uint8_t* body, bool cancel) {
-  const Child& c = children_[id];
+  const WorkerRecord& rec = seg_.workers().record(id);
   LocalEntry& e = seg_.workers().entry(id, j);
-  auto finish = [&](ResultStatus status) {
-    post_result(th, body + sizeof th, status, id);
-    e.state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_seq_cst);
-  };
+  auto finish = [&](ResultStatus status) { settle(id, j, th, status); };
   // To run again (pending in the local queue: the replacement's, or the ring's through
-  // requeue_pending).
+  // release_local_queue).
   auto again = [&](bool charged) {
     if (charged) std::memcpy(body, &th, sizeof th);
     e.state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_seq_cst);
   };
   // Killed by kill_task: that task ends cancelled. Had the worker moved on to another task
   // before the signal came, that one is not charged for a death it did not cause.
-  if (c.killed_seq && !cancel) {
-    if (c.killed_seq == th.seq) finish(ResultStatus::kCancelled);
+  const uint64_t killed_seq = rec.killed_seq.load(), timed_out_seq = rec.timed_out_seq.load();
+  if (killed_seq && !cancel) {
+    if (killed_seq == th.seq) finish(ResultStatus::kCancelled);
     else again(false);
     return;
   }
   th.attempts += 1;
   if (cancel) {
     finish(ResultStatus::kCancelled);
-  } else if (c.timed_out_seq && c.timed_out_seq == th.seq) {
+  } else if (timed_out_seq && timed_out_seq == th.seq) {
     counters_.timeouts.fetch_add(1);
     finish(ResultStatus::kTimeout);
   } else if (th.attempts > opts_.max_retries) {
@@ -508,15 +537,16 @@ void Supervisor::check_timeouts() {
   int64_t now = monotonic_ns();
   for (uint32_t i = 0; i < children_.size(); ++i) {
     Child& c = children_[i];
-    if (c.pid <= 0 || c.timed_out_seq) continue;
     WorkerRecord& rec = seg_.workers().record(i);
+    if (c.pid <= 0 || rec.timed_out_seq.load()) continue;
     uint64_t seq = rec.running_seq.load(std::memory_order_acquire);
     int64_t since = rec.running_since_ns.load(std::memory_order_acquire);
     if (since > 1 && now - since > opts_.task_timeout_ns &&
         rec.running_seq.load(std::memory_order_acquire) == seq &&
         rec.running_since_ns.load(std::memory_order_acquire) == since) {
-      c.timed_out_seq = seq;
+      rec.timed_out_seq.store(seq);
       signal_child(c, SIGKILL);
+      maybe_fault(seg_.header(), FaultStep::kSupervisorKilledWorker);
     }
   }
 }
@@ -535,6 +565,7 @@ void Supervisor::run_recoveries() {
     // The cells it claimed and had not copied join its local queue as pending tasks; one
     // it had copied (or that an earlier, interrupted recovery did) is only released.
     seg_.tasks().recover_unreleased(it->below, [&](uint64_t, const uint8_t* body) {
+      if (is_void_task(body)) return;  // a dead producer's filler: nothing to run
       TaskHeader th;
       std::memcpy(&th, body, sizeof th);
       const uint32_t n = std::min(rec.local_count.load(std::memory_order_acquire), table.batch);
@@ -543,8 +574,9 @@ void Supervisor::run_recoveries() {
         std::memcpy(&lh, table.entry_body(id, j), sizeof lh);
         if (lh.seq == th.seq) return;
       }
-      if (n >= table.batch) {  // (cannot happen: a claim is at most a batch)
-        requeue_.emplace_back(body, body + body_bytes);
+      if (n >= table.batch) {  // cannot happen: a claim is at most a batch, and these are its rest
+        set_error("mpop: internal error: no room in worker " + std::to_string(id) +
+                  "'s local queue for recovered task " + std::to_string(th.seq));
       } else {
         std::memcpy(table.entry_body(id, n), body, body_bytes);
         table.entry(id, n).state.store(static_cast<uint32_t>(LocalState::kPending), std::memory_order_relaxed);
@@ -581,31 +613,15 @@ void Supervisor::run_recoveries() {
     if (--children_[id].recoveries == 0) finish_recovery(id);
 }
 
-void Supervisor::flush_requeue() {
-  const uint32_t body_bytes = task_body_bytes(seg_.config().slot);
-  size_t done = 0;
-  for (; done < requeue_.size(); ++done) {
-    auto& b = requeue_[done];
-    if (seg_.tasks().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), body_bytes); }) == 0)
-      break;
-  }
-  requeue_.erase(requeue_.begin(), requeue_.begin() + static_cast<std::ptrdiff_t>(done));
-  done = 0;
-  for (; done < results_pending_.size(); ++done) {
-    auto& b = results_pending_[done];
-    if (seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), b.size()); }) == 0)
-      break;
-  }
-  results_pending_.erase(results_pending_.begin(),
-                         results_pending_.begin() + static_cast<std::ptrdiff_t>(done));
-}
-
 void Supervisor::start_workers() {
   const uint32_t n = target_.load();
   if (!opts_.adopt) {
     for (uint32_t i = 0; i < n; ++i) spawn(i);
     return;
   }
+  // A push the last supervisor died in the middle of: its cell gets a filler.
+  seg_.void_abandoned_push(seg_.header().supervisor_push, false);
+  seg_.void_abandoned_push(seg_.header().supervisor_post, true);
   // The live ones first: the recovery of a dead one looks at the others' claim windows.
   std::vector<uint32_t> dead;
   for (uint32_t i = 0; i < n; ++i) {
@@ -627,6 +643,9 @@ void Supervisor::start_workers() {
       spawn(i);
     }
   }
+  // Past the target: a record a predecessor was handing back to the rings when it died.
+  for (uint32_t i = n; i < children_.size(); ++i)
+    if (!holds_process(static_cast<WorkerState>(seg_.workers().record(i).state.load()))) release_local_queue(i);
 }
 
 bool Supervisor::adopt(uint32_t id) {
@@ -686,7 +705,7 @@ void Supervisor::loop() {
     reap_unwatched();
     check_timeouts();
     run_recoveries();
-    flush_requeue();
+    release_waiting();
   }
   finish_after_stop();
 }
@@ -731,7 +750,7 @@ void Supervisor::poll_children(bool quitting) {
   bool unwatched = false;  // a worker without a pidfd: looked at every 10 ms instead
   for (auto& c : children_) unwatched |= c.pid > 0 && c.pidfd < 0;
   bool busy = quitting || unwatched || opts_.task_timeout_ns > 0 || !ring_recoveries_.empty() ||
-              !publish_recoveries_.empty() || !requeue_.empty() || !results_pending_.empty();
+              !publish_recoveries_.empty() || !releasing_.empty();
   int timeout_ms = busy ? 10 : 250;
   poll(poll_fds_.data(), poll_fds_.size(), timeout_ms);
   if (poll_fds_[0].revents & POLLIN) {
@@ -756,12 +775,13 @@ void Supervisor::apply_commands(bool quitting) {
   for (auto [id, seq] : task_kills) {
     // Only while it still runs that task (as check_timeouts does).
     Child& c = children_[id];
-    const WorkerRecord& rec = seg_.workers().record(id);
-    if (c.pid <= 0 || c.killed_seq || rec.running_since_ns.load(std::memory_order_acquire) == 0 ||
+    WorkerRecord& rec = seg_.workers().record(id);
+    if (c.pid <= 0 || rec.killed_seq.load() || rec.running_since_ns.load(std::memory_order_acquire) == 0 ||
         rec.running_seq.load(std::memory_order_acquire) != seq)
       continue;
-    c.killed_seq = seq;
+    rec.killed_seq.store(seq);
     signal_child(c, SIGKILL);
+    maybe_fault(seg_.header(), FaultStep::kSupervisorKilledWorker);
   }
   if (rescale && !quitting) {
     uint32_t n = target_.load();
@@ -820,17 +840,20 @@ void Supervisor::finish_after_stop() {
   for (auto& r : ring_recoveries_) r.wait.clear();
   for (auto& r : publish_recoveries_) r.wait.clear();
   run_recoveries();
-  // Tasks left pending in a record whose replacement never came: cancelled below.
-  for (uint32_t i = 0; i < children_.size(); ++i) requeue_pending(i);
-  for (auto& b : requeue_) {
-    TaskHeader th;
-    std::memcpy(&th, b.data(), sizeof th);
-    post_result(th, b.data() + sizeof th, ResultStatus::kCancelled, 0);
+  // Tasks left in a record whose replacement never came: cancelled, and every settled
+  // result sent while the result ring has room.
+  const WorkerTable& table = seg_.workers();
+  for (uint32_t i = 0; i < children_.size(); ++i) {
+    const uint32_t n = std::min(table.record(i).local_count.load(std::memory_order_acquire), table.batch);
+    for (uint32_t j = 0; j < n; ++j) {
+      if (!left_to_run(static_cast<LocalState>(table.entry(i, j).state.load()))) continue;
+      TaskHeader th;
+      std::memcpy(&th, table.entry_body(i, j), sizeof th);
+      settle(i, j, th, ResultStatus::kCancelled);
+    }
+    try_release(i);
   }
-  requeue_.clear();
-  for (auto& b : results_pending_)
-    seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, b.data(), b.size()); });
-  results_pending_.clear();
+  releasing_.clear();
 }
 
 }  // namespace mpop

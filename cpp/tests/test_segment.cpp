@@ -376,5 +376,145 @@ TEST(WorkerLife, ConcurrentClaimsOfOneProcessBothSucceed) {
   }
 }
 
+// ---- a producer that died in the middle of a push --------------------------------------------
+
+// A push stopped at `at` (as a producer killed there): the exception leaves the ring and
+// the window as the death would.
+struct Died {};
+void push_and_die(TaskRing& ring, ClaimState& w, RingPoint at, uint64_t seq) {
+  try {
+    ring.try_push(
+        1,
+        [&](uint32_t, void* body) {
+          TaskHeader h;
+          h.seq = seq;
+          std::memcpy(body, &h, sizeof h);
+        },
+        &w, [&](RingPoint p) {
+          if (p == at) throw Died{};
+        });
+  } catch (Died&) {
+    return;
+  }
+  FAIL() << "the push did not reach its fault point";
+}
+
+uint64_t push_one(TaskRing& ring, ClaimState& w, uint64_t seq) {
+  return ring.try_push(1, [&](uint32_t, void* body) {
+    TaskHeader h;
+    h.seq = seq;
+    std::memcpy(body, &h, sizeof h);
+  }, &w);
+}
+
+std::vector<uint64_t> claim_seqs(TaskRing& ring, bool* saw_void = nullptr) {
+  std::vector<uint64_t> out;
+  ring.claim_range(64, nullptr, [&](uint32_t, const uint8_t* body) {
+    TaskHeader h;
+    std::memcpy(&h, body, sizeof h);
+    if (is_void_task(body)) {
+      if (saw_void) *saw_void = true;
+      return;
+    }
+    out.push_back(h.seq);
+  });
+  return out;
+}
+
+SegmentConfig config_with_clients() {
+  SegmentConfig c = small_config();
+  c.max_clients = 2;
+  c.client_slots = 16;
+  return c;
+}
+
+TEST_F(SegmentTest, TheCellOfAProducerThatDiedAfterReservingItGetsAVoidTask) {
+  auto seg = Segment::create(prefix, config_with_clients());
+  TaskRing& ring = seg->tasks();
+  ClaimState& dead = seg->client(0).push.w[0];
+  push_and_die(ring, dead, RingPoint::kPushReserved, 7);
+  ASSERT_EQ(push_one(ring, seg->client(1).push.w[0], 8), 1u);  // a live client pushes behind it
+  EXPECT_TRUE(claim_seqs(ring).empty());  // the consumers wait at the dead one's cell
+  seg->void_abandoned_push(dead, false);
+  EXPECT_EQ(dead.in_claim.load(), 0u);
+  bool saw_void = false;
+  EXPECT_EQ(claim_seqs(ring, &saw_void), std::vector<uint64_t>{8});
+  EXPECT_TRUE(saw_void);
+  seg->void_abandoned_push(dead, false);  // again: nothing more
+  EXPECT_TRUE(claim_seqs(ring).empty());
+}
+
+TEST_F(SegmentTest, AProducerThatDiedBeforeReservingLeavesTheCellToWhoeverReservedIt) {
+  auto seg = Segment::create(prefix, config_with_clients());
+  TaskRing& ring = seg->tasks();
+  ClaimState& early = seg->client(0).push.w[0];
+  push_and_die(ring, early, RingPoint::kPushBeforeCas, 5);  // window raised, no cell
+  ClaimState& other = seg->client(1).push.w[0];
+  push_and_die(ring, other, RingPoint::kPushReserved, 6);  // took the same cell, mid-write
+  ASSERT_EQ(early.head, other.head);
+  seg->void_abandoned_push(early, false);
+  EXPECT_EQ(early.in_claim.load(), 0u);
+  EXPECT_TRUE(ring.is_reserved_unpublished(other.head)) << "another producer's cell was voided";
+  seg->void_abandoned_push(other, false);  // that one died too: now the cell is voided
+  bool saw_void = false;
+  EXPECT_TRUE(claim_seqs(ring, &saw_void).empty());
+  EXPECT_TRUE(saw_void);
+
+  // Died before reserving, and nobody took the cell since: nothing to fill.
+  ClaimState& lone = seg->client(0).push.w[1];
+  push_and_die(ring, lone, RingPoint::kPushBeforeCas, 9);
+  const uint64_t end = ring.enqueue_pos();
+  seg->void_abandoned_push(lone, false);
+  EXPECT_EQ(lone.in_claim.load(), 0u);
+  EXPECT_EQ(ring.enqueue_pos(), end);
+  ASSERT_EQ(push_one(ring, seg->client(1).push.w[0], 10), 1u);
+  EXPECT_EQ(claim_seqs(ring), std::vector<uint64_t>{10});
+}
+
+TEST_F(SegmentTest, AResultCellADeadProducerReservedGetsAVoidResult) {
+  auto seg = Segment::create(prefix, config_with_clients());
+  TaskRing& ring = seg->results();
+  ClaimState& dead = seg->header().supervisor_post;
+  try {
+    ring.try_push(1, [](uint32_t, void*) {}, &dead, [](RingPoint p) {
+      if (p == RingPoint::kPushReserved) throw Died{};
+    });
+  } catch (Died&) {
+  }
+  const uint64_t head = dead.head;
+  ASSERT_TRUE(ring.is_reserved_unpublished(head));
+  seg->void_abandoned_push(dead, true);
+  uint32_t got = 0;
+  ring.claim_range(8, nullptr, [&](uint32_t, const uint8_t* body) {
+    ResultHeader r;
+    std::memcpy(&r, body, sizeof r);
+    EXPECT_EQ(r.status, ResultStatus::kVoid);
+    ++got;
+  });
+  EXPECT_EQ(got, 1u);
+}
+
+TEST(WindowSet, EachConcurrentPushHasAWindowOfItsOwn) {
+  auto set = std::make_unique<WindowSet>();
+  std::atomic<int> inside{0}, most{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      for (int round = 0; round < 2000; ++round) {
+        const uint32_t i = set->take();
+        EXPECT_EQ(set->w[i].in_claim.exchange(1), 0u) << "window " << i << " taken twice";
+        const int now = ++inside;
+        for (int m = most.load(); now > m && !most.compare_exchange_weak(m, now);) {
+        }
+        --inside;
+        set->w[i].in_claim.store(0);
+        set->give_back(i);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_LE(most.load(), static_cast<int>(kWindowsPerProducer));
+}
+
 }  // namespace
 }  // namespace mpop

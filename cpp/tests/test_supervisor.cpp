@@ -335,7 +335,7 @@ class Pool {
     c.max_worker_memory = s.max_worker_memory;
     seg_ = Segment::create(prefix, c);
     hello_ = std::to_string(s.hello_bytes);
-    goodbye_ = s.goodbye ? "1" : "0";
+    goodbye_ = std::string(1, s.goodbye ? '1' : '0');
     name_ = seg_->name();
     producer_ = std::make_unique<Producer>(*seg_);
     collector_ = std::make_unique<Collector>(*seg_);
@@ -1216,6 +1216,54 @@ TEST_F(SupervisorTest, KillTaskCancelsTheRunningTaskAndLeavesTheRestOfItsClaimTo
   // Only the replacement left through its loop (the killed one sent nothing).
   EXPECT_EQ(side_on(b, kRouteExit), std::vector<std::string>{goodbye_text(0, 2, WorkerExit::kStopRequested)});
   EXPECT_EQ(b.count[kSlowAt], 1u);
+}
+
+// The end of a killed task is decided while the result ring is full: it waits in the dead
+// worker's local queue (settled, in shared memory, where a new supervisor finds it), and
+// the replacement posts it before it runs the rest of the claim.
+TEST_F(SupervisorTest, AResultDecidedWhileTheResultRingIsFullWaitsInTheLocalQueue) {
+  PoolSetup s;
+  s.workers = 1;
+  s.batch = 16;
+  s.result_slots = 64;
+  Pool p(prefix, s);
+  constexpr size_t kN = 40, kSlowAt = 3;
+  Book b(mixed_tasks(kN, 0, 7, 11));
+  b.tasks[kSlowAt].delay_us = 120'000'000;  // two minutes: only the kill ends it
+  ASSERT_TRUE(p.submit_range(b, 0, kN));
+  p.producer().start_feeding();
+  ASSERT_TRUE(eventually([&] { return p.producer().backlog_size() == 0; }));
+  p.sup().start();
+  WorkerRecord& rec = p.record(0);
+  const uint64_t slow = b.seq[kSlowAt];
+  ASSERT_TRUE(eventually([&] { return rec.running_since_ns.load() != 0 && rec.running_seq.load() == slow; }));
+  // Void records fill the result ring behind the first results: no room for another.
+  ResultHeader filler;
+  filler.status = ResultStatus::kVoid;
+  while (p.seg().results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, &filler, sizeof filler); }) == 1) {
+  }
+  ASSERT_TRUE(p.sup().kill_task(slow));
+  ASSERT_TRUE(eventually([&] { return rec.generation.load() == 2 && rec.pid.load() > 0; }));
+  const LocalEntry& e = p.seg().workers().entry(0, kSlowAt);
+  EXPECT_EQ(e.state.load(), static_cast<uint32_t>(LocalState::kSettled));
+  EXPECT_EQ(e.settled, static_cast<uint32_t>(ResultStatus::kCancelled));
+  ASSERT_TRUE(p.collect(b, kN, 60 * kSec)) << describe(tally(b), p);
+  p.collect_rest(b);
+
+  Tally t = tally(b);
+  EXPECT_EQ(t.ok, kN - 1) << describe(t, p);
+  EXPECT_EQ(t.missing + t.duplicated + t.wrong, 0u) << describe(t, p);
+  EXPECT_EQ(b.count[kSlowAt], 1u);
+  EXPECT_EQ(b.first[kSlowAt].status, ResultStatus::kCancelled);
+  EXPECT_EQ(b.first[kSlowAt].attempts, 0u);  // it never finished a run
+  EXPECT_EQ(b.first[kSlowAt].worker_id, 0u);
+  for (size_t i = kSlowAt + 1; i < 16; ++i) {
+    EXPECT_LT(b.order[kSlowAt], b.order[i]) << "task " << i;
+  }
+  EXPECT_EQ(p.counters().crashes.load(), 1u);
+  EXPECT_EQ(p.counters().retries.load(), 0u);
+  p.sup().stop(true, 10 * kSec);
+  EXPECT_TRUE(eventually([&] { return p.seg().pool().used_bytes() == 0; }, 5 * kSec));
 }
 
 // kill_task with several workers and tasks that each take a while: the killed task alone

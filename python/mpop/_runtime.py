@@ -372,9 +372,11 @@ class Runtime:
 
     def cancel_pending(self, everyone: bool = False) -> int:
         """Cancels every task no worker has started: those in the backlog and the ring, and
-        (through the cancel horizon) those in workers' local queues. Returns how many.
-        A persistent pool's client cancels only its own tasks still in the ring, unless
-        `everyone` (the pool is being stopped): then the horizon takes every client's."""
+        (through the cancel horizon) those in workers' local queues. Returns how many were
+        taken out of the backlog and the ring. A persistent pool's client cancels only its
+        own tasks, through its own cancel horizon (the workers end those they take as
+        cancelled: the count is of its backlog's only), unless `everyone` (the pool is being
+        stopped): then the pool's horizon takes every client's."""
         if self.client is None:
             self.segment.cancel_below(self.producer.last_seq + 1)
         elif everyone:

@@ -39,6 +39,9 @@ enum class FaultStep : uint32_t {
   kForwarderPushed = 25,     // the batch in mailboxes, not yet taken from the result ring
   kSupervisorRecovering = 26,  // a dead worker's local queue half recovered
   kSupervisorRecovered = 27,   // a dead worker recovered, its replacement not started
+  kSupervisorKilledWorker = 28,  // a worker signalled for task_timeout or kill_task, its death not yet seen
+  // A persistent pool's client:
+  kClientPushReserved = 29,  // a task's cell in the task ring reserved, not written
 };
 
 // Kills this process if the segment's fault switch names `step` and this is the

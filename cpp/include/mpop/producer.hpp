@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "mpop/codec.hpp"
+#include "mpop/fault.hpp"
 #include "mpop/segment.hpp"
 
 namespace mpop {
@@ -86,6 +87,12 @@ class Producer {
   void append_backlog(const TaskDraft& draft);
   void feed_loop();
   bool cancelled() const;
+  // A client dies here when a test arms kClientPushReserved (see fault.hpp).
+  auto fault_hook() {
+    return [this](RingPoint p) {
+      if (p == RingPoint::kPushReserved) maybe_fault(seg_.header(), FaultStep::kClientPushReserved);
+    };
+  }
 
   Segment& seg_;
   TaskRing ring_;
@@ -93,6 +100,7 @@ class Producer {
   uint32_t slot_size_;
   std::atomic<uint64_t> own_seq_{1};
   std::atomic<uint64_t>* next_seq_ = &own_seq_;  // own_seq_, or a client record's
+  WindowSet* windows_ = nullptr;  // a client's push windows (it can die mid-push)
   uint64_t first_seq_ = 1;
   TaskRing consumer_ring_;  // the ring whose consumer frees results' pool blocks
   std::atomic<bool> closed_{false};

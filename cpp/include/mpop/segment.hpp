@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "mpop/arg_pool.hpp"
 #include "mpop/cancel_table.hpp"
@@ -20,7 +22,7 @@
 namespace mpop {
 
 constexpr uint64_t kSegmentMagic = 0x31504f504d5f5f00ULL;  // "\0__MPOP1"
-constexpr uint32_t kLayoutVersion = 8;
+constexpr uint32_t kLayoutVersion = 9;
 
 // What the owner asks for; everything else is derived.
 struct SegmentConfig {
@@ -83,6 +85,14 @@ struct alignas(kCacheLine) ClientRecord {
   // Written by the forwarder: every seq below this has its result in a mailbox.
   alignas(kCacheLine) std::atomic<uint64_t> complete_below{0};
   std::atomic<uint64_t> forwarded{0};  // results put in this client's mailboxes
+  // Its tasks with a seq below this that have not started are cancelled by the worker that
+  // takes them (the client's cancel_queued: its own tasks only, the ring left as it is).
+  std::atomic<uint64_t> cancel_below{0};
+  // The client's pushes into the task ring (its tasks) and the result ring (the ends of
+  // tasks it cancelled before they were queued): a client killed in the middle of one
+  // leaves a trace of the cell it reserved (see Segment::void_abandoned_push).
+  WindowSet push;
+  WindowSet post;
 };
 
 struct alignas(kCacheLine) SegmentHeader {
@@ -116,6 +126,12 @@ struct alignas(kCacheLine) SegmentHeader {
 
   // Queued tasks the owner cancelled (future.cancel()).
   alignas(kCacheLine) CancelTable cancels;
+
+  // A persistent pool's supervisor's pushes: tasks back into the task ring and results it
+  // decided into the result ring (see Supervisor::release_local_queue). A new supervisor
+  // voids the cell its predecessor reserved and never wrote.
+  ClaimState supervisor_push;
+  ClaimState supervisor_post;
 
   // Test-only fault injection: the next worker to reach step `fault_step` for the
   // `fault_countdown`-th time SIGKILLs itself (see FaultStep in worker_loop.hpp).
@@ -179,9 +195,26 @@ class Segment {
   // Whether `seq` is seen waiting: unclaimed in the task ring, or pending in a local queue.
   bool task_waiting(uint64_t seq) const;
 
+  // A producer that can die pushes through a window (ClaimState: a client's push and post,
+  // a worker's publish, the supervisor's push and post). After its death, its window `w`
+  // tells which cell it may have reserved and not written: that cell, still reserved and
+  // unwritten, gets a filler (a void task, or a kVoid result) so that the ring's consumers
+  // move past it, unless the dead one may have died before its reservation and another
+  // producer's raised window shows the same cell (then it is that one's: it publishes it,
+  // or its own recovery does). The window is lowered after.
+  void void_abandoned_push(ClaimState& w, bool result_ring);
+  // Whether client i's tasks below its cancel horizon, or below the pool's, include `seq`.
+  bool cancelled_by_horizon(uint64_t seq) const {
+    if (seq < header_->cancel_below.load(std::memory_order_relaxed)) return true;
+    const int64_t c = client_of_seq(seq);
+    return c >= 0 && c < client_count() && seq < client(static_cast<uint32_t>(c)).cancel_below.load(std::memory_order_relaxed);
+  }
+
  private:
   Segment() = default;
   void bind_views();
+  // The windows of every producer of the task ring (result_ring false) or the result ring.
+  std::vector<const ClaimState*> push_windows(bool result_ring) const;
   uint8_t* mailbox_mem(uint32_t i, uint32_t which) const {
     return reinterpret_cast<uint8_t*>(&client(i)) + round_up(sizeof(ClientRecord), kCacheLine) +
            which * TaskRing::bytes_needed(header_->config.client_slots, kResultStride);

@@ -2,6 +2,7 @@
 // TaskHeader: the runtime's own per-task fields that travel beside the slot in a ring cell.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -63,7 +64,15 @@ enum Route : uint32_t {
 
 enum TaskFlags : uint32_t {
   kClaimAlone = 1,  // a long task (e.g. a chunk of map()): never claimed in a batch
+  // No task: filler for a cell a producer that died reserved and never wrote
+  // (Segment::void_abandoned_push). Whoever takes one drops it (seq 0, no result).
+  kTaskVoid = 2,
 };
+inline bool is_void_task(const uint8_t* body) {
+  uint32_t flags;
+  std::memcpy(&flags, body + offsetof(TaskHeader, flags), sizeof flags);
+  return flags & kTaskVoid;
+}
 static_assert(sizeof(TaskHeader) == 40);
 
 // What the runtime writes into a slot's `meta` bytes when the slot class has room (>= 32):

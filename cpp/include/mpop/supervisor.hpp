@@ -84,8 +84,6 @@ class Supervisor {
     bool active = false;      // part of the target set
     bool stopping = false;    // asked to stop; its exit is not a crash
     uint32_t gen = 0;
-    uint64_t timed_out_seq = 0;  // nonzero: killed for running this task past task_timeout
-    uint64_t killed_seq = 0;     // nonzero: killed by kill_task while running this task
     uint32_t start_deaths = 0;   // consecutive deaths before reaching the loop
     bool resume = false;         // its replacement runs what it left in its local queue
     uint32_t recoveries = 0;     // its window recoveries still waiting (run_recoveries)
@@ -141,9 +139,10 @@ class Supervisor {
   bool still_wanted(const Child& c) const;
   Publication what_it_published(const WorkerRecord& rec) const;
   // Settles each task of a dead (or recycled) worker's local queue in place: the ones to
-  // run again stay pending there, for its replacement or, when none comes, for
-  // requeue_pending. Every step leaves the record so that a new supervisor can redo the
-  // recovery from it.
+  // run again stay pending there, the others kSettled with their result's status; its
+  // replacement runs and posts them, or, when none comes, release_local_queue sends them
+  // on. Every step leaves the record so that a new supervisor can redo the recovery from
+  // it; nothing waits in the supervisor's memory.
   void recover_local_queue(uint32_t id, const Publication& pub, bool cancel);
   void recover_local_entry(uint32_t id, uint32_t j, const Publication& pub, bool cancel);
   // A task the dead worker was running and whose result is not out: cancelled, timed out,
@@ -156,7 +155,15 @@ class Supervisor {
   void recover_windows(uint32_t id, const Publication& pub);
   // The end of a dead worker's recovery: its replacement, or its pending tasks to the ring.
   void finish_recovery(uint32_t id);
-  void requeue_pending(uint32_t id);
+  // A record that gets no replacement: its pending tasks go back to the task ring and its
+  // settled results to the result ring, straight from the local queue, each marked done
+  // after its push. What finds no room waits there (releasing_), retried every round.
+  void release_local_queue(uint32_t id);
+  bool try_release(uint32_t id);
+  void release_waiting();
+  // The entry's decided result: kSettled with `status` (attempts as in th).
+  void settle(uint32_t id, uint32_t j, const TaskHeader& th, ResultStatus status);
+  bool try_post_settled(uint32_t id, uint32_t j);
   // Frees the pooled result block a dead worker recorded (once: the record forgets it first).
   void free_result_block(WorkerRecord& rec);
   // Whether a child without a pidfd that another process reaps is still the process we
@@ -165,8 +172,6 @@ class Supervisor {
   void signal_child(const Child& c, int sig);
   void check_timeouts();
   void run_recoveries();
-  void flush_requeue();
-  void post_result(const TaskHeader& h, const uint8_t* slot, ResultStatus status, uint32_t worker);
   std::vector<std::pair<uint32_t, uint64_t>> claim_snapshot(uint32_t except, bool publish) const;
   bool snapshot_passed(const std::vector<std::pair<uint32_t, uint64_t>>& snap, bool publish) const;
   void wake();
@@ -195,8 +200,7 @@ class Supervisor {
   std::string error_;
   std::atomic<int> spawned_round_{0};
 
-  std::vector<std::vector<uint8_t>> requeue_;  // task bodies waiting for ring room
-  std::vector<std::vector<uint8_t>> results_pending_;  // result records waiting for room
+  std::vector<uint32_t> releasing_;  // records whose local queue waits for ring room
   std::vector<PendingRingRecovery> ring_recoveries_;
   std::vector<PendingPublishRecovery> publish_recoveries_;
   std::vector<pollfd> poll_fds_;    // poll_children's: the eventfd, then each watched pidfd

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 
 #include "mpop/futex.hpp"
 
@@ -36,6 +37,30 @@ struct alignas(kCacheLine) ClaimState {
                                  // whether the cells at `head` were ever its own)
   std::atomic<uint64_t> epoch{0};  // bumped after each completed claim
   uint64_t head{0};              // first position of the claim being copied
+};
+
+// The push windows of one producer process whose threads push at the same time (a
+// persistent pool's client): each push raises a window of its own, taken from the set
+// for the length of the push.
+constexpr uint32_t kWindowsPerProducer = 4;
+struct WindowSet {
+  ClaimState w[kWindowsPerProducer];
+  alignas(kCacheLine) std::atomic<uint32_t> taken[kWindowsPerProducer] = {};
+
+  uint32_t take() {
+    static thread_local uint32_t hint = 0;
+    for (;;) {
+      for (uint32_t k = 0; k < kWindowsPerProducer; ++k) {
+        const uint32_t i = (hint + k) % kWindowsPerProducer;
+        if (!taken[i].load(std::memory_order_relaxed) && !taken[i].exchange(1, std::memory_order_acquire)) {
+          hint = i;
+          return i;
+        }
+      }
+      std::this_thread::yield();
+    }
+  }
+  void give_back(uint32_t i) { taken[i].store(0, std::memory_order_release); }
 };
 
 // Points inside claim_range / try_push where a fault-injection hook is called (tests kill
@@ -151,7 +176,8 @@ class TaskRing {
         window->in_claim.store(1, std::memory_order_seq_cst);
       }
       hook(RingPoint::kPushBeforeCas);
-      if (ctl_->enqueue_pos.compare_exchange_weak(pos, pos + k, std::memory_order_relaxed))
+      // seq_cst with a window: whoever reads the new enqueue_pos sees the window raised.
+      if (ctl_->enqueue_pos.compare_exchange_weak(pos, pos + k, window ? std::memory_order_seq_cst : std::memory_order_relaxed))
         break;
       if (window) window->in_claim.store(0, std::memory_order_relaxed);
     }
@@ -168,12 +194,23 @@ class TaskRing {
     return k;
   }
 
-  // Pushes exactly one cell, sleeping while the ring is full. Returns false when the
-  // deadline (monotonic ns, < 0 = none) passed or `cancelled()` became true.
-  template <class Fill, class Cancelled>
-  bool push(Fill&& fill, int64_t deadline_ns, Cancelled&& cancelled) {
+  // try_push through a window of `windows` (none when null).
+  template <class Fill, class Hook = NoHook>
+  uint32_t try_push_from(WindowSet* windows, uint32_t max, Fill&& fill, Hook&& hook = {}) {
+    if (!windows) return try_push(max, fill);
+    const uint32_t i = windows->take();
+    const uint32_t n = try_push(max, fill, &windows->w[i], hook);
+    windows->give_back(i);
+    return n;
+  }
+
+  // Pushes exactly one cell (through a window of `windows`, if given), sleeping while the
+  // ring is full. Returns false when the deadline (monotonic ns, < 0 = none) passed or
+  // `cancelled()` became true.
+  template <class Fill, class Cancelled, class Hook = NoHook>
+  bool push(Fill&& fill, int64_t deadline_ns, Cancelled&& cancelled, WindowSet* windows = nullptr, Hook&& hook = {}) {
     for (;;) {
-      if (try_push(1, fill) == 1) return true;
+      if (try_push_from(windows, 1, fill, hook) == 1) return true;
       if (cancelled()) return false;
       bool room = wait_until(
           ctl_->not_full, [&] { return has_room() || cancelled(); }, deadline_ns);

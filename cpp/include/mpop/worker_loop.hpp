@@ -191,7 +191,8 @@ template <class Runner>
 class WorkerSession {
  public:
   WorkerSession(Segment& seg, uint32_t id, Runner& runner)
-      : cfg_(seg.config()),
+      : seg_(seg),
+        cfg_(seg.config()),
         hdr_(seg.header()),
         tasks_(seg.tasks()),
         results_(seg.results()),
@@ -215,9 +216,10 @@ class WorkerSession {
     announce();
     uint32_t want = 0;
     if (auto why = must_leave(want)) return exit_with(*why);
-    // First what the last process in this record left pending in its local queue (it died
-    // or was recycled; the supervisor left those tasks there, one it was running made
-    // pending again with one more attempt), as a claim of its own.
+    // First what the last process in this record left in its local queue (it died or was
+    // recycled; the supervisor left those tasks there, one it was running made pending
+    // again with one more attempt, or settled with the result to post), as a claim of its
+    // own.
     if (auto why = run_local_queue(std::min(rec_.local_count.load(std::memory_order_acquire), table_.batch), true))
       return exit_with(*why);
     for (;;) {
@@ -231,15 +233,13 @@ class WorkerSession {
     }
   }
 
-  // Runs entries [0, k) of the local queue (`left_over`: only those still pending); a
-  // reason to leave before the end, if one comes.
+  // Runs entries [0, k) of the local queue (`left_over`: only those left to run, and posts
+  // the results the supervisor settled); a reason to leave before the end, if one comes.
   std::optional<WorkerExit> run_local_queue(uint32_t k, bool left_over) {
-    auto pending = [&](uint32_t j) {
-      return table_.entry(id_, j).state.load(std::memory_order_acquire) == static_cast<uint32_t>(LocalState::kPending);
-    };
+    auto state = [&](uint32_t j) { return static_cast<LocalState>(table_.entry(id_, j).state.load(std::memory_order_acquire)); };
     if (left_over) {
       bool any = false;
-      for (uint32_t j = 0; j < k && !any; ++j) any = pending(j);
+      for (uint32_t j = 0; j < k && !any; ++j) any = left_to_run(state(j)) || state(j) == LocalState::kSettled;
       if (!any) {
         rec_.local_count.store(0, std::memory_order_release);
         return std::nullopt;
@@ -247,7 +247,17 @@ class WorkerSession {
     }
     begin_batch();
     for (uint32_t j = 0; j < k; ++j) {
-      if (left_over && !pending(j)) continue;
+      if (left_over && state(j) == LocalState::kSettled) {
+        Task t = settled_task(j);
+        if (!publish(t)) return WorkerExit::kOwnerDied;
+        mark_done(t);
+        continue;
+      }
+      if (left_over && !left_to_run(state(j))) continue;
+      if (is_void_task(table_.entry_body(id_, j))) {  // a dead producer's filler: no task
+        table_.entry(id_, j).state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
+        continue;
+      }
       Task t = start_task(j);
       run_task(t);
       if (!publish(t)) return WorkerExit::kOwnerDied;
@@ -275,6 +285,7 @@ class WorkerSession {
     int64_t end;
     bool ran;  // false: cancelled before it started
     ResultStatus status;
+    bool settled;  // its result was decided by the supervisor (it was run and counted before)
   };
 
   // The result of a task on its way into the result ring.
@@ -379,19 +390,24 @@ class WorkerSession {
     idle_since_ = timing_ ? monotonic_ns() : 0;
   }
 
-  // Entry `j` of the local queue becomes the running task: the supervisor's view of it
-  // (running_*, the entry's state) and its meta.
-  Task start_task(uint32_t j) {
+  // Entry `j` of the local queue as a Task: its header, slot and ids.
+  Task task_at(uint32_t j) {
     Task t{};
     t.index = j;
     t.entry = &table_.entry(id_, j);
     uint8_t* body = table_.entry_body(id_, j);
     std::memcpy(&t.th, body, sizeof t.th);
     t.slot = body + sizeof t.th;
-    const SlotLayout& L = cfg_.slot;
-    t.fn_id = read_uint(t.slot + L.fn_id_off, L.fn_id_size);
-    t.tsk_id = read_uint(t.slot + L.tsk_id_off, L.tsk_id_size);
+    t.fn_id = read_uint(t.slot + cfg_.slot.fn_id_off, cfg_.slot.fn_id_size);
+    t.tsk_id = read_uint(t.slot + cfg_.slot.tsk_id_off, cfg_.slot.tsk_id_size);
+    return t;
+  }
 
+  // Entry `j` of the local queue becomes the running task: the supervisor's view of it
+  // (running_*, the entry's state) and its meta.
+  Task start_task(uint32_t j) {
+    Task t = task_at(j);
+    const SlotLayout& L = cfg_.slot;
     if (cfg_.debug_delay_ns > 0) debug_delay();
     // The start time is kept even with max_performance: task_timeout depends on it.
     const int64_t began = monotonic_ns();
@@ -410,6 +426,16 @@ class WorkerSession {
     return t;
   }
 
+  // Entry `j`, settled by the supervisor after its last worker died: only its result (the
+  // status the supervisor decided, no value) is posted.
+  Task settled_task(uint32_t j) {
+    Task t = task_at(j);
+    t.status = static_cast<ResultStatus>(t.entry->settled);
+    t.settled = true;
+    value_.clear();
+    return t;
+  }
+
   // Runs the task through the Runner, unless the owner cancelled it (then its status stays
   // kCancelled and the runner never sees it).
   void run_task(Task& t) {
@@ -421,7 +447,7 @@ class WorkerSession {
     value_.clear();
     maybe_fault(hdr_, FaultStep::kBeforeRun);
     t.status = ResultStatus::kCancelled;
-    t.ran = t.th.seq >= hdr_.cancel_below.load(std::memory_order_relaxed) &&
+    t.ran = !seg_.cancelled_by_horizon(t.th.seq) &&
             !hdr_.cancels.take(t.th.seq);
     if (t.ran) t.status = runner_.run(run, value_);
     maybe_fault(hdr_, FaultStep::kAfterRun);
@@ -471,7 +497,7 @@ class WorkerSession {
     r.fn_id = t.fn_id;
     r.worker_id = static_cast<uint16_t>(id_);
     r.status = t.status;
-    r.attempts = static_cast<uint16_t>(t.th.attempts + 1);
+    r.attempts = static_cast<uint16_t>(t.settled ? t.th.attempts : t.th.attempts + 1);
     r.enqueue_ns = t.th.enqueue_ns;
     r.route = t.th.route;
     r.start_ns = t.start;
@@ -576,6 +602,7 @@ class WorkerSession {
     if constexpr (requires { runner_.after_publish(); }) runner_.after_publish();
     t.entry->state.store(static_cast<uint32_t>(LocalState::kDone), std::memory_order_release);
     rec_.local_next.store(t.index + 1, std::memory_order_release);
+    if (t.settled) return;  // counted by the supervisor
     rec_.running_since_ns.store(0, std::memory_order_relaxed);
     if (t.status == ResultStatus::kOk)
       rec_.completed.fetch_add(1, std::memory_order_relaxed);
@@ -615,6 +642,7 @@ class WorkerSession {
       std::memcpy(dst, value_.data(), n);
   }
 
+  Segment& seg_;
   const SegmentConfig& cfg_;
   SegmentHeader& hdr_;
   TaskRing& tasks_;

@@ -27,12 +27,21 @@ constexpr bool holds_process(WorkerState s) {
   return s == WorkerState::kStarting || s == WorkerState::kIdle || s == WorkerState::kBusy || s == WorkerState::kExiting;
 }
 
-enum class LocalState : uint32_t { kFree = 0, kPending = 1, kRunning = 2, kDone = 3 };
+// A local-queue entry's state. The supervisor settles a dead worker's entries in place
+// (see Supervisor::recover_local_queue): kSettled holds a task whose result (its status in
+// LocalEntry::settled) is decided but not yet in the result ring; kReleasing one it is
+// pushing back to the task ring. Whoever sends either on marks it kDone after the push, so
+// a death in between sends it again (the collectors keep the first result of a task).
+enum class LocalState : uint32_t { kFree = 0, kPending = 1, kRunning = 2, kDone = 3, kSettled = 4, kReleasing = 5 };
+
+// What a worker runs, or posts, of the local queue a dead predecessor left (kReleasing:
+// the supervisor that was handing it back to the ring died, it was not sent).
+constexpr bool left_to_run(LocalState s) { return s == LocalState::kPending || s == LocalState::kReleasing; }
 
 // The part of a local-queue entry before the task body.
 struct alignas(8) LocalEntry {
   std::atomic<uint32_t> state;
-  uint32_t reserved;
+  uint32_t settled;  // kSettled: the ResultStatus its result carries
 };
 
 struct alignas(kCacheLine) WorkerRecord {
@@ -59,6 +68,10 @@ struct alignas(kCacheLine) WorkerRecord {
   // A dead worker's claim window under recovery: the ring's dequeue counter at the death,
   // plus one (0 = none), so that a new supervisor recovers the same cells.
   std::atomic<uint64_t> recover_below{0};
+  // The task the supervisor killed this worker for (0 = none), set before the signal: its
+  // death then ends that task timed out or cancelled, even for a new supervisor.
+  std::atomic<uint64_t> timed_out_seq{0};  // running past task_timeout
+  std::atomic<uint64_t> killed_seq{0};     // kill_task
 
   // The local queue: `local_count` entries copied from the ring by the last claim; entries
   // before `local_next` are done or running.
