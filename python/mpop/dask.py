@@ -11,6 +11,7 @@ Needs ``pip install mpop[dask]`` (distributed); ``import mpop`` alone does not l
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import itertools
 import pickle
@@ -30,7 +31,7 @@ except ImportError as e:  # pragma: no cover - only without the extra
 from ._api import MpopApi
 from ._config import Config, is_int
 from ._dask_worker import PoolPlugin, run_batch, run_call
-from ._errors import ConfigError, ShutdownError
+from ._errors import ConfigError, MpopError, ShutdownError
 from ._map import MapIterator, known_length
 from ._pickling import dumps
 from ._router import unpack_error
@@ -170,7 +171,8 @@ class DaskPool:
         try:
             client.register_plugin(PoolPlugin(self.name, self.options), name=self.name)
         except BaseException:
-            self._unregister()
+            with contextlib.suppress(Exception):  # the error to raise is the registration's
+                self._unregister()
             raise
 
     def __repr__(self) -> str:
@@ -215,7 +217,7 @@ class DaskPool:
         with self._lock:
             self._check_open()
             self._maps.add(run)
-        it = MapIterator.over(run.batches())
+        it = BatchIterator.over(run.batches())
         it.batch_sizes = run.sizes
         return it
 
@@ -298,6 +300,13 @@ class DaskPool:
         self.close(wait=exc[0] is None)
 
 
+class BatchIterator(MapIterator):
+    """What DaskPool.map returns: the values, flattened from each batch's list; close()
+    abandons the map; `batch_sizes` lists the size of each batch sent so far."""
+
+    batch_sizes: list[int]
+
+
 def _function_blob(fn: Any) -> bytes:
     """`fn` pickled for the Dask workers: importable functions by reference, others by
     value (cloudpickle). The workers unpickle each distinct blob once."""
@@ -333,6 +342,7 @@ class _MapRun:
         self.checked = False
         self.source_error: Exception | None = None
         self.abandoned = False
+        self.lock = threading.Lock()  # `inflight` and `abandoned`: close() may come from another thread
 
     def batches(self) -> Iterator[list]:
         """Yields the values of each batch, as a list, in the order map() returns them."""
@@ -352,9 +362,10 @@ class _MapRun:
 
     def abandon(self) -> None:
         """Cancels the batches still out (the map ended, was closed, or its pool closes)."""
-        self.abandoned = True
-        futures = [f for f, _ in self.inflight]
-        self.inflight.clear()
+        with self.lock:
+            self.abandoned = True
+            futures = [f for f, _ in self.inflight]
+            self.inflight.clear()
         if futures and self.client.status == "running":
             self.client.cancel(futures)
 
@@ -383,15 +394,19 @@ class _MapRun:
             if not count:
                 self.exhausted = True
                 return
-            if self.abandoned:
-                raise ShutdownError(f"the DaskPool {self.pool.name} was closed")
-            fut = self.client.submit(run_batch, self.pool.name, self.fn_blob, payload, pure=False)
+            with self.lock:
+                self._check_running()
+                fut = self.client.submit(run_batch, self.pool.name, self.fn_blob, payload, pure=False)
+                self.inflight.append((fut, count))
             if self.completed is not None:
                 self.completed.add(fut)
-            self.inflight.append((fut, count))
             self.sizes.append(count)
             self.out += count
             sizer.took(count)
+
+    def _check_running(self) -> None:
+        if self.abandoned:
+            raise ShutdownError(f"the DaskPool {self.pool.name} was closed while this map ran")
 
     def _read(self, n: int) -> list:
         """The next `n` items (fewer at the end). extend() keeps the items read before the
@@ -410,14 +425,20 @@ class _MapRun:
     def _next_result(self) -> tuple[list, Any]:
         """The next batch's (values, packed error or None), waiting for it."""
         if self.ordered:
-            fut, n = self.inflight.popleft()
+            with self.lock:
+                self._check_running()
+                fut, n = self.inflight.popleft()
         else:
             while True:
-                fut = next(self.completed)
-                n = next((k for f, k in self.inflight if f is fut), None)
-                if n is not None:  # not a batch abandoned meanwhile
-                    break
-            self.inflight.remove((fut, n))
+                fut = next(self.completed, None)  # None: every batch was cancelled
+                with self.lock:
+                    self._check_running()
+                    if fut is None:  # pragma: no cover - defensive: batches out, none to wait for
+                        raise MpopError("DaskPool.map lost track of its batches")
+                    n = next((k for f, k in self.inflight if f is fut), None)
+                    if n is not None:
+                        self.inflight.remove((fut, n))
+                        break
         self.out -= n
         try:
             blob = fut.result()
