@@ -385,11 +385,12 @@ def test_close_stops_every_app_and_interrupts_a_running_map(client):
     assert all(len(p) == 2 for p in mine.values())
     it = pool.map(slow_inc, range(100_000), batch_size=50)
     unordered = pool.map(slow_inc, range(100_000), batch_size=50, ordered=False)
-    assert next(it) == 1 and next(unordered) >= 1
+    all_sent = pool.map(slow_inc, range(400), batch_size=100)  # its 4 batches go out at once
+    assert next(it) == 1 and next(unordered) >= 1 and next(all_sent) == 1
     fut = pool.submit(slow_inc, 1)
     pool.close()
     assert fut.result(timeout=30) == 2  # close() waits for submitted calls
-    for interrupted in (it, unordered):
+    for interrupted in (it, unordered, all_sent):  # none ends as if it were complete
         with pytest.raises(mpop.ShutdownError, match="closed"):
             list(interrupted)
     with pytest.raises(mpop.ShutdownError):

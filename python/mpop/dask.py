@@ -348,6 +348,7 @@ class _MapRun:
         """Yields the values of each batch, as a list, in the order map() returns them."""
         try:
             while True:
+                self._check_running()  # close() may have taken batches that were out
                 self._fill()
                 if not self.inflight:
                     if self.source_error is not None:
