@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
 distributed = pytest.importorskip("distributed")  # the `dask` extra (part of `test`)
@@ -455,3 +456,45 @@ def test_daemonic_workers_raise_config_error_naming_the_setting():
             assert "DASK_DISTRIBUTED__WORKER__DAEMON=False" in str(info.value)
             assert not [p for p in client.run_on_scheduler(_plugins_on_scheduler) if p.startswith("mpop-dask-")]
             assert client.run(_mpop_children) and not any(client.run(_mpop_children).values())
+
+
+# -- the worker's side, without a cluster -----------------------------------------------------
+
+
+def raise_in_init():
+    raise RuntimeError("no database here")
+
+
+def test_the_plugin_owns_one_app_and_refuses_work_once_torn_down():
+    import asyncio
+
+    from mpop._dask_worker import PoolPlugin
+
+    plugin = PoolPlugin("mpop-dask-unit", {"workers": 1, "name": PREFIX})
+    plugin.start()
+    app = plugin.ready_app()
+    assert app.config["workers"] == 1 and app.config["auto_terminate"] is False
+    blob = cloudpickle.dumps(lambda x: x * 3)  # by value: each unpickling makes a new function
+    fn = plugin.function(blob)
+    assert fn(2) == 6 and plugin.function(bytes(bytearray(blob))) is fn  # unpickled once, then kept
+    asyncio.run(plugin.teardown(worker=None))
+    with pytest.raises(mpop.ShutdownError, match="closed"):
+        plugin.ready_app()
+
+
+def test_a_worker_whose_initializer_raises_fails_the_pool_at_once():
+    from mpop._dask_worker import PoolPlugin
+
+    plugin = PoolPlugin("mpop-dask-unit", {"workers": 1, "name": PREFIX, "initializer": raise_in_init})
+    with pytest.raises(mpop.WorkerInitError):
+        plugin.start()
+    with pytest.raises(mpop.MpopError, match="could not start.*WorkerInitError") as info:
+        plugin.ready_app()  # what a batch sent to such a worker raises
+    assert isinstance(info.value.__cause__, mpop.WorkerInitError)
+
+
+def test_dask_pool_raises_a_workers_initializer_error(local_client):
+    before = local_client.run_on_scheduler(_plugins_on_scheduler)
+    with pytest.raises(mpop.WorkerInitError):
+        DaskPool(local_client, workers=1, name=PREFIX, initializer=raise_in_init)
+    assert local_client.run_on_scheduler(_plugins_on_scheduler) == before

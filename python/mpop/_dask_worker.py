@@ -19,6 +19,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from ._api import MpopApi
+from ._builtins import ProcTaskFnID
 from ._errors import ConfigError, MpopError, RemoteTraceback, ShutdownError
 from ._pickling import dumps, pack_error as pack_worker_error
 
@@ -72,14 +73,18 @@ class PoolPlugin(WorkerPlugin):
         await asyncio.get_running_loop().run_in_executor(None, self.start)
 
     def start(self) -> None:
-        """Creates and starts this worker's app. Raises ConfigError in a daemonic process,
-        and what MpopApi raises (an initializer's WorkerInitError included)."""
+        """Creates and starts this worker's app and runs one task through it. Raises
+        ConfigError in a daemonic process, and what MpopApi raises (an initializer's
+        WorkerInitError included)."""
         try:
             if multiprocessing.current_process().daemon:
                 raise ConfigError(DAEMONIC_MESSAGE)
             app = MpopApi(**{"auto_terminate": False, **self.options})
             try:
                 app.start()
+                # One task through every step: a worker that cannot start (its initializer
+                # raised) fails DaskPool(...) here, not the first batch later.
+                app.submit(ProcTaskFnID.INCREMENT, 0).result()
             except BaseException:
                 app.shutdown(wait=False, cancel_pending=True)
                 raise
