@@ -34,10 +34,12 @@ def pool():
 
 @pytest.fixture
 def record(request):
-    """record(pair, side, benchmark): remember a benchmark's mean for the ratio table."""
+    """record(pair, side, benchmark, scale=1.0): remember a benchmark's mean for the ratio
+    table, multiplied by `scale` (a side timed on fewer items than the pair names, whose
+    cost per item does not depend on their count, scaled to the pair's count)."""
 
-    def _record(pair: str, side: str, benchmark) -> None:
-        _stats.setdefault(pair, {})[side] = benchmark.stats.stats.mean
+    def _record(pair: str, side: str, benchmark, scale: float = 1.0) -> None:
+        _stats.setdefault(pair, {})[side] = benchmark.stats.stats.mean * scale
 
     return _record
 

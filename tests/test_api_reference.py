@@ -165,3 +165,33 @@ def test_api_md_lists_mpop_all_as_it_is():
     m = re.search(r"mpop\.__all__ = (\[.*?\])", text, re.S)
     assert m, "docs/api.md does not show mpop.__all__"
     assert ast.literal_eval(m.group(1)) == list(mpop.__all__)
+
+
+# -- mpop.dask, a submodule (the `dask` extra) ---------------------------------------------------
+
+
+def _dask_objects() -> list[tuple[str, object]]:
+    dask_mod = pytest.importorskip("mpop.dask")
+    objs = []
+    for name in dask_mod.__all__:
+        obj = getattr(dask_mod, name)
+        objs.append((f"mpop.dask.{name}", obj))
+        objs += [(f"mpop.dask.{name}.{m}", f) for m, f in _public_members(obj).items() if m != "__init__"]
+    return objs
+
+
+def test_every_public_name_of_mpop_dask_has_a_docstring():
+    missing = [name for name, obj in _dask_objects() if not (inspect.getdoc(obj) or "").strip()]
+    assert not missing, f"no docstring: {missing}"
+
+
+def test_dask_pool_docstrings_name_every_parameter():
+    dask_mod = pytest.importorskip("mpop.dask")
+    test_docstrings_name_every_parameter(dask_mod.DaskPool)
+
+
+def test_api_md_gives_every_dask_pool_method_with_its_signature():
+    dask_mod = pytest.importorskip("mpop.dask")
+    assert {"map", "submit", "close"} <= set(_public_members(dask_mod.DaskPool))
+    problems = _signature_problems(dask_mod.DaskPool)
+    assert not problems, "\n".join(problems)

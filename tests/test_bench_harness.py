@@ -80,3 +80,13 @@ def test_bench_persistent_rows_compare_with_an_in_process_pool():
                      out), out
     assert re.search(r"persistent pool: map 100,000 vs in-process\s+[0-9.e+]+\s+[0-9.e+]+\s+tasks/s", out), out
     assert "the 'stdlib' column is an in-process mpop pool in the same run" in out
+
+
+def test_dask_scenario_says_why_it_is_skipped_without_distributed():
+    # sys.modules[...] = None makes `import distributed` fail, as when it is not installed.
+    code = ("import sys; sys.modules['distributed'] = None; from mpop import _bench; "
+            "print(_bench.bench_dask(2, 10, 10, 1)); print('dask' in _bench.SCENARIOS)")
+    proc = run_python(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert "dask scenario skipped: it needs Dask distributed (pip install 'mpop[dask]')" in proc.stdout
+    assert proc.stdout.splitlines()[-2:] == ["[]", "True"]

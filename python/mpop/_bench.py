@@ -515,6 +515,59 @@ def bench_prototype(workers: int, sizes: list[int], kinds: list[str], quick: boo
     return rows
 
 
+def bench_dask(workers: int, n: int, n_tasks: int, rounds: int) -> list[Row]:
+    """mpop.dask.DaskPool on a LocalCluster of `workers` Dask worker processes (one thread
+    and a one-process mpop app each) against Dask's own ways to map fine-grained items
+    there: one task per item (client.map, timed on `n_tasks` items: its cost per item does
+    not depend on the count, and 100,000 tasks would take minutes), and dask.bag with its
+    default partitioning and with two partitions per worker. Items/s, interleaved rounds,
+    the best of each. Returns no row (and says why) when distributed is not installed."""
+    try:
+        import dask
+        import dask.bag as db
+        import distributed
+    except ImportError as e:
+        print(f"dask scenario skipped: it needs Dask distributed (pip install 'mpop[dask]'): {e}\n")
+        return []
+    from .dask import DaskPool
+
+    expected_sum = sum(inc(i) for i in range(n))
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0", silence_logs=40) as cluster, \
+            distributed.Client(cluster) as client, \
+            DaskPool(client, workers=1, max_performance=True) as pool:
+        list(pool.map(inc, range(10_000)))  # warm: apps started, handler loaded everywhere
+        client.gather(client.map(inc, range(100), pure=False))
+
+        def pool_map():
+            assert sum(pool.map(inc, range(n))) == expected_sum
+
+        def client_map():
+            assert len(client.gather(client.map(inc, range(n_tasks), pure=False))) == n_tasks
+
+        bag = db.from_sequence(range(n)).map(inc)
+        tuned = db.from_sequence(range(n), npartitions=2 * workers).map(inc)
+        t = _rounds({
+            "pool": pool_map,
+            "client.map": client_map,
+            "bag": lambda: bag.sum().compute(),
+            "bag tuned": lambda: tuned.sum().compute(),
+        }, rounds)
+    rate = {k: (n_tasks if k == "client.map" else n) / min(v) for k, v in t.items()}
+    note = {"note": (f"dask rows: a LocalCluster of {workers} workers (1 thread, a 1-process mpop app each); "
+                     f"the 'stdlib' column is Dask's own way in the same run; client.map timed on "
+                     f"{n_tasks:,} items, dask.bag's default made {bag.npartitions:,} partitions")}
+    return [
+        Row(f"dask: DaskPool.map {n:,} trivial vs client.map", rate["pool"], rate["client.map"], "items/s",
+            True, ">= 100x", note),
+        Row(f"dask: DaskPool.map {n:,} trivial vs dask.bag default", rate["pool"], rate["bag"], "items/s",
+            True, "> 1x", note),
+        Row(f"dask: DaskPool.map {n:,} trivial vs dask.bag {2 * workers} partitions", rate["pool"],
+            rate["bag tuned"], "items/s", True, "reported", note),
+    ]
+
+
 def _print(rows: list[Row]) -> None:
     head = f"{'scenario':<58} {'mpop':>12} {'stdlib':>12} {'unit':>10} {'ratio':>8}  goal"
     print(head)
@@ -578,7 +631,7 @@ def _plot(path: str, workers: int, quick: bool) -> None:
     print(f"plot written to {path}")
 
 
-SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "persistent", "prototype"]
+SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "persistent", "prototype", "dask"]
 
 
 def run_bench(args) -> int:
@@ -616,6 +669,8 @@ def run_bench(args) -> int:
             # heavy x 1.8M takes 20 min a side on 2 cores: only with --long
             rows += bench_prototype(workers, [900, 9_000, 90_000] + ([1_800_000] if getattr(args, "long", False) else []),
                                     ["heavy"])
+    if "dask" in only:
+        rows += bench_dask(workers, 100_000, 2_000 if quick else 20_000, 2 if quick else 3)
     _print(rows)
     if args.plot:
         _plot(args.plot, workers, quick)

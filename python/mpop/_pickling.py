@@ -40,10 +40,11 @@ def dumps(obj: Any) -> bytes:
     return dumps_by_value(obj) if b"__main__" in data else data
 
 
-def pack_error(exc: BaseException) -> bytes:
+def pack_error(exc: BaseException, tb: str | None = None) -> bytes:
     """A handler's exception as bytes: the exception itself when it survives pickling, and
-    always the worker's formatted traceback."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    always the worker's formatted traceback (`tb`, or else the exception's own)."""
+    if tb is None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         data = dumps((exc, tb))
         pickle.loads(data)
