@@ -97,7 +97,7 @@ class Collector {
       uint32_t want = static_cast<uint32_t>(std::min<size_t>(max - delivered, 256));
       buffer_.resize(size_t{want} * kResultStride);
       uint32_t k = ring_.claim_range(want, nullptr, [&](uint32_t i, const uint8_t* body) {
-        std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, kResultStride - 8);
+        std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, result_record_bytes(body));
       });
       if (k == 0) break;
       for (uint32_t i = 0; i < k; ++i) {

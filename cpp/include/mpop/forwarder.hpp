@@ -71,7 +71,7 @@ class Forwarder {
     for (;;) {
       uint64_t head = 0;
       uint32_t k = ring_.peek_range(kBatch, head, [&](uint32_t i, const uint8_t* body) {
-        std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, kResultStride - 8);
+        std::memcpy(buffer_.data() + size_t{i} * kResultStride, body, result_record_bytes(body));
       });
       if (k == 0) return taken;
       hdr.forward_end.store(head + k, std::memory_order_seq_cst);  // before any mailbox has it
@@ -182,7 +182,7 @@ class Forwarder {
     // The copy the client gets: its task's argument block is freed here, its value block
     // (if pooled) by the client once decoded.
     alignas(8) uint8_t out[kResultStride - 8];
-    std::memcpy(out, rec, sizeof out);
+    std::memcpy(out, rec, result_record_bytes(rec));
     ResultHeader o = h;
     o.arg_ref = 0;
     o.arg_len = 0;
@@ -196,7 +196,7 @@ class Forwarder {
       ack.value_ref = 0;
       ack.value_len = 0;
       ack.inline_len = 0;
-      alignas(8) uint8_t a[kResultStride - 8] = {};
+      alignas(8) uint8_t a[sizeof ack + 8] = {};
       std::memcpy(a, &ack, sizeof ack);
       stage(client, false, a);
     } else {
@@ -208,9 +208,12 @@ class Forwarder {
 
   // A record for client c's plain or live mailbox, pushed by the next flush().
   void stage(uint32_t c, bool plain, const uint8_t* rec) {
+    constexpr uint32_t kRec = kResultStride - 8;
     Staged& s = staged_[2 * size_t{c} + (plain ? 0 : 1)];
-    if (s.count++ == 0) staged_order_.push_back(2 * c + (plain ? 0 : 1));
-    s.bytes.insert(s.bytes.end(), rec, rec + (kResultStride - 8));
+    if (s.count == 0) staged_order_.push_back(2 * c + (plain ? 0 : 1));
+    const size_t at = size_t{s.count++} * kRec;
+    if (s.bytes.size() < at + kRec) s.bytes.resize(at + kRec);  // (kept: a batch's high-water mark)
+    std::memcpy(s.bytes.data() + at, rec, result_record_bytes(rec));
   }
 
   // Pushes what route() staged (plain mailboxes first). False if stop() made it give some
@@ -225,7 +228,6 @@ class Forwarder {
         const uint32_t pushed = push(pass == 0 ? seg_.plain_mailbox(c) : seg_.live_mailbox(c), s);
         for (uint32_t k = pushed; k < s.count; ++k) give_up(s.bytes.data() + size_t{k} * (kResultStride - 8));
         whole = whole && pushed == s.count;
-        s.bytes.clear();
         s.count = 0;
       }
     }
@@ -257,7 +259,7 @@ class Forwarder {
   }
 
   struct Staged {
-    std::vector<uint8_t> bytes;  // records of kResultStride - 8 bytes
+    std::vector<uint8_t> bytes;  // records of kResultStride - 8 bytes (the first `count`)
     uint32_t count = 0;
   };
 
@@ -268,7 +270,11 @@ class Forwarder {
     uint32_t done = 0;
     while (done < s.count) {
       const uint32_t n = mb.try_push(
-          s.count - done, [&](uint32_t i, void* dst) { std::memcpy(dst, s.bytes.data() + size_t{done + i} * kRec, kRec); },
+          s.count - done,
+          [&](uint32_t i, void* dst) {
+            const uint8_t* rec = s.bytes.data() + size_t{done + i} * kRec;
+            std::memcpy(dst, rec, result_record_bytes(rec));
+          },
           nullptr, [this](RingPoint p) {
             if (p == RingPoint::kPushReserved) maybe_fault(seg_.header(), FaultStep::kForwarderMidPush);
           });

@@ -2,7 +2,10 @@
 // finished task; the owner's collector drains it. It is a TaskRing with ResultHeader bodies.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "mpop/task_ring.hpp"
 
@@ -50,5 +53,16 @@ static_assert(sizeof(ResultHeader) == 80);
 
 constexpr uint32_t kResultStride = 256;
 constexpr uint32_t kResultInlineBytes = kResultStride - TaskRing::kSeqBytes - sizeof(ResultHeader);
+
+// The bytes of the result record at `rec` that carry anything: its header and its inline
+// value, and at least 8 bytes after the header (a mailbox collector's fingerprint reads
+// them). Copying only these, not the whole cell, is most of the cost of moving a small
+// result.
+inline uint32_t result_record_bytes(const uint8_t* rec) {
+  uint16_t inline_len;
+  std::memcpy(&inline_len, rec + offsetof(ResultHeader, inline_len), sizeof inline_len);
+  const uint32_t used = sizeof(ResultHeader) + std::max<uint32_t>(inline_len, 8);
+  return std::min<uint32_t>(used, kResultStride - TaskRing::kSeqBytes);
+}
 
 }  // namespace mpop
