@@ -156,3 +156,24 @@ def test_notebook_cells_show_worker_output_and_logging(monkeypatch, tmp_path):
     for text in ("worker err 1\n", "worker err 2\n", "LOG WARNING nbworker worker logged 3\n"):
         assert all_err.count(text) == 1, (text, everything)
     assert "worker prints" not in all_err and "worker err" not in all_out, everything
+
+
+def test_the_example_notebook_runs_and_shows_tables_and_a_progress_total(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PYDIR), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(_helpers.EXAMPLES / "notebook.ipynb", as_version=4)
+    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        _helpers.SPAWNED.add(client.km.provisioner.process.pid)
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                client.execute_cell(cell, index)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    errors = [o for cell in code for o in cell.outputs if o.get("output_type") == "error"]
+    assert not errors, errors
+    app_html = code[1].outputs[0]["data"]["text/html"]  # `app`: its repr over its status
+    assert "&lt;MpopApi workers=2" in app_html and "<table>" in app_html and "mpop workers" in app_html
+    progress = _streams(code[2], "stderr")
+    assert "5/5" in progress, progress  # a total for a sized input
+    assert code[2].outputs[-1]["data"]["text/plain"] == "[0, 1, 4, 9, 16]"
+    status_html = code[3].outputs[0]["data"]["text/html"]
+    assert status_html.count("<table>") == 3 and "mpop queue" in status_html

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import mpop
 from mpop import MpopApi, ProcTaskFnID
 from _helpers import leak_check, pid_alive, wait_until
 
@@ -225,3 +226,27 @@ def test_status_percentiles_cover_a_bounded_window_of_recent_tasks(monkeypatch):
         assert 0 <= q["run_time_p50_s"] <= q["run_time_p99_s"]
         busy = sum(w["busy_s"] for w in app.status()["workers"])
         assert busy > 0
+
+
+def test_an_app_and_its_status_render_as_html_tables_in_a_notebook():
+    with mpop.MpopApi(workers=2, auto_terminate=False) as app:
+        assert app.submit(abs, -3).result(timeout=30) == 3
+        status = app.status()
+        assert isinstance(status, dict) and set(status) >= {"config", "queue", "workers"}
+        page = status._repr_html_()
+        assert page.count("<table>") == 3
+        for title in ("mpop config", "mpop queue", "mpop workers"):
+            assert title in page
+        for w in status["workers"]:
+            assert f"<td>{w['pid']}</td>" in page
+        head = app._repr_html_()
+        assert head.startswith("<p><code>&lt;MpopApi workers=2 running") and head.count("<table>") == 3
+
+
+def test_status_html_escapes_what_it_shows():
+    from mpop._status import format_status_html
+
+    status = {"config": {"slot_class": "<b>x</b>"}, "queue": {}, "workers": []}
+    page = format_status_html(status)
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert "(none started)" in page

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import contextlib
+import html
 import pickle
 import sys
 import threading
@@ -28,12 +29,13 @@ from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import ConfigError, MpopError, RegistryError
 from ._hooks import pack as pack_hooks
-from ._map import MapIterator, MapRun
+from ._map import MapIterator, MapRun, known_length
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
 from ._run import RunLoop, progress_bar, results_as_they_come, wait_all
 from ._runtime import Lifecycle, weakly, finalize
 from ._slots import TaskSlot196_cargs
+from ._status import Status, format_status_html
 from ._submit import Submitter
 
 __all__ = ["MpopApi", "Mpop"]
@@ -198,6 +200,11 @@ class MpopApi:
         state = "shut down" if lc.shut_down else ("running" if lc.running else "idle")
         return f"<MpopApi workers={lc.workers} {state} segment={self.segment_name}>"
 
+    def _repr_html_(self) -> str:
+        """The app in a notebook: its repr over its status as HTML tables (settings,
+        queue counts, one row per worker)."""
+        return f"<p><code>{html.escape(repr(self))}</code></p>" + format_status_html(self.status())
+
     # -- handlers ---------------------------------------------------------------------------
 
     def task(self, fn: Callable | None = None, *, fn_id: int | None = None, name: str | None = None):
@@ -352,7 +359,7 @@ class MpopApi:
                      workers=self._lifecycle.workers, queue_slots=c.queue_slots, pool_bytes=c.pool_bytes,
                      one_item_each=bool(c.max_tasks_per_worker or c.task_timeout), ordered=ordered,
                      timeout=timeout, max_in_flight=max_in_flight, chunksize=chunksize,
-                     progress_bar=progress_bar(progress, None))
+                     progress_bar=progress_bar(progress, known_length(iterables)))
         return MapIterator.over(run.chunks())
 
     # -- results ----------------------------------------------------------------------------
@@ -428,7 +435,7 @@ class MpopApi:
         the supervisor's counters and timing percentiles, "workers": one dict per worker
         (id, pid, state, completed, failed, restarts, recycled, busy_s, idle_s, running
         task)}."""
-        return self._lifecycle.status(self.config)
+        return Status(self._lifecycle.status(self.config))
 
     def print_status(self, config: bool = True, queue: bool = True, workers: bool = True) -> None:
         """Prints status() as tables to standard output: the settings (`config`), the
