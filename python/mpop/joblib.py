@@ -77,7 +77,9 @@ class MpopBackend(AutoBatchingMixin, ParallelBackendBase):
     """A joblib parallel backend that runs each batch of calls as an mpop task.
 
     ``MpopBackend(**options)``: `options` are MpopApi parameters for the app (any of them
-    but `workers`, which is the Parallel call's n_jobs; `auto_terminate` is always False).
+    but `workers`, which is the Parallel call's n_jobs; `auto_terminate` is always False;
+    `worker_batch_size` defaults to 1, each worker taking one batch at a time as joblib
+    expects).
     joblib passes them from ``parallel_config(backend="mpop", **options)``; a bad value
     raises ConfigError when the first Parallel call starts the app. `nesting_level` and
     `inner_max_num_threads` are joblib's: the latter sets the BLAS/OpenMP threads each
@@ -98,11 +100,6 @@ class MpopBackend(AutoBatchingMixin, ParallelBackendBase):
     - Nested Parallel calls inside a task use joblib's threads backend one level deep, then
       run sequentially (joblib's rule for process backends)."""
 
-    # A batch's round trip through mpop costs tens of microseconds, not the milliseconds of
-    # a pipe-fed pool: batches of ~10 ms of work hide it, and finish together better at
-    # the end of a call than joblib's 0.2 s ones.
-    MIN_IDEAL_BATCH_DURATION = 0.01
-
     supports_retrieve_callback = True
     supports_inner_max_num_threads = True
     supports_timeout = True
@@ -115,6 +112,9 @@ class MpopBackend(AutoBatchingMixin, ParallelBackendBase):
         if "workers" in options:
             raise ConfigError("MpopBackend takes its workers from n_jobs, not from workers=")
         options.pop("auto_terminate", None)
+        # joblib keeps about two batches a worker in flight (pre_dispatch): a worker that
+        # claimed several at once would run them one after another while another idles.
+        options.setdefault("worker_batch_size", 1)
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
         self.options = options
         self.parallel = None
