@@ -127,7 +127,8 @@ def test_return_as_generator_yields_lazily_in_order(backend):
         assert list(gen) == [i * i for i in range(1, 100)]
 
 
-@pytest.mark.skipif(joblib.__version__ < "1.4", reason="generator_unordered came with joblib 1.4")
+@pytest.mark.skipif(tuple(map(int, joblib.__version__.split(".")[:2])) < (1, 4),
+                    reason="generator_unordered came with joblib 1.4")
 def test_return_as_generator_unordered(backend):
     with parallel_config(backend=backend, n_jobs=2):
         out = list(Parallel(return_as="generator_unordered", batch_size=1)(
