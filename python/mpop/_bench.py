@@ -554,6 +554,9 @@ def bench_joblib(workers: int, n: int, rounds: int) -> list[Row]:
                      "search mpop": search(mpop_backend), "search loky": search("loky")}, rounds)
     finally:
         mpop_backend.terminate_app()
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)  # loky keeps its workers for the next call
     t_seq = min(t["tiny sequential"])
     note = {"note": f"joblib {n:,} tiny calls: the 'stdlib' column is joblib's loky backend; joblib alone "
                     f"(n_jobs=1, in this process) took {t_seq:.3g} s, so no backend can beat loky by more than "
