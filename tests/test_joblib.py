@@ -79,6 +79,14 @@ def fail_first_or_sleep(x: int) -> int:
     return x
 
 
+def set_marker(value: str) -> None:
+    os.environ["MPOP_TEST_MARKER"] = value
+
+
+def marker(_: object = None) -> tuple:
+    return os.environ.get("MPOP_TEST_MARKER"), os.environ.get("OMP_NUM_THREADS")
+
+
 def thread_settings(_: object = None) -> dict:
     import numpy  # loaded here, in the worker (spawn) or inherited (fork)
     from threadpoolctl import threadpool_info
@@ -264,6 +272,15 @@ def test_mpop_options_go_to_the_app_and_bad_ones_say_so():
             Parallel()(delayed(square)(i) for i in range(3))
     with pytest.raises(mpop.ConfigError, match="n_jobs"):
         MpopBackend(workers=2)
+
+
+def test_a_users_initializer_runs_after_the_thread_limits():
+    with parallel_config(backend="mpop", n_jobs=2, inner_max_num_threads=1, initializer=set_marker,
+                         initargs=("set",)):
+        backend, _ = get_active_backend()
+        got = set(Parallel(batch_size=1)(delayed(marker)(i) for i in range(4)))
+        backend.terminate_app()
+    assert got == {("set", "1")}
 
 
 def test_a_batch_too_large_for_the_pool_names_pool_bytes():

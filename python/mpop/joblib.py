@@ -62,13 +62,14 @@ def limit_threads(env: dict, initializer: Callable[..., Any] | None, initargs: t
     has loaded already (a forked worker inherits its owner's), then runs the user's
     `initializer(*initargs)`, if any."""
     os.environ.update(env)
-    if any(m in sys.modules for m in ("numpy", "scipy", "sklearn", "torch")):
+    limit = env.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and any(m in sys.modules for m in ("numpy", "scipy", "sklearn", "torch")):
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:  # without threadpoolctl, only libraries loaded later are limited
             pass
         else:
-            threadpool_limits(limits=int(env["OMP_NUM_THREADS"]))
+            threadpool_limits(limits=int(limit))
     if initializer is not None:
         with_state(initializer)(*initargs)
 
