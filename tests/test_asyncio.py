@@ -56,6 +56,12 @@ def boom_at(x: int, bad: int = 5) -> int:
     return x
 
 
+def die_at(x: int) -> int:
+    if x == 3:
+        os._exit(1)
+    return x
+
+
 def touch(path: str, s: float) -> str:
     with open(path, "w"):
         pass
@@ -268,6 +274,19 @@ def test_amap_raises_the_inputs_own_error_in_its_place(app):
         return got
 
     assert run(main()) == [1, 4]
+
+
+def test_amap_raises_a_crash_for_its_own_chunk():
+    with MpopApi(workers=1, max_retries=0, auto_terminate=False) as app:
+        async def main():
+            got = []
+            with pytest.raises(mpop.WorkerCrashedError):
+                async for v in app.amap(die_at, range(8), chunksize=1):
+                    got.append(v)
+            return got
+
+        assert run(main()) == [0, 1, 2]
+        assert app.submit(square, 2).result(TIMEOUT) == 4  # a replacement worker carries on
 
 
 def test_amap_with_a_slow_consumer_reads_ahead_a_bounded_number_of_items(app):
