@@ -185,6 +185,20 @@ def test_an_error_aborts_the_call_and_stops_its_running_batches():
         b.terminate_app()
 
 
+def test_closing_a_generator_early_stops_its_running_batches():
+    b = MpopBackend()
+    try:
+        with parallel_config(backend=b, n_jobs=2):
+            gen = Parallel(return_as="generator", batch_size=1)(delayed(nap)(s) for s in (0.0, 60, 60, 60))
+            assert next(gen) == 0.0
+            with pytest.warns(UserWarning, match="cancelled"):  # joblib's own word on it
+                gen.close()  # joblib aborts the call: the two naps running are stopped
+            assert wait_until(lambda: sum(w["restarts"] for w in b.app.status()["workers"]) >= 1)
+            assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+    finally:
+        b.terminate_app()
+
+
 # -- the app ---------------------------------------------------------------------------------
 
 
