@@ -1,7 +1,7 @@
 """The reference is the docstrings: every public name documents itself (help() answers a
 user without the web), each docstring names its parameters, and docs/api.md gives every
-public method of MpopApi and Executor, and mpop.attach, a heading with the signature the
-code has."""
+public method of MpopApi and Executor, mpop.attach, and mpop.joblib's names a heading
+with the signature the code has."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import mpop
+import mpop.joblib
 from mpop._futures import MpopFuture
 
 API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -48,6 +49,12 @@ def _public_objects() -> list[tuple[str, object]]:
                 if m != "__init__":
                     objs.append((f"{name}.{m}", f))
     objs += [(f"MpopFuture.{m}", f) for m, f in _public_members(MpopFuture).items() if m != "__init__"]
+    objs.append(("MpopFuture.__await__", MpopFuture.__await__))
+    for name in mpop.joblib.__all__:
+        obj = getattr(mpop.joblib, name)
+        objs.append((f"mpop.joblib.{name}", obj))
+        if inspect.isclass(obj):
+            objs += [(f"mpop.joblib.{name}.{m}", f) for m, f in _public_members(obj).items() if m != "__init__"]
     return objs
 
 
@@ -94,7 +101,7 @@ def _api_md_signatures() -> dict[str, str]:
         if line.startswith("## "):
             section = ""
             continue
-        m = re.match(r"^#### `((?:mpop\.)?\w+)\((.*?)\)(?: -> [^`]*)?`", line)
+        m = re.match(r"^#### `((?:mpop\.(?:\w+\.)?)?\w+)\((.*?)\)(?: -> [^`]*)?`", line)
         if m:
             name = m.group(1)
             out[name if name.startswith("mpop.") else f"{section}.{name}"] = m.group(2)
@@ -158,6 +165,22 @@ def test_api_md_gives_attach_with_its_signature():
     assert "mpop.attach" in documented, f"docs/api.md has no heading for mpop.attach({want})"
     assert documented["mpop.attach"] == want, \
         f"mpop.attach: docs/api.md says ({documented['mpop.attach']}), the code ({want})"
+
+
+@pytest.mark.parametrize("name", mpop.joblib.__all__)
+def test_api_md_gives_mpop_joblib_with_its_signatures(name):
+    documented = _api_md_signatures()
+    obj = getattr(mpop.joblib, name)
+    want = _render(inspect.signature(obj))
+    key = f"mpop.joblib.{name}"
+    assert key in documented, f"docs/api.md has no heading for {key}({want})"
+    assert documented[key] == want, f"{key}: docs/api.md says ({documented[key]}), the code ({want})"
+
+
+def test_api_md_lists_mpop_joblib_all_as_it_is():
+    m = re.search(r"mpop\.joblib\.__all__ = (\[.*?\])", API_MD.read_text(), re.S)
+    assert m, "docs/api.md does not show mpop.joblib.__all__"
+    assert ast.literal_eval(m.group(1)) == list(mpop.joblib.__all__)
 
 
 def test_api_md_lists_mpop_all_as_it_is():

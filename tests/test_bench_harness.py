@@ -3,6 +3,7 @@ measures what it says. Behaviour only: no speed is asserted here."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from mpop import _bench
@@ -90,3 +91,19 @@ def test_dask_scenario_says_why_it_is_skipped_without_distributed():
     assert proc.returncode == 0, proc.stderr
     assert "dask scenario skipped: it needs Dask distributed (pip install 'mpop[dask]')" in proc.stdout
     assert proc.stdout.splitlines()[-2:] == ["[]", "True"]
+
+
+def test_joblib_rows_compare_with_loky_and_name_joblibs_floor():
+    # In a child: loky keeps its executor and resource tracker for the life of the process.
+    code = ("import json; from mpop import _bench; rows = _bench.bench_joblib(2, 2000, 1); "
+            "print(json.dumps([[r.scenario, r.mpop, r.stdlib, r.unit, r.higher_is_better, r.extra] for r in rows]))")
+    with leak_check():
+        proc = run_python(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert [r[0] for r in rows] == ["joblib 2,000 tiny calls, mpop backend vs loky",
+                                    "joblib GridSearchCV (40 fits) wall time, mpop vs loky"]
+    assert [r[3:5] for r in rows] == [["calls/s", True], ["s", False]]
+    assert all(r[1] > 0 and r[2] > 0 for r in rows)
+    assert re.search(r"joblib alone \(n_jobs=1, in this process\) took [\d.e-]+ s, so no backend can beat "
+                     r"loky by more than [\d.]+x here", rows[0][5]["note"])

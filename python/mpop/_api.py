@@ -23,13 +23,14 @@ import time
 import types
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import ConfigError, MpopError, RegistryError
 from ._hooks import pack as pack_hooks
-from ._map import MapIterator, MapRun, known_length
+from ._amap import amap_values
+from ._map import ChunkFeed, MapIterator, MapRun, known_length
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
 from ._run import RunLoop, progress_bar, results_as_they_come, wait_all
@@ -321,7 +322,8 @@ class MpopApi:
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
         """Queues ``fn(*args, **kwargs)`` (starting the workers if needed) and returns a
-        concurrent.futures.Future; it may be awaited with asyncio.wrap_future. Raises at
+        concurrent.futures.Future, which may also be awaited in a running asyncio event
+        loop (``await app.submit(fn, x)``, see MpopFuture.__await__). Raises at
         the call as enqueue() does. cancel() on the future returns True only for a task
         that will never run."""
         rt = self._lifecycle.runtime
@@ -344,23 +346,40 @@ class MpopApi:
         the values before it. Raises TypeError without iterables or for items the handler
         cannot take, ValueError for a bad chunksize or max_in_flight, ShutdownError after
         shutdown()."""
-        self._lifecycle.check_open()
-        if not iterables:
-            raise TypeError("map() needs at least one iterable")
-        if chunksize is not None and (not is_int(chunksize) or chunksize < 1):
-            raise ValueError(f"chunksize must be an int >= 1 or None, got {chunksize!r}")
-        if max_in_flight is not None and (not is_int(max_in_flight) or max_in_flight < 1):
-            raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
-        h = self._registry.resolve(fn)
+        feed = self._feed("map", fn, iterables, chunksize, max_in_flight)
         rt = self._lifecycle.start()
-        c = self._config
-        run = MapRun(h, iterables, router=rt.router, push=self._submitter.push,
-                     runner=self._registry.get(MAP_CHUNK_ID), check=rt.check_workers,
-                     workers=self._lifecycle.workers, queue_slots=c.queue_slots, pool_bytes=c.pool_bytes,
-                     one_item_each=bool(c.max_tasks_per_worker or c.task_timeout), ordered=ordered,
-                     timeout=timeout, max_in_flight=max_in_flight, chunksize=chunksize,
+        run = MapRun(feed, router=rt.router, push=self._submitter.push, runner=self._registry.get(MAP_CHUNK_ID),
+                     check=rt.check_workers, ordered=ordered, timeout=timeout,
                      progress_bar=progress_bar(progress, known_length(iterables)))
         return MapIterator.over(run.chunks())
+
+    def amap(self, fn: Any, *iterables: Iterable, ordered: bool = True, max_in_flight: int | None = None,
+             chunksize: int | None = None) -> AsyncIterator[Any]:
+        """An async iterator of ``fn(*items)`` for asyncio code (``async for v in
+        app.amap(fn, xs)``): map()'s chunks, order (``ordered=False``: as chunks finish),
+        bounded read-ahead (`max_in_flight`, `chunksize`) and errors (a handler's exception,
+        or the input's own, raised in its item's place, after the values before it),
+        without ever blocking the event loop: each chunk is a future whose completion wakes
+        the loop, and a ring full of other tasks is waited for in the loop. Leaving the
+        loop early (break, aclose(), a cancelled task) cancels the chunks not yet started.
+
+        Raises (at the call) TypeError without iterables, ValueError for a bad chunksize
+        or max_in_flight, ShutdownError after shutdown(); the iterator raises TypeError
+        for items the handler cannot take and RuntimeError outside a running event loop."""
+        feed = self._feed("amap", fn, iterables, chunksize, max_in_flight)
+        runner, submit = self._registry.get(MAP_CHUNK_ID), self._submitter.try_submit
+        return amap_values(feed, lambda args: submit(runner, args, claim_alone=True), ordered)
+
+    def _feed(self, what: str, fn: Any, iterables: tuple, chunksize: Any, max_in_flight: Any) -> ChunkFeed:
+        """map()'s and amap()'s input, checked, as it will be read into chunks."""
+        self._lifecycle.check_open()
+        if not iterables:
+            raise TypeError(f"{what}() needs at least one iterable")
+        c = self._config
+        return ChunkFeed(self._registry.resolve(fn), iterables, workers=self._lifecycle.workers,
+                         queue_slots=c.queue_slots, pool_bytes=c.pool_bytes,
+                         one_item_each=bool(c.max_tasks_per_worker or c.task_timeout),
+                         max_in_flight=max_in_flight, chunksize=chunksize)
 
     # -- results ----------------------------------------------------------------------------
 

@@ -568,6 +568,60 @@ def bench_dask(workers: int, n: int, n_tasks: int, rounds: int) -> list[Row]:
     ]
 
 
+def bench_joblib(workers: int, n: int, rounds: int) -> list[Row]:
+    """joblib.Parallel on the mpop backend against joblib's default, loky, with n_jobs =
+    `workers`: `n` tiny delayed calls (x + 1), and a scikit-learn GridSearchCV (logistic
+    regression, 8 values of C, 5-fold: 40 fits), side by side in rounds, each backend
+    started and warmed up first; the best run of each. The same tiny calls with n_jobs=1
+    (joblib's sequential backend, in this process) are timed too: joblib's own cost per
+    call in this process, which no backend can go below."""
+    from joblib import Parallel, delayed, parallel_config
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    from .joblib import MpopBackend
+
+    X, y = make_classification(n_samples=4000, n_features=20, random_state=0)
+    mpop_backend = MpopBackend()
+
+    def tiny(backend) -> Callable[[], object]:
+        def run():
+            with parallel_config(backend=backend, n_jobs=workers):
+                out = Parallel()(delayed(inc)(i) for i in range(n))
+            assert out[-1] == n
+        return run
+
+    def search(backend) -> Callable[[], object]:
+        def run():
+            grid = {"C": [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]}
+            with parallel_config(backend=backend, n_jobs=workers):
+                GridSearchCV(LogisticRegression(max_iter=500), grid, cv=5).fit(X, y)
+        return run
+
+    try:
+        for backend in (mpop_backend, "loky"):  # start and warm up both pools
+            with parallel_config(backend=backend, n_jobs=workers):
+                Parallel()(delayed(inc)(i) for i in range(workers * 100))
+        t = _rounds({"tiny mpop": tiny(mpop_backend), "tiny loky": tiny("loky"), "tiny sequential": tiny("sequential"),
+                     "search mpop": search(mpop_backend), "search loky": search("loky")}, rounds)
+    finally:
+        mpop_backend.terminate_app()
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)  # loky keeps its workers for the next call
+    t_seq = min(t["tiny sequential"])
+    note = {"note": f"joblib {n:,} tiny calls: the 'stdlib' column is joblib's loky backend; joblib alone "
+                    f"(n_jobs=1, in this process) took {t_seq:.3g} s, so no backend can beat loky by more than "
+                    f"{min(t['tiny loky']) / t_seq:.2f}x here"}
+    return [
+        Row(f"joblib {n:,} tiny calls, mpop backend vs loky", n / min(t["tiny mpop"]), n / min(t["tiny loky"]),
+            "calls/s", True, ">= 5x", note),
+        Row("joblib GridSearchCV (40 fits) wall time, mpop vs loky", min(t["search mpop"]), min(t["search loky"]),
+            "s", False, ">= 1x", {"note": note["note"]}),
+    ]
+
+
 def _print(rows: list[Row]) -> None:
     head = f"{'scenario':<58} {'mpop':>12} {'stdlib':>12} {'unit':>10} {'ratio':>8}  goal"
     print(head)
@@ -631,7 +685,8 @@ def _plot(path: str, workers: int, quick: bool) -> None:
     print(f"plot written to {path}")
 
 
-SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "persistent", "prototype", "dask"]
+SCENARIOS = ["submit", "map", "numpy", "cpu", "latency", "idle", "startup", "persistent", "prototype", "dask",
+             "joblib"]
 
 
 def run_bench(args) -> int:
@@ -671,6 +726,14 @@ def run_bench(args) -> int:
                                     ["heavy"])
     if "dask" in only:
         rows += bench_dask(workers, 100_000, 2_000 if quick else 20_000, 2 if quick else 3)
+    if "joblib" in only:
+        try:
+            import joblib  # noqa: F401
+            import sklearn  # noqa: F401
+        except ImportError:
+            print("joblib: skipped (pip install 'mpop[joblib]' scikit-learn)\n")
+        else:
+            rows += bench_joblib(workers, 100_000, 3 if quick else 5)
     _print(rows)
     if args.plot:
         _plot(args.plot, workers, quick)

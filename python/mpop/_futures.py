@@ -2,7 +2,8 @@
 
 Its result is delivered by the result router (mpop._router), natively for a plain value;
 result() and exception() drain results in the waiting thread rather than sleeping on a
-condition, and cancel() asks the native cancel table (Segment::request_cancel)."""
+condition, cancel() asks the native cancel table (Segment::request_cancel), and `await`
+in an asyncio event loop waits without blocking it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generator
 
 from ._core import FutureCore
 
@@ -144,6 +145,25 @@ class MpopFuture(FutureCore, Future):
         if state in _CANCELLED_STATES:
             raise CancelledError()
         raise TimeoutError()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        """``await future`` in a running asyncio event loop: the task's value, or its
+        exception raised, as result() gives them, without blocking the loop or using a
+        thread: when the result thread settles the future, it wakes the loop
+        (asyncio.wrap_future, through loop.call_soon_threadsafe). Cancelling the awaiting
+        asyncio task cancels the future (a task that has not started never runs; one that
+        has runs to its end, unseen; MpopApi.kill_task stops it). Raises RuntimeError
+        outside a running asyncio event loop."""
+        if not self.done():
+            import asyncio
+
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError("an mpop future can be awaited only in a running asyncio event loop; "
+                                   "elsewhere call its result()") from None
+            yield from asyncio.wrap_future(self, loop=loop).__await__()
+        return self.result()
 
     def set_running_or_notify_cancel(self) -> bool:
         """concurrent.futures' executor hook: False for a cancelled future, else marks it

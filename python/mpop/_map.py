@@ -1,8 +1,9 @@
 """map(): items travel in chunks, each chunk one task run by the built-in chunk runner.
 
 ChunkSizer decides how many items go in each chunk (a pure object: it sees only counts
-and timings); MapRun keeps a bounded window of chunks in flight, pushes them, and yields
-their values as they come back; MapIterator flattens those lists in C."""
+and timings); ChunkFeed reads the input into chunks of that size; MapRun keeps a bounded
+window of chunks in flight, pushes them, and yields their values as they come back;
+MapIterator flattens those lists in C. (amap(), in _amap.py, shares the first two.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import itertools
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from ._config import is_int
 from ._core import RESULT_STATUS
 from ._errors import MpopError
 from ._registry import Handler
@@ -18,7 +20,7 @@ from ._runtime import MAX_TSK_ID
 
 STATUS_OK = RESULT_STATUS["OK"]
 
-__all__ = ["ChunkSizer", "MapRun", "MapIterator", "known_length"]
+__all__ = ["ChunkSizer", "ChunkFeed", "MapRun", "MapIterator", "known_length"]
 
 
 def known_length(iterables: tuple) -> int | None:
@@ -116,21 +118,19 @@ class MapIterator(itertools.chain):
         self.source.close()
 
 
-class MapRun:
-    """One map() call: reads the input as chunks are needed, keeps a bounded window of
-    chunks in flight, and yields each chunk's values (in order, or as they come)."""
+class ChunkFeed:
+    """The input side of a map (map() and amap()): reads the items as chunks are needed,
+    sized by a ChunkSizer, and turns each chunk into the chunk runner's arguments."""
 
-    _WAIT_RUN_ITEMS = 16384  # at most this many items' worth of chunks woken for at once
-
-    def __init__(self, h: Handler, iterables: tuple, *, router: ResultRouter,
-                 push: Callable[..., int], runner: Handler, check: Callable[[], None],
-                 workers: int, queue_slots: int, pool_bytes: int, one_item_each: bool,
-                 ordered: bool, timeout: float | None, max_in_flight: int | None,
-                 chunksize: int | None, progress_bar: Any) -> None:
-        self.h, self.router, self.push, self.runner, self.check = h, router, push, runner, check
-        self.ordered = ordered
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.bar = progress_bar
+    def __init__(self, h: Handler, iterables: tuple, *, workers: int, queue_slots: int, pool_bytes: int,
+                 one_item_each: bool, max_in_flight: int | None, chunksize: int | None) -> None:
+        """Raises ValueError for a `chunksize` or `max_in_flight` that is not None or an
+        int >= 1."""
+        if chunksize is not None and (not is_int(chunksize) or chunksize < 1):
+            raise ValueError(f"chunksize must be an int >= 1 or None, got {chunksize!r}")
+        if max_in_flight is not None and (not is_int(max_in_flight) or max_in_flight < 1):
+            raise ValueError(f"max_in_flight must be an int >= 1 or None, got {max_in_flight!r}")
+        self.h = h
         self.pool_bytes = pool_bytes
         self.single = len(iterables) == 1
         self.source: Iterator = iter(iterables[0]) if self.single else zip(*iterables)
@@ -146,54 +146,22 @@ class MapRun:
         self.call = (h.sends, h.binds_kw) if h.bound else None
         self.spread = False  # items as separate arguments (arrays), not one list
         self.checked = False
-        self.sizes: dict[int, int] = {}  # chunk key -> items, while in flight
-        self.out = 0  # items in flight: the sum of `sizes`
-        self.done = 0  # chunks returned (state.sent counts those sent)
         self.exhausted = False
         self.source_error: Exception | None = None  # what the input raised, once reached
-        self.route, self.state = router.open_map()
 
-    def chunks(self) -> Iterator[list]:
-        """Yields the values of each chunk, as a list, in the order map() returns them."""
-        state = self.state
-        try:
-            while True:
-                state.touched = time.monotonic()  # the background thread leaves us alone
-                self._fill()
-                if self.done == state.sent and self.exhausted:
-                    if self.source_error is not None:
-                        raise self.source_error
-                    return
-                values, error = self._next_result()
-                # One chunk at a time, then the window is topped up again: the caller's work
-                # on a backlog of results takes milliseconds, and the workers would sit idle
-                # for want of chunks if it went through all of them first.
-                yield values
-                if error is not None:
-                    raise unpack_error(error)
-        finally:
-            self.router.close_map(self.route, state)
-            if self.bar is not None:
-                self.bar.close()
-
-    def _fill(self) -> None:
-        """Sends chunks while the window has room and the input has items."""
-        state, sizer = self.state, self.sizer
-        while not self.exhausted and state.sent - self.done < sizer.window and self.out < self.items_limit:
-            items = self._read(sizer.next_size(self.items_limit - self.out))
-            if not items:
-                self.exhausted = True
-                return
-            if not self.checked:
-                items = self._first(items)
-            fn_id = self.h.fn_id
-            args = (fn_id, self.call, False, None, *items) if self.spread else (fn_id, self.call, not self.single, items)
-            key = state.sent & MAX_TSK_ID
-            self._push_chunk(key, args)
-            self.sizes[key] = len(items)
-            self.out += len(items)
-            sizer.took(len(items))
-            state.sent += 1
+    def next_chunk(self, room: int) -> tuple[tuple, int] | None:
+        """(the chunk runner's arguments, items) for the next chunk, of at most `room`
+        items; None once the input is exhausted."""
+        items = self._read(self.sizer.next_size(room))
+        if not items:
+            self.exhausted = True
+            return None
+        if not self.checked:
+            items = self._first(items)
+        fn_id = self.h.fn_id
+        args = (fn_id, self.call, False, None, *items) if self.spread else (fn_id, self.call, not self.single, items)
+        self.sizer.took(len(items))
+        return args, len(items)
 
     def _read(self, n: int) -> Any:
         """The next `n` items (fewer at the end; a sub-range of a range)."""
@@ -221,6 +189,68 @@ class MapRun:
                 self.source = itertools.chain(items[size:], self.source)
                 items = items[:size]
         return items
+
+    def learn(self, values: list, elapsed_ns: int) -> None:
+        """A chunk came back with `values`, after `elapsed_ns` in its worker."""
+        self.sizer.learn(len(values), elapsed_ns)
+
+
+class MapRun:
+    """One map() call: reads the input as chunks are needed (ChunkFeed), keeps a bounded
+    window of chunks in flight, and yields each chunk's values (in order, or as they
+    come)."""
+
+    _WAIT_RUN_ITEMS = 16384  # at most this many items' worth of chunks woken for at once
+
+    def __init__(self, feed: ChunkFeed, *, router: ResultRouter, push: Callable[..., int], runner: Handler,
+                 check: Callable[[], None], ordered: bool, timeout: float | None, progress_bar: Any) -> None:
+        self.feed = feed
+        self.router, self.push, self.runner, self.check = router, push, runner, check
+        self.ordered = ordered
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.bar = progress_bar
+        self.sizes: dict[int, int] = {}  # chunk key -> items, while in flight
+        self.out = 0  # items in flight: the sum of `sizes`
+        self.done = 0  # chunks returned (state.sent counts those sent)
+        self.route, self.state = router.open_map()
+
+    def chunks(self) -> Iterator[list]:
+        """Yields the values of each chunk, as a list, in the order map() returns them."""
+        state, feed = self.state, self.feed
+        try:
+            while True:
+                state.touched = time.monotonic()  # the background thread leaves us alone
+                self._fill()
+                if self.done == state.sent and feed.exhausted:
+                    if feed.source_error is not None:
+                        raise feed.source_error
+                    return
+                values, error = self._next_result()
+                # One chunk at a time, then the window is topped up again: the caller's work
+                # on a backlog of results takes milliseconds, and the workers would sit idle
+                # for want of chunks if it went through all of them first.
+                yield values
+                if error is not None:
+                    raise unpack_error(error)
+        finally:
+            self.router.close_map(self.route, state)
+            if self.bar is not None:
+                self.bar.close()
+
+    def _fill(self) -> None:
+        """Sends chunks while the window has room and the input has items."""
+        state, feed = self.state, self.feed
+        limit = feed.items_limit
+        while not feed.exhausted and state.sent - self.done < feed.sizer.window and self.out < limit:
+            chunk = feed.next_chunk(limit - self.out)
+            if chunk is None:
+                return
+            args, n = chunk
+            key = state.sent & MAX_TSK_ID
+            self._push_chunk(key, args)
+            self.sizes[key] = n
+            self.out += n
+            state.sent += 1
 
     def _push_chunk(self, key: int, args: tuple) -> None:
         """Pushes one chunk, waiting for room if there is none.
@@ -258,7 +288,7 @@ class MapRun:
         if status != STATUS_OK:
             raise value
         values, elapsed_ns, error = value
-        self.sizer.learn(len(values), elapsed_ns)
+        self.feed.learn(values, elapsed_ns)
         if self.bar is not None:
             self.bar.update(len(values) + (1 if error is not None else 0))
         if error is None and len(values) != n:  # pragma: no cover - defensive
@@ -273,7 +303,7 @@ class MapRun:
         # microseconds, on a core the workers need): up to half the chunks still to come
         # back (never more than will come: the wait would sit out its step), but no more
         # than about 16k items, whose values are all decoded before the first is returned.
-        run = self._WAIT_RUN_ITEMS // self.sizer.size
+        run = self._WAIT_RUN_ITEMS // self.feed.sizer.size
 
         def want() -> int:
             return max(1, min((state.sent - state.received) // 2, run))

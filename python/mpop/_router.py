@@ -375,6 +375,7 @@ class ResultRouter:
                 self._stop.wait(0.01)
 
     _STEP_ASIDE_POLL_S = 0.05  # see _background_step
+    _futures_sparse = False  # futures' results come far apart: one at a time (see there)
     _CHECK_EVERY_S = 0.25  # how often it checks the workers while futures wait
     _IDLE_WAKE_S = 1.0  # the longest it sleeps with nothing in flight
     _DEFER_S = 0.2  # how long drained output waits for a caller's thread (see _deferred)
@@ -417,10 +418,21 @@ class ResultRouter:
                 pending = len(self.futures)
             if pending:
                 # Futures nobody waits on in a blocking call (callbacks, wait(),
-                # as_completed): a lone one's result at once; with many in flight, in runs
-                # of up to 256 or every 2 ms, so that neither this thread nor the workers
-                # pay a wake-up per result.
-                self.pump(0.05 if pending == 1 else 0.002, min(pending, 256))
+                # as_completed, await): a lone one's result at once; with many in flight,
+                # while results come densely, in runs of up to 256 or every 2 ms, so that
+                # neither this thread nor the workers pay a wake-up per result. Once a
+                # 2 ms wait brings two results or fewer, they come sparsely (the tasks
+                # are long): each is then waited for alone and delivered at once, until
+                # one wake-up finds three or more in. A wake-up per result costs little
+                # beside a long task, while holding each result up to 2 ms delayed the
+                # callbacks that feed the workers more (joblib's), and a 2 ms poll for the
+                # whole of a long task took a share of a core the workers need.
+                if pending == 1 or self._futures_sparse:
+                    n = self.pump(0.05, 1)
+                    self._futures_sparse = n < 3
+                else:
+                    n = self.pump(0.002, min(pending, 256))
+                    self._futures_sparse = n <= 2
                 return
             outstanding = self._submitted() - self.finished
             if outstanding > 0:

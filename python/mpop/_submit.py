@@ -113,3 +113,18 @@ class Submitter:
         router.register_future(seq, fut)
         router.ensure_background()
         return fut
+
+    def try_submit(self, h: Handler, args: tuple, claim_alone: bool = False) -> Future | None:
+        """Pushes ``h(*args)`` (arguments already in the handler's form) as a future's task
+        without waiting for room: its future, or None while the ring is full. For callers
+        that must not block (amap() in an event loop)."""
+        rt = self.lifecycle.start()
+        router = rt.router
+        seq = self.push(h, self.label(None), args, None, blocking=False, route=ROUTE_FUTURE,
+                        claim_alone=claim_alone)
+        if not seq:
+            return None
+        fut = router.future_cls()
+        router.register_future(seq, fut)
+        router.ensure_background()
+        return fut
