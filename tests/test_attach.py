@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import mpop
-from _helpers import REPO, env_with_pythonpath, leak_check, pool_name_fixture, run_python, wait_until
+from _helpers import REPO, env_with_pythonpath, leak_check, pid_alive, pool_name_fixture, run_python, wait_until
 from mpop._core import Segment
 
 TIMEOUT = 60.0
@@ -212,6 +212,28 @@ def test_results_of_a_sigkilled_creator_reach_the_next_client_exactly_once(tmp_p
 
 
 CLIENT_PUSH_RESERVED = 29  # FaultStep::kClientPushReserved (fault.hpp)
+
+
+def mark_and_sleep(path: str, delay: float) -> int:
+    with open(path, "a") as f:
+        f.write("run\n")
+    time.sleep(delay)
+    return 1
+
+
+def test_kill_task_stops_a_running_task_of_a_persistent_pool(pool, tmp_path):
+    # The client asks the supervisor process through the worker's record: the worker is
+    # killed and replaced, the task ends cancelled, having run once, and the pool goes on.
+    marker = tmp_path / "runs"
+    slow = pool.submit(mark_and_sleep, str(marker), 30.0)
+    assert wait_until(lambda: marker.exists(), 20)
+    pid = next(w["pid"] for w in pool.status()["workers"] if w["running_seq"])
+    assert pool.kill_task(slow)
+    assert slow.cancelled()
+    assert marker.read_text().count("run") == 1
+    assert wait_until(lambda: not pid_alive(pid), 10)
+    assert [pool.submit(slow_square, i).result(timeout=TIMEOUT) for i in range(4)] == [0, 1, 4, 9]
+    assert not pool.kill_task(slow)  # over
 
 
 def test_a_client_killed_in_the_middle_of_a_push_does_not_stall_the_pool(pool, name, tmp_path):

@@ -224,6 +224,7 @@ void register_segment(py::module_& m) {
              r.lease.store(make_lease(gen, ClientState::kAttached));
              return true;
            }, py::arg("index"), py::arg("expect"))
+      .def("request_kill", &Segment::request_kill, py::arg("seq"))  // see segment.hpp
       .def("release_client",  // record `index`, held under lease `expect`, becomes gone or free
            [](Segment& s, uint32_t i, uint32_t expect, bool gone) {
              ClientRecord& r = client_at(s, i);

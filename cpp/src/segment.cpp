@@ -245,6 +245,17 @@ MPOP_VALIDATED_READS uint64_t body_seq(const uint8_t* body) {
 }
 }  // namespace
 
+bool Segment::request_kill(uint64_t seq) {
+  for (uint32_t i = 0; i < workers_.count; ++i) {
+    WorkerRecord& r = workers_.record(i);
+    if (r.running_since_ns.load(std::memory_order_acquire) == 0 || r.running_seq.load(std::memory_order_acquire) != seq)
+      continue;
+    uint64_t none = 0;
+    return r.kill_request.compare_exchange_strong(none, seq) || none == seq;
+  }
+  return false;
+}
+
 MPOP_VALIDATED_READS bool Segment::task_waiting(uint64_t seq) const {
   if (tasks_.find_unclaimed([&](const uint8_t* body) { return body_seq(body) == seq; })) return true;
   // Pending in a local queue: entries are read between two looks at the worker's claim

@@ -170,6 +170,7 @@ void Supervisor::spawn(uint32_t id) {
   rec.stop_request.store(0);
   rec.timed_out_seq.store(0);
   rec.killed_seq.store(0);
+  rec.kill_request.store(0);
   // The local queue stays: what the last process left there (pending, or settled with a
   // result to post), the new one runs first.
   releasing_.erase(std::remove(releasing_.begin(), releasing_.end(), id), releasing_.end());
@@ -772,6 +773,9 @@ void Supervisor::apply_commands(bool quitting) {
     scale_pending_ = false;
   }
   for (uint32_t id : kills) signal_child(children_[id], SIGKILL);
+  // A persistent pool's clients ask through the records (Segment::request_kill).
+  for (uint32_t id = 0; id < children_.size(); ++id)
+    if (const uint64_t seq = seg_.workers().record(id).kill_request.exchange(0)) task_kills.emplace_back(id, seq);
   for (auto [id, seq] : task_kills) {
     // Only while it still runs that task (as check_timeouts does).
     Child& c = children_[id];

@@ -366,9 +366,11 @@ class Runtime:
 
     def kill_task(self, seq: int) -> bool:
         """Kills the worker running task `seq` (the supervisor posts the task as cancelled);
-        False when no worker runs it."""
-        sup = self.supervisor
-        return sup is not None and sup.kill_task(seq)
+        False when no worker runs it. A persistent pool's client asks the supervisor
+        process through the worker's record; it acts on its next round (within 0.25 s)."""
+        if self.supervisor is not None:
+            return self.supervisor.kill_task(seq)
+        return self.client is not None and self.segment.request_kill(seq)
 
     def cancel_pending(self, everyone: bool = False) -> int:
         """Cancels every task no worker has started: those in the backlog and the ring, and

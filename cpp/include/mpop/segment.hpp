@@ -194,6 +194,10 @@ class Segment {
   bool request_cancel(uint64_t seq);
   // Whether `seq` is seen waiting: unclaimed in the task ring, or pending in a local queue.
   bool task_waiting(uint64_t seq) const;
+  // A persistent pool's client's kill_task: asks the supervisor process (through the
+  // record of the worker running `seq`) to kill that worker and end the task cancelled.
+  // False when no worker runs it now.
+  bool request_kill(uint64_t seq);
 
   // A producer that can die pushes through a window (ClaimState: a client's push and post,
   // a worker's publish, the supervisor's push and post). After its death, its window `w`

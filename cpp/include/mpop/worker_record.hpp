@@ -72,6 +72,9 @@ struct alignas(kCacheLine) WorkerRecord {
   // death then ends that task timed out or cancelled, even for a new supervisor.
   std::atomic<uint64_t> timed_out_seq{0};  // running past task_timeout
   std::atomic<uint64_t> killed_seq{0};     // kill_task
+  // A persistent pool's client asks the supervisor process to kill_task this worker's
+  // running task: its seq (0 = none); the supervisor takes it on its next round.
+  std::atomic<uint64_t> kill_request{0};
 
   // The local queue: `local_count` entries copied from the ring by the last claim; entries
   // before `local_next` are done or running.
