@@ -220,6 +220,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             got = run_mpop(app, args.count, side, args.steps, out, window, kill=True)
             t_kill = time.perf_counter() - t_kill
             workers = app.status()["workers"]
+            # Seen from outside: each live worker's CPU set, the replacement's included.
+            pinned = {w["id"]: sorted(os.sched_getaffinity(w["pid"])) for w in workers if w["live"]}
 
             # 2. The same job, no kill, side by side with multiprocessing.Pool.
             t_mpop, t_pool = [], []
@@ -246,6 +248,8 @@ def main(argv: Iterable[str] | None = None) -> int:
                   f"that matrix's attempts: {redone}")
         each = ", ".join(f"worker {w['id']}: {w['restarts']}" for w in workers)
         print(f"worker restarts: {sum(w['restarts'] for w in workers)} ({each})")
+        print("CPUs of the live workers (os.sched_getaffinity): "
+              + ", ".join(f"worker {i}: {cpus}" for i, cpus in pinned.items()))
         print(f"mpop with one worker killed: {t_kill:.2f} s")
         best_m, best_p = min(t_mpop), min(t_pool)
         print(f"same job, no kill, best of {args.rounds}: mpop {best_m:.2f} s, multiprocessing.Pool "

@@ -5,6 +5,7 @@ made again; the same job against multiprocessing.Pool, as a printed ratio. Run s
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 
@@ -51,6 +52,11 @@ def test_matrices_are_written_once_each_and_right_after_a_worker_is_killed(examp
     assert int(m[3]) == 2, text
     restarts = dict(re.findall(r"worker (\d+): (\d+)", text.split("worker restarts: ", 1)[1].splitlines()[0]))
     assert restarts == {"0": "0", "1": "0", str(killed): "1"}, text
+
+    # Pinned, the replacement too: worker i on the i-th CPU this process may use.
+    cpus = sorted(os.sched_getaffinity(0))
+    assert (f"CPUs of the live workers (os.sched_getaffinity): worker 0: [{cpus[0]}], "
+            f"worker 1: [{cpus[1 % len(cpus)]}]") in text
 
     ratio = re.search(r"^same job, no kill, best of 1: mpop [\d.]+ s, multiprocessing.Pool [\d.]+ s: "
                       r"mpop ran at ([\d.]+)x the speed of multiprocessing.Pool$", text, re.M)
