@@ -37,7 +37,7 @@ def example():
 def test_matrices_are_written_once_each_and_right_after_a_worker_is_killed(example, tmp_path):
     out = tmp_path / "matrices"
     proc = run_python([SCRIPT, "--count", str(COUNT), "--mb", str(MB), "--steps", str(STEPS),
-                       "--workers", "2", "--out", str(out)])
+                       "--workers", "2", "--rounds", "1", "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     assert f"{COUNT} matrices of 725 x 725 float64 (4.0 MiB each), 2 workers pinned to CPUs" in text
