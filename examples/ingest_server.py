@@ -30,10 +30,11 @@ Commands (127.0.0.1 only):
     python examples/ingest_server.py bench --clients 4 --rate 10000 --seconds 5
 
 `load` paces each connection at --rate packets/s (the packets due are written once per
-event-loop tick), then waits up to --drain seconds for the last acknowledgements, checks
+event-loop tick, about 1 ms), then waits up to --drain seconds for the last acknowledgements, checks
 every one (exactly once, the right seq, send_ns and mean) and prints the sustained rate,
 the end-to-end latency (send_ns -> acknowledgement read) percentiles, and how many packets
-were lost, duplicated or wrong; it exits with 1 if any was. `bench` starts the server on a
+were lost (not acknowledged by the end of --drain), duplicated or wrong; it exits with 1 if
+any was. `bench` starts the server on a
 free port with each backend in turn, runs `load` against it, and prints a table.
 """
 
@@ -46,6 +47,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
+import re
 import select
 import signal
 import struct
@@ -146,6 +148,7 @@ class IngestServer:
         self.pending: list[tuple[IngestConnection, bytes]] = []  # this tick's packets (tick)
         self.completed: collections.deque = collections.deque()  # (future, parts), any thread
         self.wake_scheduled = False
+        self.acking: set[asyncio.Task] = set()  # await: the loop keeps only weak references
         self.in_flight = 0
         self.paused = False
         self.packets = self.tasks = 0
@@ -168,7 +171,9 @@ class IngestServer:
                 self.send(packets[off:off + PACKET_SIZE], [(conn, 1)])
         else:
             for off in range(0, len(packets), PACKET_SIZE):
-                self.loop.create_task(self.ack_one(conn, packets[off:off + PACKET_SIZE]))
+                task = self.loop.create_task(self.ack_one(conn, packets[off:off + PACKET_SIZE]))
+                self.acking.add(task)
+                task.add_done_callback(self.acking.discard)
         if self.in_flight > self.max_in_flight and not self.paused:
             self.paused = True
             for c in self.connections:
@@ -388,6 +393,9 @@ async def load(port: int, clients: int, rate: float, seconds: float, drain: floa
     t0 = time.monotonic_ns()
     sent = 0
     while sent < total:
+        for c in conns:
+            if c.closed.done():
+                raise ConnectionError(f"the server closed connection {c.client_id} after {sent} packets")
         now = time.monotonic_ns()
         upto = min(total, int((now - t0) / period_ns) + 1)
         if upto > sent:
@@ -489,7 +497,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("latency p99.9 ms", lambda r: f"{r['p999_ms']:.3f}"),
     ("latency max ms", lambda r: f"{r['max_ms']:.3f}"),
     ("lost / dup / wrong", lambda r: f"{r['lost']} / {r['duplicates']} / {r['wrong']}"),
-    ("packets a task", lambda r: r["server"].split("(")[1].split()[0] if "(" in r["server"] else "?"),
+    ("packets a task", lambda r: next(iter(re.findall(r"\(([\d.]+) packets a task\)", r["server"])), "?")),
     ("load average 1m", lambda r: f"{r['loadavg'][0]:.2f}"),
 ]
 
@@ -561,7 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "workers", 1) < 1:
         p.error("--workers must be at least 1")
-    return {"serve": run_server, "load": run_load, "bench": run_bench}[args.command](args)
+    try:
+        return {"serve": run_server, "load": run_load, "bench": run_bench}[args.command](args)
+    except (OSError, RuntimeError, ValueError) as e:  # refused, reset, a server that failed
+        print(f"ingest_server {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
