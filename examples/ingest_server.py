@@ -290,11 +290,26 @@ def run_server(args: argparse.Namespace) -> int:
     pool = Pool(args.backend, args.workers, queue_slots)
     try:
         async def main() -> IngestServer:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
+            # Not loop.add_signal_handler(): it passes the signal to the loop through the
+            # loop's self-pipe, which every call_soon_threadsafe() also writes to, and a
+            # signal that finds the pipe full is lost (--dispatch await writes once per
+            # packet: a server behind its clients ignored SIGTERM). A plain handler marks
+            # the signal, and the loop looks for the mark every 0.1 s.
+            signals: list[int] = []
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            return await serve(pool, args.port, args.dispatch, args.max_in_flight, stop)
+                signal.signal(sig, lambda signum, frame: signals.append(signum))
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                while not signals:
+                    await asyncio.sleep(0.1)
+                stop.set()
+
+            watcher = asyncio.get_running_loop().create_task(watch())
+            try:
+                return await serve(pool, args.port, args.dispatch, args.max_in_flight, stop)
+            finally:
+                watcher.cancel()
 
         ingest = asyncio.run(main())
     finally:

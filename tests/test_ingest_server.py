@@ -148,3 +148,26 @@ def test_the_load_client_reports_lost_repeated_and_wrong_acknowledgements():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "sent 100 " in proc.stdout and "acked 98 " in proc.stdout
     assert "lost 2, duplicates 1, wrong 1" in proc.stdout
+
+
+def test_a_server_far_behind_its_clients_still_stops_on_sigterm():
+    """--dispatch await wakes the loop once per result through its self-pipe: a signal
+    passed to the loop the same way (loop.add_signal_handler) was lost once the pipe was
+    full, and the server ignored SIGTERM. Overloaded here: 4 clients x 20 kHz."""
+    server = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--port", "0", "--dispatch", "await"],
+                              stdout=subprocess.PIPE, text=True, env=env_with_pythonpath())
+    SPAWNED.add(server.pid)
+    try:
+        assert select.select([server.stdout], [], [], TIMEOUT)[0], "the server did not start"
+        port = int(server.stdout.readline().split()[2].rsplit(":", 1)[1])
+        load = run_python([str(SCRIPT), "load", "--port", str(port), "--rate", "20000", "--seconds", "1.5",
+                           "--drain", "0"], timeout=TIMEOUT)
+        assert "4 clients x 20000 packets/s" in load.stdout, load.stdout + load.stderr
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=TIMEOUT) == 0
+        assert "served " in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
