@@ -109,14 +109,20 @@ class Pool:
             self.app.start()
             self.submit = self.app.submit
         elif backend == "ppe":
+            # Fresh interpreters, as mpop's default start method: the same workers on both.
             self.app = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
             self.submit = self.app.submit
         else:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
-        # Every worker up and past its first task before the first packet comes.
-        for f in [self.submit(ack_packets, b"") for _ in range(4 * workers)]:
-            f.result(timeout=START_TIMEOUT)
+        # The workers started and answering before the first packet comes, not during the
+        # first measured second.
+        try:
+            for f in [self.submit(ack_packets, b"") for _ in range(4 * workers)]:
+                f.result(timeout=START_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if self.backend == "mpop":
