@@ -54,17 +54,7 @@ class PyProducer {
         out.append(py::make_tuple(h.seq, tsk, fn, h.route));
         return;
       }
-      ResultHeader r;
-      r.seq = h.seq;
-      r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;  // the forwarder frees it
-      r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
-      r.tsk_id = tsk;
-      r.fn_id = fn;
-      r.status = ResultStatus::kCancelled;
-      r.attempts = h.attempts;
-      r.enqueue_ns = h.enqueue_ns;
-      r.route = h.route;
-      r.end_ns = monotonic_ns();
+      const ResultHeader r = result_without_value(h, slot, L, ResultStatus::kCancelled);  // the forwarder frees its arguments
       WindowSet* post = client_ >= 0 ? &seg_->client(static_cast<uint32_t>(client_)).post : nullptr;
       while (seg_->results().try_push_from(post, 1, [&](uint32_t, void* dst) { std::memcpy(dst, &r, sizeof r); }) == 0)
         std::this_thread::sleep_for(std::chrono::microseconds(100));

@@ -246,24 +246,12 @@ void Supervisor::settle(uint32_t id, uint32_t j, const TaskHeader& th, ResultSta
 }
 
 bool Supervisor::try_post_settled(uint32_t id, uint32_t j) {
-  const SlotLayout& L = seg_.config().slot;
   LocalEntry& e = seg_.workers().entry(id, j);
   const uint8_t* body = seg_.workers().entry_body(id, j);
   TaskHeader h;
   std::memcpy(&h, body, sizeof h);
-  const uint8_t* slot = body + sizeof h;
-  ResultHeader r;
-  r.seq = h.seq;
-  r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;
-  r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
-  r.tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
-  r.fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
+  ResultHeader r = result_without_value(h, body + sizeof h, seg_.config().slot, static_cast<ResultStatus>(e.settled));
   r.worker_id = static_cast<uint16_t>(id);
-  r.status = static_cast<ResultStatus>(e.settled);
-  r.attempts = h.attempts;
-  r.enqueue_ns = h.enqueue_ns;
-  r.route = h.route;
-  r.end_ns = monotonic_ns();
   if (seg_.results().try_push(1, [&](uint32_t, void* out) { std::memcpy(out, &r, sizeof r); },
                              &seg_.header().supervisor_post) == 0)
     return false;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "mpop/slot_layout.hpp"
 #include "mpop/task_ring.hpp"
 
 namespace mpop {
@@ -53,6 +54,24 @@ static_assert(sizeof(ResultHeader) == 80);
 
 constexpr uint32_t kResultStride = 256;
 constexpr uint32_t kResultInlineBytes = kResultStride - TaskRing::kSeqBytes - sizeof(ResultHeader);
+
+// The result of a task that ends without running (again): `status`, no value, its pooled
+// arguments for the collector to free, its attempts as counted in `h`.
+inline ResultHeader result_without_value(const TaskHeader& h, const uint8_t* slot, const SlotLayout& L,
+                                         ResultStatus status) {
+  ResultHeader r;
+  r.seq = h.seq;
+  r.arg_ref = h.encoding == ArgEncoding::kPooled ? h.pool_ref : 0;
+  r.arg_len = h.encoding == ArgEncoding::kPooled ? h.stream_len : 0;
+  r.tsk_id = read_uint(slot + L.tsk_id_off, L.tsk_id_size);
+  r.fn_id = read_uint(slot + L.fn_id_off, L.fn_id_size);
+  r.status = status;
+  r.attempts = h.attempts;
+  r.enqueue_ns = h.enqueue_ns;
+  r.route = h.route;
+  r.end_ns = monotonic_ns();
+  return r;
+}
 
 // The bytes of the result record at `rec` that carry anything: its header and its inline
 // value, and at least 8 bytes after the header (a mailbox collector's fingerprint reads
