@@ -176,6 +176,34 @@ def nap(seconds: float) -> float:
     return seconds
 
 
+@pytest.mark.parametrize("watch", ["callback", "await", "wait"])
+def test_a_watched_future_after_a_blocking_wait_is_delivered_at_once(watch, monkeypatch):
+    """After a blocking result() that left nothing in flight, the background thread is
+    stepping aside (its wait: _STEP_ASIDE_POLL_S, an hour here). A future submitted then
+    and watched (a done callback, an await, concurrent.futures.wait) wakes it: its result
+    is delivered without waiting for that poll to end."""
+    with MpopApi(workers=1, auto_terminate=False) as one:
+        first = one.submit(nap, 0.3)
+        router = one._lifecycle.runtime.router
+        monkeypatch.setattr(router, "_STEP_ASIDE_POLL_S", 3600.0)
+        assert first.result(TIMEOUT) == 0.3  # a helper: the thread steps aside
+        assert wait_until(lambda: router._stepping_aside, TIMEOUT)
+        fut = one.submit(add, 1, 2)
+        if watch == "callback":
+            delivered = threading.Event()
+            fut.add_done_callback(lambda f: delivered.set())
+            assert delivered.wait(TIMEOUT)
+        elif watch == "await":
+            async def main():
+                return await asyncio.wait_for(fut, TIMEOUT)
+
+            assert asyncio.run(main()) == 3
+        else:
+            done, _ = cf.wait([fut], timeout=TIMEOUT)
+            assert done == {fut}
+        assert fut.result(0) == 3
+
+
 def test_cancel_a_queued_future():
     with MpopApi(workers=1) as one:
         busy = one.submit(nap, 0.3)  # the only worker sleeps; the next task waits behind it

@@ -53,13 +53,15 @@ class MpopFuture(FutureCore, Future):
     __init__ = object.__init__  # nothing per instance until needed (see above)
 
     # Setting _w or _cbs tracks a future that submit() left untracked by the garbage
-    # collector, since a waiter or a callback may refer back to it.
+    # collector, since a waiter or a callback may refer back to it. Only the background
+    # thread delivers to a future nobody waits on in result(): it is told (future_watched).
     @property
     def _waiters(self) -> list:
         if self._w is None:
             with self._condition:
                 if self._w is None:
                     self._w = []
+            self._router.future_watched()
         return self._w
 
     @property
@@ -68,6 +70,7 @@ class MpopFuture(FutureCore, Future):
             with self._condition:
                 if self._cbs is None:
                     self._cbs = []
+            self._router.future_watched()
         return self._cbs
 
     def _invoke_callbacks(self) -> None:

@@ -132,6 +132,7 @@ class ResultRouter:
         # `cond`: that one is notified after every batch, and each notification would have
         # the background thread take the GIL from the thread that drains.
         self._bg_wake = threading.Event()
+        self._stepping_aside = False  # the background thread waits on _bg_wake
         self._bg_pumping = False  # the background thread holds the drain lock
         self._pump_want = 0  # results the draining thread waits for (0: not waiting)
         self._pump_depth = 0  # pumps under way in the draining thread (a callback may nest one)
@@ -284,6 +285,15 @@ class ResultRouter:
             if last and self.futures:
                 self._bg_wake.set()  # futures nobody waits on are the background thread's again
 
+    def future_watched(self) -> None:
+        """A future got its first callback or waiter (an await, concurrent.futures.wait):
+        only the background thread delivers to those, so it stops stepping aside. Without
+        this, a future submitted after the last blocking wait had ended with no other
+        future in flight waited for the step-aside poll (50 ms) before anything drained
+        its result."""
+        if self._stepping_aside:
+            self._bg_wake.set()
+
     def ensure_background(self) -> None:
         """Starts the background thread if it is not running."""
         if self._thread is None:
@@ -397,7 +407,9 @@ class ResultRouter:
             # whose caller stopped iterating. Each turn costs this thread about 75 us of
             # CPU on the cores the workers need: every 10 ms, that was 0.8% of a core for
             # the whole of every long map.
+            self._stepping_aside = True
             self._bg_wake.wait(self._STEP_ASIDE_POLL_S)
+            self._stepping_aside = False
             self._bg_wake.clear()
             return
         if not self._drain_lock.acquire(timeout=0.05):
