@@ -1,4 +1,4 @@
-"""asyncio: `await app.submit(...)` and `app.amap(...)` in a running event loop, without
+"""asyncio: `await app.submit(...)`, `await app.asubmit(...)` and `app.amap(...)` in a running event loop, without
 blocking the loop (a ticker coroutine keeps running while tasks do) and without a thread
 per await; exceptions, cancellation, order, and amap's bounded read-ahead."""
 
@@ -67,6 +67,12 @@ def touch(path: str, s: float) -> str:
         pass
     time.sleep(s)
     return path
+
+
+def wait_for_file(path: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def array_total(a) -> float:
@@ -329,6 +335,81 @@ def test_amap_waits_for_room_in_a_full_ring_without_blocking_the_loop():
         assert values == [x * x for x in range(40)]
         assert ticks >= 5
         assert app.wait(TIMEOUT)
+
+
+# -- asubmit -------------------------------------------------------------------------------------
+
+
+def test_asubmit_gives_the_value(app):
+    async def main():
+        return await app.asubmit(square, 7), await app.asubmit(nap_then, x=3, s=0.0)
+
+    assert run(main()) == (49, 3)
+
+
+def test_asubmit_raises_the_handlers_exception(app):
+    async def main():
+        await app.asubmit(boom_at, 5)
+
+    with pytest.raises(ValueError, match="bad item 5") as info:
+        run(main())
+    assert "boom_at" in str(info.value.__cause__)
+
+
+def test_asubmit_checks_its_arguments_at_the_call(app):
+    with pytest.raises(TypeError):
+        app.asubmit(square, 1, 2)  # square takes one argument
+    with pytest.raises(TypeError, match="cannot be serialised"):
+        run(app.asubmit(square, threading.Lock()))  # found when it is sent
+    after = MpopApi(workers=1)
+    after.shutdown()
+    with pytest.raises(mpop.ShutdownError):
+        after.asubmit(square, 1)
+
+
+def test_asubmit_waits_for_room_in_a_full_ring_without_blocking_the_loop(tmp_path):
+    """The ring (2 slots) is full of tasks that wait for a file: asubmit() waits in the
+    loop, which keeps running; submit() would block it until the file appears."""
+    gate = tmp_path / "gate"
+    with MpopApi(workers=1, queue_slots=2, worker_batch_size=1, auto_terminate=False) as app:
+        app.start()
+        for _ in range(3):  # one running, two in the ring
+            app.enqueue(wait_for_file, args=(str(gate),))
+
+        async def main():
+            with Ticker() as ticker:
+                pending = asyncio.ensure_future(app.asubmit(square, 9))
+                await asyncio.sleep(0.3)
+                waited = not pending.done()
+                ticks_while_full = ticker.ticks
+                gate.touch()
+                value = await pending
+            return waited, ticks_while_full, value
+
+        waited, ticks, value = run(main())
+        assert waited and value == 81
+        assert ticks >= 5  # the loop ran while the ring was full (0.3 s of 5 ms turns)
+        assert app.wait(TIMEOUT)
+
+
+def test_cancelling_asubmit_while_it_waits_for_room_sends_nothing(tmp_path):
+    gate = tmp_path / "gate"
+    with MpopApi(workers=1, queue_slots=2, worker_batch_size=1, auto_terminate=False) as app:
+        app.start()
+        for _ in range(3):
+            app.enqueue(wait_for_file, args=(str(gate),))
+
+        async def main():
+            pending = asyncio.ensure_future(app.asubmit(touch, str(tmp_path / "sent"), 0.0))
+            await asyncio.sleep(0.1)
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+
+        run(main())
+        gate.touch()
+        assert app.wait(TIMEOUT)
+        assert not (tmp_path / "sent").exists()
 
 
 def test_leaving_amap_early_cancels_the_chunks_not_started(tmp_path):

@@ -1,11 +1,12 @@
-"""amap(): map() for asyncio code, an async iterator of values that never blocks the event
+"""amap() and asubmit(): map() and submit() for asyncio code, never blocking the event
 loop.
 
 The input is read into chunks as map() reads it (ChunkFeed, sized by ChunkSizer), and each
 chunk is one task of the built-in chunk runner, submitted as a future without waiting for
 room; the result thread settles the future, and its done callback wakes the loop
 (asyncio.wrap_future: loop.call_soon_threadsafe). When the ring is full of other tasks,
-the iterator sleeps in the loop (asyncio.sleep) and tries again."""
+the iterator sleeps in the loop (asyncio.sleep) and tries again; so does asubmit() for its
+one task."""
 
 from __future__ import annotations
 
@@ -15,12 +16,28 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from ._map import ChunkFeed
 from ._router import unpack_error
 
-__all__ = ["amap_values"]
+__all__ = ["amap_values", "value_when_room"]
 
 if TYPE_CHECKING:
     import asyncio
 
 _ROOM_POLL_S = (0.0005, 0.02)  # first and longest wait for room in a ring full of other tasks
+
+
+async def value_when_room(try_submit: Callable[[], Future | None]) -> Any:
+    """The value of the task `try_submit()` pushes (None: no room yet; it is called again
+    after a sleep in the loop, 0.5 ms growing to 20 ms), awaited as its future: the
+    handler's exception is raised as itself. Cancelled while it waits for room, nothing
+    was sent; cancelled while the task waits, the future is cancelled."""
+    import asyncio
+
+    poll = _ROOM_POLL_S[0]
+    fut = try_submit()
+    while fut is None:
+        await asyncio.sleep(poll)  # the ring is full: room comes as workers claim tasks
+        poll = min(2 * poll, _ROOM_POLL_S[1])
+        fut = try_submit()
+    return await fut
 
 
 async def amap_values(feed: ChunkFeed, try_submit: Callable[[tuple], Future | None],

@@ -23,13 +23,13 @@ import time
 import types
 import weakref
 from concurrent.futures import Future
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterable, Iterator
 
 from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import ConfigError, MpopError, RegistryError
 from ._hooks import pack as pack_hooks
-from ._amap import amap_values
+from ._amap import amap_values, value_when_room
 from ._map import ChunkFeed, MapIterator, MapRun, known_length
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
@@ -369,6 +369,22 @@ class MpopApi:
         feed = self._feed("amap", fn, iterables, chunksize, max_in_flight)
         runner, submit = self._registry.get(MAP_CHUNK_ID), self._submitter.try_submit
         return amap_values(feed, lambda args: submit(runner, args, claim_alone=True), ordered)
+
+    def asubmit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """``value = await app.asubmit(fn, *args, **kwargs)`` in a running asyncio event
+        loop: submit() that never blocks the loop. While the task ring is full, it waits
+        for room in the loop (asyncio.sleep, 0.5 ms growing to 20 ms) instead of in the
+        ring; then it awaits the task's future: the value, or the handler's exception
+        raised as itself (result()'s). Cancelling the awaiting task before the task is sent
+        sends nothing; after, it cancels the future (see MpopFuture.__await__). Tasks that
+        wait for room are sent in no particular order.
+
+        Raises at the call what submit() raises for a bad handler or arguments, and
+        ShutdownError after shutdown(); the coroutine raises ShutdownError if the app is
+        shut down while it waits for room."""
+        h, args, kwargs = self._submitter.checked_call(fn, args, kwargs)
+        try_submit = self._submitter.try_submit
+        return value_when_room(lambda: try_submit(h, args, kwargs))
 
     def _feed(self, what: str, fn: Any, iterables: tuple, chunksize: Any, max_in_flight: Any) -> ChunkFeed:
         """map()'s and amap()'s input, checked, as it will be read into chunks."""

@@ -100,27 +100,35 @@ class Submitter:
             n += 1
         return n
 
-    def submit(self, fn: Any, args: tuple, kwargs: dict) -> Future:
-        """MpopApi.submit after its native fast path (see there)."""
+    def checked_call(self, fn: Any, args: tuple, kwargs: dict | None) -> tuple[Handler, tuple, dict | None]:
+        """``fn(*args, **kwargs)`` as a task: its handler, and the arguments in the
+        handler's form. Raises what submit() raises at the call for a bad handler or
+        arguments, and ShutdownError after shutdown."""
         self.lifecycle.check_open()
         h = self.registry.resolve(fn)
         h.check_args(args, kwargs)
-        rt = self.lifecycle.start()
-        router = rt.router
-        fut = router.future_cls()
         args, kwargs = h.call_args(args, kwargs or None)
+        return h, args, kwargs
+
+    def submit(self, fn: Any, args: tuple, kwargs: dict) -> Future:
+        """MpopApi.submit after its native fast path (see there)."""
+        h, args, kwargs = self.checked_call(fn, args, kwargs)
+        router = self.lifecycle.start().router
+        fut = router.future_cls()
         seq = self.push(h, self.label(None), args, kwargs, route=ROUTE_FUTURE)
         router.register_future(seq, fut)
         router.ensure_background()
         return fut
 
-    def try_submit(self, h: Handler, args: tuple, claim_alone: bool = False) -> Future | None:
-        """Pushes ``h(*args)`` (arguments already in the handler's form) as a future's task
-        without waiting for room: its future, or None while the ring is full. For callers
-        that must not block (amap() in an event loop)."""
+    def try_submit(self, h: Handler, args: tuple, kwargs: dict | None = None,
+                   claim_alone: bool = False) -> Future | None:
+        """Pushes ``h(*args, **kwargs)`` (arguments already in the handler's form, see
+        checked_call) as a future's task without waiting for room: its future, or None
+        while the ring is full. For callers that must not block (amap() and asubmit() in
+        an event loop)."""
         rt = self.lifecycle.start()
         router = rt.router
-        seq = self.push(h, self.label(None), args, None, blocking=False, route=ROUTE_FUTURE,
+        seq = self.push(h, self.label(None), args, kwargs, blocking=False, route=ROUTE_FUTURE,
                         claim_alone=claim_alone)
         if not seq:
             return None
