@@ -29,7 +29,6 @@ from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import ConfigError, MpopError, RegistryError
 from ._hooks import pack as pack_hooks
-from ._amap import amap_values, value_when_room
 from ._map import ChunkFeed, MapIterator, MapRun, known_length
 from ._registry import Handler, Registry
 from ._results import RunResult, TaskResult
@@ -366,9 +365,7 @@ class MpopApi:
         Raises (at the call) TypeError without iterables, ValueError for a bad chunksize
         or max_in_flight, ShutdownError after shutdown(); the iterator raises TypeError
         for items the handler cannot take and RuntimeError outside a running event loop."""
-        feed = self._feed("amap", fn, iterables, chunksize, max_in_flight)
-        runner, submit = self._registry.get(MAP_CHUNK_ID), self._submitter.try_submit
-        return amap_values(feed, lambda args: submit(runner, args, claim_alone=True), ordered)
+        return self._submitter.amap(self._feed("amap", fn, iterables, chunksize, max_in_flight), ordered)
 
     def asubmit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """``value = await app.asubmit(fn, *args, **kwargs)`` in a running asyncio event
@@ -382,9 +379,7 @@ class MpopApi:
         Raises at the call what submit() raises for a bad handler or arguments, and
         ShutdownError after shutdown(); the coroutine raises ShutdownError if the app is
         shut down while it waits for room."""
-        h, args, kwargs = self._submitter.checked_call(fn, args, kwargs)
-        try_submit = self._submitter.try_submit
-        return value_when_room(lambda: try_submit(h, args, kwargs))
+        return self._submitter.asubmit(fn, args, kwargs)
 
     def _feed(self, what: str, fn: Any, iterables: tuple, chunksize: Any, max_in_flight: Any) -> ChunkFeed:
         """map()'s and amap()'s input, checked, as it will be read into chunks."""

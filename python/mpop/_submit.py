@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterable, Iterator
 
+from ._amap import amap_values, value_when_room
+from ._builtins import MAP_CHUNK_ID
 from ._config import Config, is_int
 from ._errors import MpopError, QueueFull, ShutdownError
+from ._map import ChunkFeed
 from ._registry import Handler, Registry
 from ._router import ROUTE_FUTURE, ROUTE_PLAIN
 from ._runtime import MAX_TSK_ID, Lifecycle
@@ -119,6 +122,18 @@ class Submitter:
         router.register_future(seq, fut)
         router.ensure_background()
         return fut
+
+    def asubmit(self, fn: Any, args: tuple, kwargs: dict) -> Coroutine[Any, Any, Any]:
+        """MpopApi.asubmit (see there): the arguments checked now, the task sent from the
+        coroutine, when the ring has room."""
+        h, args, kwargs = self.checked_call(fn, args, kwargs)
+        return value_when_room(lambda: self.try_submit(h, args, kwargs))
+
+    def amap(self, feed: ChunkFeed, ordered: bool) -> AsyncIterator[Any]:
+        """MpopApi.amap (see there) over its checked input: each chunk a task of the
+        built-in chunk runner, claimed alone, sent without waiting for room."""
+        runner = self.registry.get(MAP_CHUNK_ID)
+        return amap_values(feed, lambda args: self.try_submit(runner, args, claim_alone=True), ordered)
 
     def try_submit(self, h: Handler, args: tuple, kwargs: dict | None = None,
                    claim_alone: bool = False) -> Future | None:
