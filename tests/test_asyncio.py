@@ -152,9 +152,10 @@ def test_await_a_done_future_returns_at_once(app):
     assert run(main()) == 9
 
 
-def test_await_raises_the_handlers_exception_with_the_worker_traceback(app):
+@pytest.mark.parametrize("how", ["submit", "asubmit"])
+def test_await_raises_the_handlers_exception_with_the_worker_traceback(app, how):
     async def main():
-        await app.submit(boom_at, 5)
+        await getattr(app, how)(boom_at, 5)
 
     with pytest.raises(ValueError, match="bad item 5") as info:
         run(main())
@@ -345,15 +346,6 @@ def test_asubmit_gives_the_value(app):
         return await app.asubmit(square, 7), await app.asubmit(nap_then, x=3, s=0.0)
 
     assert run(main()) == (49, 3)
-
-
-def test_asubmit_raises_the_handlers_exception(app):
-    async def main():
-        await app.asubmit(boom_at, 5)
-
-    with pytest.raises(ValueError, match="bad item 5") as info:
-        run(main())
-    assert "boom_at" in str(info.value.__cause__)
 
 
 def test_asubmit_checks_its_arguments_at_the_call(app):

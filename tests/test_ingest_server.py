@@ -5,6 +5,7 @@ garbles acknowledgements. Small and short: nothing here asserts a rate or a late
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import zlib
+from typing import Iterator
 
 import pytest
 
@@ -48,16 +50,28 @@ def read_exactly(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("backend", ["mpop", "ppe"])
-def test_the_server_acks_every_packet_with_its_seq_timestamp_and_result(backend):
-    server = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--port", "0", "--workers", "1",
-                               "--backend", backend], stdout=subprocess.PIPE, text=True, env=env_with_pythonpath())
+@contextlib.contextmanager
+def serving(*options: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """The example's server on a free port with `options`: (its process, the port). Killed
+    on the way out if the test did not stop it."""
+    server = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--port", "0", *options],
+                              stdout=subprocess.PIPE, text=True, env=env_with_pythonpath())
     SPAWNED.add(server.pid)
     try:
         assert select.select([server.stdout], [], [], TIMEOUT)[0], "the server did not start"
         line = server.stdout.readline()
         assert line.startswith("serving on 127.0.0.1:"), line
-        port = int(line.split()[2].rsplit(":", 1)[1])
+        yield server, int(line.split()[2].rsplit(":", 1)[1])
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+
+
+@pytest.mark.parametrize("backend", ["mpop", "ppe"])
+def test_the_server_acks_every_packet_with_its_seq_timestamp_and_result(backend):
+    with serving("--workers", "1", "--backend", backend) as (server, port):
         readings = [[float(i + j) for j in range(10)] for i in range(4)]
         good = [packet(7, seq, 1_000 + seq, readings[seq]) for seq in range(3)]
         bad = packet(7, 3, 1_003, readings[3], crc=12345)  # a crc that does not match
@@ -80,11 +94,6 @@ def test_the_server_acks_every_packet_with_its_seq_timestamp_and_result(backend)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=TIMEOUT) == 0
         assert "served 4 packets" in server.stdout.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        server.stdout.close()
 
 
 def reports(stdout: str) -> dict:
@@ -154,20 +163,10 @@ def test_a_server_far_behind_its_clients_still_stops_on_sigterm():
     """--dispatch await wakes the loop once per result through its self-pipe: a signal
     passed to the loop the same way (loop.add_signal_handler) was lost once the pipe was
     full, and the server ignored SIGTERM. Overloaded here: 4 clients x 20 kHz."""
-    server = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--port", "0", "--dispatch", "await"],
-                              stdout=subprocess.PIPE, text=True, env=env_with_pythonpath())
-    SPAWNED.add(server.pid)
-    try:
-        assert select.select([server.stdout], [], [], TIMEOUT)[0], "the server did not start"
-        port = int(server.stdout.readline().split()[2].rsplit(":", 1)[1])
+    with serving("--dispatch", "await") as (server, port):
         load = run_python([str(SCRIPT), "load", "--port", str(port), "--rate", "20000", "--seconds", "1.5",
                            "--drain", "0"], timeout=TIMEOUT)
         assert "4 clients x 20000 packets/s" in load.stdout, load.stdout + load.stderr
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=TIMEOUT) == 0
         assert "served " in server.stdout.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        server.stdout.close()

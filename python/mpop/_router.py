@@ -290,8 +290,9 @@ class ResultRouter:
         only the background thread delivers to those, so it stops stepping aside. Without
         this, a future submitted after the last blocking wait had ended with no other
         future in flight waited for the step-aside poll (50 ms) before anything drained
-        its result."""
-        if self._stepping_aside:
+        its result. While callers still wait in help_until, the last to leave wakes it
+        (the future is registered by then), so it is not woken only to step aside again."""
+        if self._stepping_aside and not self._helpers:
             self._bg_wake.set()
 
     def ensure_background(self) -> None:
